@@ -1,0 +1,171 @@
+"""The contract between the engine and a platform destination.
+
+The engine owns planning, the ledger and retries around whole batches; a destination owns one
+platform's wire protocol. A destination method either returns (the platform acknowledged the
+call) or raises an error of `connector.errors` (mapped from the SDK at the client boundary).
+
+Members arrive already normalized and hashed for the destination's platform (see
+`connector.identifiers`): a destination never normalizes or hashes again and never sees raw PII.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+Platform = Literal["meta", "google"]
+
+# Keys of `Member.payload` per platform. Values are final: hashed (64 lowercase hex) where the
+# platform wants a hash, plain where it wants plain text (Meta MADID/EXTERN_ID, Google
+# country_code/postal_code/mobile_id/user_id).
+META_KEYS = (
+    "EMAIL", "PHONE", "FN", "LN", "FI", "ZIP", "CT", "ST", "COUNTRY",
+    "GEN", "DOBY", "DOBM", "DOBD", "MADID", "EXTERN_ID",
+)  # fmt: skip
+GOOGLE_KEYS = (
+    "email", "phone", "first_name", "last_name", "country_code", "postal_code",
+    "mobile_id", "user_id",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    """Google EU consent for one member; None means "not stated" (the request default applies)."""
+
+    ad_user_data: bool | None = None
+    ad_personalization: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One person, as sent to one platform. `key` is the ledger's member key (opaque hex)."""
+
+    key: str
+    payload: Mapping[str, str]
+    consent: Consent | None = None
+
+
+@dataclass(slots=True)
+class AudienceRef:
+    """A platform audience as the ledger remembers it. `extra` holds platform details that
+    must stay stable across runs (Meta: the multi-key schema; Google: resource names)."""
+
+    audience_id: str
+    name: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What the platform said about one add/remove/replace call.
+
+    `request_id`: Google request id / job resource name, Meta session id; the engine stores it
+    on each member so that `reconcile` can confirm or reject them later.
+    `rejected`: member key -> reason, for members the platform refused in this call (Meta
+    invalid_entry_samples mapped back, Google partial failures). They are not "on the platform".
+    `deferred`: member key -> reason, members refused for now (e.g. Meta "audience size too
+    low" on removal): kept pending and retried on a later run.
+    `pending`: the platform accepted the call but confirms asynchronously (Google): members are
+    `accepted` now and `confirmed` by `reconcile`.
+    `received`: how many rows the platform said it received (Meta num_received), if it says.
+    """
+
+    request_id: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+    deferred: dict[str, str] = field(default_factory=dict)
+    pending: bool = False
+    received: int | None = None
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """Result of polling one earlier request (`reconcile`)."""
+
+    state: Literal["pending", "succeeded", "failed"]
+    reason: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)  # member key -> reason, when known
+
+
+@dataclass(slots=True)
+class AudienceStatus:
+    audience_id: str
+    size_lower: int | None = None
+    size_upper: int | None = None
+    match_rate: float | None = None  # percent, 0..100
+    state: str = "unknown"  # platform words: ready, populating, replace_running, ...
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class LookalikeRef:
+    lookalike_id: str
+    state: str = "created"
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    max_batch_size: int = 10_000
+    supports_replace: bool = True
+    supports_lookalike: bool = True
+    confirms_async: bool = False  # results come later via `reconcile` (Google)
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """One configured destination (an ad account on one platform)."""
+
+    name: str
+    platform: Platform
+    capabilities: Capabilities
+
+    def ensure_audience(
+        self, segment: str, known: AudienceRef | None, schema: Sequence[str]
+    ) -> AudienceRef:
+        """Return the audience for `segment`, creating it if `known` is None or gone.
+
+        `schema` lists the payload keys this segment can fill (stable across runs); Meta keeps
+        it in `AudienceRef.extra` and sends every row in it (``""`` for missing values).
+        """
+        ...
+
+    def add_members(self, audience: AudienceRef, members: Sequence[Member]) -> BatchResult:
+        """Add at most `capabilities.max_batch_size` members in one write call."""
+        ...
+
+    def remove_members(self, audience: AudienceRef, members: Sequence[Member]) -> BatchResult:
+        """Remove at most `capabilities.max_batch_size` members in one write call."""
+        ...
+
+    def replace_members(
+        self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int
+    ) -> BatchResult:
+        """Make the audience hold exactly the members yielded by `batches` (full refresh).
+
+        Blocks until the platform confirms (Meta operation_status 200; Google request status
+        then remove_all(remove_as_of_time)), or raises.
+        """
+        ...
+
+    def reconcile(
+        self, audience: AudienceRef, request_ids: Sequence[str]
+    ) -> Mapping[str, RequestOutcome]:
+        """Poll earlier asynchronous requests. Platforms confirming synchronously return
+        `succeeded` for every id."""
+        ...
+
+    def audience_status(self, audience: AudienceRef) -> AudienceStatus: ...
+
+    def ensure_lookalike(
+        self,
+        audience: AudienceRef,
+        spec: Mapping[str, object],
+        known: LookalikeRef | None,
+        seed_size: int,
+    ) -> LookalikeRef | None:
+        """Create the lookalike once (`known` is the ledger's record), or return None when the
+        seed is not big enough yet. Idempotent: an existing lookalike is found, not duplicated."""
+        ...
+
+    def close(self) -> None: ...

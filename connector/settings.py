@@ -1,0 +1,361 @@
+"""Settings: one TOML file plus environment, validated by pydantic-settings.
+
+Environment variables use the ``CONNECTOR_`` prefix and ``__`` for nesting, e.g.
+``CONNECTOR_DESTINATIONS__META_ADS__ACCESS_TOKEN``. They override the file. Secrets are
+`SecretStr`: they print as ``**********`` and are only unwrapped at the client boundary.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from connector.errors import ConfigError
+
+DEFAULT_CONFIG = "connector.toml"
+
+IdentifierField = Literal[
+    "email", "phone", "first_name", "last_name", "zip", "country", "city", "state",
+    "gender", "date_of_birth", "external_id", "mobile_ad_id",
+]  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(value: str | None) -> str | None:
+    """Endpoint overrides: https anywhere, plain http only for loopback (emulators, proxies)."""
+    if value is None:
+        return None
+    parts = urlsplit(value if "://" in value else f"https://{value}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            f"plain http is only allowed for loopback addresses (127.0.0.1, ::1, localhost); "
+            f"use https for {parts.hostname!r}"
+        )
+    return value.rstrip("/")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class CsvSource(_Strict):
+    type: Literal["csv"]
+    path: Path
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+class ParquetSource(_Strict):
+    type: Literal["parquet"]
+    path: Path
+
+
+class SqlSource(_Strict):
+    type: Literal["sql"]
+    url: SecretStr = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    query: str
+    batch_size: int = Field(default=50_000, ge=1)
+
+
+class HttpSource(_Strict):
+    type: Literal["http"]
+    url: str
+    records_path: str = Field(default="data", description="dotted path of the member list")
+    next_cursor_path: str | None = Field(default=None, description="dotted path of the next cursor")
+    cursor_param: str = "cursor"
+    next_url_path: str | None = Field(default=None, description="dotted path of the next page URL")
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth_header: str = "Authorization"
+    auth_token: SecretStr | None = None
+    auth_scheme: str = "Bearer"
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_pages: int = Field(default=100_000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        checked = check_endpoint(v)
+        assert checked is not None
+        return checked
+
+
+SourceConfig = Annotated[
+    CsvSource | ParquetSource | SqlSource | HttpSource, Field(discriminator="type")
+]
+
+# ----------------------------------------------------------------------------- segments
+
+
+class ConsentConfig(_Strict):
+    """Google consent per member: a column (true/false/granted/denied/1/0) or a default."""
+
+    ad_user_data_column: str | None = None
+    ad_personalization_column: str | None = None
+    ad_user_data: Literal["granted", "denied", "unspecified"] = "granted"
+    ad_personalization: Literal["granted", "denied", "unspecified"] = "granted"
+
+
+class MetaLookalikeSpec(_Strict):
+    country: str | None = None
+    location_spec: dict[str, Any] | None = None
+    ratio: float = Field(default=0.01, ge=0.01, le=0.20)
+    starting_ratio: float | None = Field(default=None, ge=0.0, le=0.19)
+    type: Literal["similarity", "reach", "custom_ratio"] | None = None
+    min_seed_size: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _where(self) -> MetaLookalikeSpec:
+        if not self.country and not self.location_spec:
+            raise ValueError("a Meta lookalike needs `country` or `location_spec`")
+        return self
+
+
+class GoogleLookalikeSpec(_Strict):
+    expansion_level: Literal["NARROW", "BALANCED", "BROAD"] = "BALANCED"
+    country_codes: list[str] = Field(default_factory=list)
+    min_seed_size: int = Field(default=1_000, ge=1)
+
+
+class LookalikeConfig(_Strict):
+    meta: MetaLookalikeSpec | None = None
+    google: GoogleLookalikeSpec | None = None
+
+
+class SegmentConfig(_Strict):
+    source: SourceConfig
+    key: str | None = Field(
+        default=None, description="column that identifies a member; default: hash of identifiers"
+    )
+    identifiers: dict[IdentifierField, str] = Field(
+        description="identifier -> source column, e.g. {email = 'email_address'}"
+    )
+    default_region: str = Field(default="US", description="phone/country default, ISO alpha-2")
+    consent: ConsentConfig = Field(default_factory=ConsentConfig)
+    destinations: list[str] = Field(min_length=1)
+    mode: Literal["mirror", "add_only"] = "mirror"
+    schedule: str | None = Field(default=None, description="cron expression")
+    lookalike: LookalikeConfig = Field(default_factory=LookalikeConfig)
+    max_remove_share: float | None = Field(default=None, ge=0.0, le=1.0)
+    description: str = ""
+
+    @field_validator("identifiers")
+    @classmethod
+    def _some_identifier(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("map at least one identifier to a column, e.g. {email = 'email'}")
+        return v
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]{2}", v):
+            raise ValueError(f"expected an ISO-3166 alpha-2 country code such as 'US', got {v!r}")
+        return v.upper()
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from croniter import croniter
+
+        if not croniter.is_valid(v):
+            raise ValueError(f"not a valid cron expression: {v!r} (e.g. '0 * * * *')")
+        return v
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+class _DestinationBase(_Strict):
+    sandbox: bool = Field(
+        default=False, description="start the bundled emulator and send there (no real account)"
+    )
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+
+
+class MetaDestinationConfig(_DestinationBase):
+    type: Literal["meta"]
+    ad_account_id: str = Field(description="numeric id, with or without act_")
+    access_token: SecretStr | None = None
+    graph_url: str | None = None
+    api_version: str = "v26.0"
+    customer_file_source: Literal[
+        "USER_PROVIDED_ONLY", "PARTNER_PROVIDED_ONLY", "BOTH_USER_AND_PARTNER_PROVIDED"
+    ] = "USER_PROVIDED_ONLY"
+    refresh_interval_days: int | None = Field(default=None, ge=1)
+    replace_timeout_seconds: float = Field(default=90 * 60, gt=0)
+
+    _v_graph_url = field_validator("graph_url")(classmethod(lambda cls, v: check_endpoint(v)))
+
+    @field_validator("ad_account_id")
+    @classmethod
+    def _act(cls, v: str) -> str:
+        digits = v.removeprefix("act_")
+        if not digits.isdigit():
+            raise ValueError(f"expected a numeric ad account id like 'act_1234567890', got {v!r}")
+        return digits
+
+
+class GoogleDestinationConfig(_DestinationBase):
+    type: Literal["google"]
+    upload_api: Literal["datamanager", "google_ads"] = "datamanager"
+    customer_id: str = Field(description="Google Ads customer id (operating account), digits")
+    login_customer_id: str | None = None
+    developer_token: SecretStr | None = None
+    service_account_file: Path | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_refresh_token: SecretStr | None = None
+    datamanager_endpoint: str | None = None
+    google_ads_endpoint: str | None = None
+    membership_days: int = Field(default=540, ge=1, le=540)
+    resend_before_expiry_days: int = Field(default=30, ge=0)
+
+    _v_dm = field_validator("datamanager_endpoint")(classmethod(lambda cls, v: check_endpoint(v)))
+    _v_ads = field_validator("google_ads_endpoint")(classmethod(lambda cls, v: check_endpoint(v)))
+
+    @field_validator("customer_id", "login_customer_id")
+    @classmethod
+    def _cid(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        digits = v.replace("-", "")
+        if not digits.isdigit():
+            raise ValueError(f"expected a Google Ads customer id like '123-456-7890', got {v!r}")
+        return digits
+
+
+DestinationConfig = Annotated[
+    MetaDestinationConfig | GoogleDestinationConfig, Field(discriminator="type")
+]
+
+# ----------------------------------------------------------------------------- top level
+
+
+class ConnectorSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONNECTOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    state_dir: Path = Field(
+        default=Path(".connector"), description="ledger and sandbox files; relative to the config"
+    )
+    ledger_url: SecretStr | None = Field(
+        default=None, description="SQLAlchemy URL of the ledger; default sqlite in state_dir"
+    )
+    max_remove_share: float = Field(default=0.20, ge=0.0, le=1.0)
+    log_format: Literal["text", "json"] = "text"
+    webhook_secret: SecretStr | None = None
+    webhook_bearer_token: SecretStr | None = None
+    timezone: str = "UTC"
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    segments: dict[str, SegmentConfig] = Field(default_factory=dict)
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # env overrides the file; the file arrives as init kwargs from `load_settings`.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _references(self) -> ConnectorSettings:
+        for name, seg in self.segments.items():
+            for dest in seg.destinations:
+                if dest not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    raise ValueError(
+                        f"segments.{name}.destinations names {dest!r}, which is not a "
+                        f"[destinations.*] table (known: {known})"
+                    )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent if self.config_path else Path.cwd()
+
+    def resolve(self, path: Path) -> Path:
+        """Relative paths in the config are relative to the config file."""
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve(self.state_dir)
+
+    def ledger_sqlalchemy_url(self) -> str:
+        if self.ledger_url is not None:
+            return self.ledger_url.get_secret_value()
+        return f"sqlite:///{self.state_path / 'ledger.db'}"
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Configuration')"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_path_from(arg: str | Path | None) -> Path:
+    return Path(arg or os.environ.get("CONNECTOR_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: str | Path | None = None) -> ConnectorSettings:
+    """Read the TOML file (default ./connector.toml or $CONNECTOR_CONFIG) and the environment."""
+    cfg = config_path_from(path)
+    if not cfg.is_file():
+        raise ConfigError(f"{cfg}: config file not found (pass --config PATH or set CONNECTOR_CONFIG)")
+    try:
+        data = tomllib.loads(cfg.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{cfg}: not valid TOML: {exc}") from None
+    try:
+        return ConnectorSettings(**data, config_path=cfg.resolve())
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(cfg, exc)) from None
