@@ -105,6 +105,17 @@ class LookalikeRef:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchSession:
+    """Where a batch stands in its run's sequence of same-kind batches (Meta upload sessions;
+    other platforms may ignore it). `seq` counts from 1; `last` marks the final batch."""
+
+    session_id: int
+    seq: int
+    last: bool
+    estimated_total: int
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     max_batch_size: int = 10_000
     supports_replace: bool = True
@@ -130,12 +141,23 @@ class Destination(Protocol):
         """
         ...
 
-    def add_members(self, audience: AudienceRef, members: Sequence[Member]) -> BatchResult:
+    def add_members(
+        self, audience: AudienceRef, members: Sequence[Member], session: BatchSession
+    ) -> BatchResult:
         """Add at most `capabilities.max_batch_size` members in one write call."""
         ...
 
-    def remove_members(self, audience: AudienceRef, members: Sequence[Member]) -> BatchResult:
+    def remove_members(
+        self, audience: AudienceRef, members: Sequence[Member], session: BatchSession
+    ) -> BatchResult:
         """Remove at most `capabilities.max_batch_size` members in one write call."""
+        ...
+
+    def finish(self, audience: AudienceRef) -> None:
+        """Called once after the run's last add/remove batch for `audience` (not after replace).
+        Destinations that stage work (Google Ads offline user data jobs) run it here; others do
+        nothing. Members of staged batches were reported `pending` and are confirmed later by
+        `reconcile`, so a crash before `finish` costs a re-send, never a false "on the platform"."""
         ...
 
     def replace_members(
