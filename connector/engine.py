@@ -1,0 +1,697 @@
+"""One sync: read a segment once, plan every destination of it, push, commit, lookalike.
+
+Per (segment, destination) pair the order is fixed::
+
+    reconcile earlier async requests -> plan (ledger index vs source) -> guardrails
+    -> write the plan to the ledger -> push removals, then additions, batch by batch, each batch
+    committed in its own transaction after the platform acknowledged it -> finish -> reconcile
+    -> lookalike -> read audience status
+
+Removals go before additions so that a member whose identifiers changed (old payload removed,
+new payload added) never loses an identifier the two payloads share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connector.destinations import build_destination
+from connector.destinations.base import (
+    AudienceRef,
+    BatchSession,
+    Consent,
+    Destination,
+    LookalikeRef,
+    Member,
+)
+from connector.diff import PlanCounts, check_guardrails, classify
+from connector.errors import (
+    ConnectorError,
+    DestinationError,
+    FatalError,
+    GuardrailError,
+    QuotaExhaustedError,
+    SourceError,
+)
+from connector.identifiers.hashing import fingerprint, member_key
+from connector.identifiers.normalize import Normalizer
+from connector.ledger.store import ON_PLATFORM, LedgerIndex, PendingMember, SqlLedger, StagedMember, now
+from connector.retry import RetryStats
+from connector.settings import (
+    ConnectorSettings,
+    DestinationConfig,
+    GoogleDestinationConfig,
+    MetaDestinationConfig,
+    SegmentConfig,
+)
+from connector.sources import open_source
+
+log = logging.getLogger("connector.engine")
+
+DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destination]
+Progress = Callable[[str, int], None]
+
+_CONSENT_WORDS = {
+    "granted": True, "true": True, "yes": True, "y": True, "1": True, "t": True,
+    "denied": False, "false": False, "no": False, "n": False, "0": False, "f": False,
+}  # fmt: skip
+
+
+@dataclass(slots=True)
+class SyncOptions:
+    dry_run: bool = False
+    full_refresh: bool = False
+    force: bool = False
+    trigger: str = "manual"
+    destinations: frozenset[str] | None = None  # only these destination names
+
+
+@dataclass(slots=True)
+class RunResult:
+    segment: str
+    destination: str
+    platform: str
+    status: str  # success | failed | stopped | dry_run | warning
+    counts: PlanCounts = field(default_factory=PlanCounts)
+    run_id: int | None = None
+    sandbox: bool = False
+    audience_id: str | None = None
+    lookalike_id: str | None = None
+    lookalike_state: str | None = None
+    rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    deferred: int = 0
+    write_calls: int = 0
+    full_refresh: bool = False
+    error: str | None = None
+    warning: str | None = None
+    retries: int = 0
+    throttle_wait_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "segment": self.segment,
+            "destination": self.destination,
+            "platform": self.platform,
+            "status": self.status,
+            "sandbox": self.sandbox,
+            **self.counts.as_dict(),
+            "rejected": self.rejected,
+            "rejected_reasons": self.rejected_reasons,
+            "deferred": self.deferred,
+            "write_calls": self.write_calls,
+            "full_refresh": self.full_refresh,
+            "audience_id": self.audience_id,
+            "lookalike_id": self.lookalike_id,
+            "lookalike_state": self.lookalike_state,
+            "retries": self.retries,
+            "throttle_wait_seconds": round(self.throttle_wait_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "run_id": self.run_id,
+            "error": self.error,
+            "warning": self.warning,
+        }
+        return d
+
+
+def encode_consent(c: Consent | None) -> str:
+    if c is None:
+        return ""
+    return "".join("U" if v is None else ("G" if v else "D") for v in (c.ad_user_data, c.ad_personalization))
+
+
+def decode_consent(s: str) -> Consent | None:
+    if not s:
+        return None
+    vals = [None if ch == "U" else ch == "G" for ch in s]
+    return Consent(ad_user_data=vals[0], ad_personalization=vals[1])
+
+
+def dump_payload(payload: Mapping[str, str]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def to_member(p: PendingMember) -> Member:
+    return Member(key=p.key, payload=json.loads(p.payload), consent=decode_consent(p.consent))
+
+
+class _Spill:
+    """Staged members of one pair, spilled to a temporary SQLite file so a cold run of millions
+    of members does not hold them all in memory before the plan passes its guardrails."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.NamedTemporaryFile(
+            dir=directory, prefix="plan-", suffix=".db", delete=False
+        )
+        self._file.close()
+        self._db = sqlite3.connect(self._file.name)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE s (k TEXT, fp INTEGER, p TEXT, c TEXT)")
+        self._buf: list[tuple[str, int, str, str]] = []
+        self.count = 0
+
+    def add(self, key: str, fp: int, payload: str, consent: str) -> None:
+        # sqlite3 INTEGER is signed 64-bit
+        self._buf.append((key, fp - (1 << 64) if fp >= (1 << 63) else fp, payload, consent))
+        self.count += 1
+        if len(self._buf) >= 50_000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._db.executemany("INSERT INTO s VALUES (?,?,?,?)", self._buf)
+            self._buf.clear()
+
+    def chunks(self, size: int = 10_000) -> Iterator[list[StagedMember]]:
+        self.flush()
+        cur = self._db.execute("SELECT k, fp, p, c FROM s")
+        while rows := cur.fetchmany(size):
+            yield [StagedMember(k, fp + (1 << 64) if fp < 0 else fp, p, c) for k, fp, p, c in rows]
+
+    def close(self) -> None:
+        self._db.close()
+        Path(self._file.name).unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class _PairPlan:
+    name: str
+    config: DestinationConfig
+    platform: str
+    normalizer: Normalizer
+    index: LedgerIndex
+    seen: np.ndarray[Any, np.dtype[np.bool_]]
+    counts: PlanCounts
+    spill: _Spill | None
+    refresh: list[tuple[str, int]] = field(default_factory=list)
+    result: RunResult | None = None
+
+
+class Engine:
+    """Runs syncs for one settings object and one ledger. Not thread-safe: one per worker."""
+
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        ledger: SqlLedger | None = None,
+        destination_factory: DestinationFactory | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger or SqlLedger(settings.ledger_sqlalchemy_url())
+        self._own_ledger = ledger is None
+        self._factory = destination_factory or (
+            lambda name, cfg, state_dir, stats: build_destination(name, cfg, state_dir, stats)
+        )
+        self._progress = progress
+        self._destinations: dict[str, Destination] = {}
+        self.stats: dict[str, RetryStats] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def destination(self, name: str) -> Destination:
+        if name not in self._destinations:
+            stats = self.stats.setdefault(name, RetryStats())
+            self._destinations[name] = self._factory(
+                name, self.settings.destinations[name], self.settings.state_path, stats
+            )
+        return self._destinations[name]
+
+    def close(self) -> None:
+        for d in self._destinations.values():
+            try:
+                d.close()
+            except Exception:  # noqa: BLE001 - closing must not hide the run's own outcome
+                log.warning("closing destination %s failed", d.name)
+        self._destinations.clear()
+        if self._own_ledger:
+            self.ledger.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ public
+
+    def sync(self, segments: Sequence[str] | None = None, options: SyncOptions | None = None) -> list[RunResult]:
+        opts = options or SyncOptions()
+        names = list(segments) if segments else list(self.settings.segments)
+        unknown = [n for n in names if n not in self.settings.segments]
+        if unknown:
+            from connector.errors import ConfigError
+
+            raise ConfigError(
+                f"unknown segment(s): {', '.join(unknown)} "
+                f"(configured: {', '.join(self.settings.segments) or 'none'})"
+            )
+        results: list[RunResult] = []
+        for name in names:
+            results.extend(self.sync_segment(name, opts))
+        return results
+
+    def sync_segment(self, name: str, opts: SyncOptions) -> list[RunResult]:
+        seg = self.settings.segments[name]
+        dest_names = [d for d in seg.destinations if opts.destinations is None or d in opts.destinations]
+        if not dest_names:
+            return []
+        started = time.monotonic()
+        plans: list[_PairPlan] = []
+        run_ids: dict[str, int] = {}
+        try:
+            for d in dest_names:
+                run_ids[d] = self.ledger.start_run(opts.trigger, name, d, opts.dry_run)
+                plans.append(self._prepare_pair(name, seg, d, opts))
+            self._read_and_classify(name, seg, plans, opts)
+        except ConnectorError as exc:
+            out = []
+            for plan in plans or []:
+                if plan.spill:
+                    plan.spill.close()
+            for d in dest_names:
+                cfg = self.settings.destinations[d]
+                res = RunResult(name, d, cfg.type, "failed", error=str(exc), sandbox=cfg.sandbox)
+                res.run_id = run_ids.get(d)
+                res.seconds = time.monotonic() - started
+                if res.run_id is not None:
+                    self.ledger.finish_run(res.run_id, "failed", res.as_dict(), str(exc))
+                out.append(res)
+            log.error("segment %s failed: %s", name, exc)
+            return out
+
+        results = []
+        for plan in plans:
+            t0 = time.monotonic()
+            res = self._run_pair(name, seg, plan, opts)
+            res.run_id = run_ids[plan.name]
+            res.seconds = (time.monotonic() - t0) + (t0 - started) / max(1, len(plans))
+            stats = self.stats.get(plan.name)
+            if stats:
+                res.retries = stats.retries
+                res.throttle_wait_seconds = stats.throttle_wait_seconds
+            status_for_db = res.status
+            self.ledger.finish_run(res.run_id, status_for_db, res.as_dict(), res.error)
+            results.append(res)
+        return results
+
+    # ------------------------------------------------------------------ planning
+
+    def _prepare_pair(self, segment: str, seg: SegmentConfig, dest: str, opts: SyncOptions) -> _PairPlan:
+        cfg = self.settings.destinations[dest]
+        if not opts.dry_run:
+            self._reconcile(segment, dest)
+            if isinstance(cfg, GoogleDestinationConfig):
+                horizon = now() + timedelta(days=cfg.resend_before_expiry_days)
+                n = self.ledger.mark_for_resend(segment, dest, horizon)
+                if n:
+                    log.info("%s/%s: %d members re-sent before their membership expires", segment, dest, n)
+        index = self.ledger.load_index(segment, dest)
+        counts = PlanCounts(audience_before=int(index.on_platform.sum()))
+        spill = None if opts.dry_run else _Spill(self.settings.state_path / "tmp")
+        return _PairPlan(
+            name=dest,
+            config=cfg,
+            platform=cfg.type,
+            normalizer=Normalizer(cfg.type, list(seg.identifiers), seg.default_region),
+            index=index,
+            seen=np.zeros(len(index), dtype=bool),
+            counts=counts,
+            spill=spill,
+        )
+
+    def _consent_of(self, seg: SegmentConfig, row: Mapping[str, str | None]) -> Consent:
+        c = seg.consent
+
+        def one(column: str | None, default: str) -> bool | None:
+            if column is not None:
+                raw = row.get(column)
+                if raw is not None and raw.strip():
+                    v = _CONSENT_WORDS.get(raw.strip().lower())
+                    if v is not None:
+                        return v
+            return None if default == "unspecified" else default == "granted"
+
+        return Consent(
+            ad_user_data=one(c.ad_user_data_column, c.ad_user_data),
+            ad_personalization=one(c.ad_personalization_column, c.ad_personalization),
+        )
+
+    def _read_and_classify(
+        self, segment: str, seg: SegmentConfig, plans: list[_PairPlan], opts: SyncOptions
+    ) -> None:
+        source = open_source(seg.source, self.settings.base_dir)
+        id_fields = list(seg.identifiers.items())
+        consent_cols = [c for c in (seg.consent.ad_user_data_column, seg.consent.ad_personalization_column) if c]
+        columns = list(dict.fromkeys([*(col for _, col in id_fields), *consent_cols, *([seg.key] if seg.key else [])]))
+        seen_new: set[bytes] = set()
+        total = 0
+        for batch in source.read_batches(columns):
+            n = len(batch)
+            total += n
+            cols = [batch.columns[c] for c in columns]
+            key_col = batch.columns[seg.key] if seg.key else None
+            keys_hex: list[str] = []
+            key_bytes: list[bytes] = []
+            fps: list[int] = []
+            valid_row = np.ones(n, dtype=bool)
+            for i in range(n):
+                values = [col[i] for col in cols]
+                if key_col is not None:
+                    kv = key_col[i]
+                    if kv is None or not kv.strip():
+                        valid_row[i] = False
+                        keys_hex.append("")
+                        key_bytes.append(b"\0" * 16)
+                        fps.append(0)
+                        continue
+                    k = member_key(kv.strip())[:32]
+                else:
+                    k = member_key("\x1f".join(v or "" for v in values[: len(id_fields)]))[:32]
+                kb = bytes.fromhex(k)
+                keys_hex.append(k)
+                key_bytes.append(kb)
+                fps.append(fingerprint(values))
+            karr = np.array(key_bytes, dtype="S16")
+            farr = np.array(fps, dtype=np.uint64)
+            dup = np.zeros(n, dtype=bool)
+            first = plans[0] if plans else None
+            if first is not None:
+                _, found0 = first.index.lookup(karr)
+            for i in range(n):
+                if not valid_row[i]:
+                    continue
+                # duplicates are a property of the source: detect once, against the first index
+                if first is not None and found0[i]:
+                    continue
+                kb = key_bytes[i]
+                if kb in seen_new:
+                    dup[i] = True
+                else:
+                    seen_new.add(kb)
+            for plan in plans:
+                self._classify_batch(segment, seg, plan, batch.columns, id_fields, keys_hex, karr, farr,
+                                     valid_row, dup)  # fmt: skip
+            if self._progress:
+                self._progress(segment, total)
+        for plan in plans:
+            plan.counts.source_rows = total
+            if seg.mode == "mirror":
+                plan.counts.removes = int((~plan.seen).sum())
+            if plan.spill:
+                plan.spill.flush()
+
+    def _classify_batch(
+        self,
+        segment: str,
+        seg: SegmentConfig,
+        plan: _PairPlan,
+        columns: Mapping[str, list[str | None]],
+        id_fields: list[tuple[str, str]],
+        keys_hex: list[str],
+        karr: np.ndarray[Any, Any],
+        farr: np.ndarray[Any, Any],
+        valid_row: np.ndarray[Any, Any],
+        dup: np.ndarray[Any, Any],
+    ) -> None:
+        counts = plan.counts
+        cls = classify(plan.index, karr, farr)
+        # a duplicate of a key the ledger knows: the second occurrence is a duplicate
+        if len(plan.index):
+            found_idx = cls.pos[cls.found & valid_row]
+            already = plan.seen[found_idx]
+            if already.any():
+                dup = dup.copy()
+                dup[np.flatnonzero(cls.found & valid_row)[already]] = True
+        counts.invalid += int((~valid_row).sum())
+        if (~valid_row).any():
+            counts.invalid_reasons["key_missing"] += int((~valid_row).sum())
+        ndup = int((dup & valid_row).sum())
+        if ndup:
+            counts.invalid += ndup
+            counts.invalid_reasons["duplicate_key"] += ndup
+        todo = valid_row & ~dup
+        unchanged = todo & cls.unchanged
+        counts.unchanged += int(unchanged.sum())
+        plan.seen[cls.pos[unchanged & cls.found]] = True
+        changed_found: list[tuple[int, str, str]] = []  # (row, payload, consent) of known members
+        for i in np.flatnonzero(todo & ~cls.unchanged):
+            raw = {f: columns[col][i] for f, col in id_fields}
+            consent = None
+            if plan.platform == "google":
+                consent = self._consent_of(seg, {c: v[i] for c, v in columns.items()})
+            if consent is not None and consent.ad_user_data is False:
+                counts.consent_denied += 1
+                continue
+            norm = plan.normalizer.normalize(raw)
+            for reason in norm.errors.values():
+                counts.invalid_reasons[reason] += 1
+            if not norm.payload:
+                counts.invalid += 1
+                continue
+            payload = dump_payload(norm.payload)
+            c = encode_consent(consent)
+            if cls.found[i]:
+                plan.seen[cls.pos[i]] = True
+                changed_found.append((int(i), payload, c))
+            else:
+                counts.adds += 1
+                if plan.spill:
+                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c)
+        if changed_found:
+            known = self.ledger.payloads(segment, plan.name, [keys_hex[i] for i, _, _ in changed_found])
+            for i, payload, c in changed_found:
+                old = known.get(keys_hex[i])
+                settled = old is not None and old[1] in (*ON_PLATFORM, "rejected")
+                if settled and old is not None and old[0] == payload:
+                    # raw row changed (formatting, another column) but not what is sent
+                    counts.unchanged += 1
+                    plan.refresh.append((keys_hex[i], int(farr[i])))
+                    continue
+                if old is not None and old[1] in ON_PLATFORM:
+                    counts.changes += 1
+                else:
+                    counts.resends += 1
+                if plan.spill:
+                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c)
+
+    # ------------------------------------------------------------------ pushing
+
+    def _run_pair(self, segment: str, seg: SegmentConfig, plan: _PairPlan, opts: SyncOptions) -> RunResult:
+        cfg = plan.config
+        res = RunResult(segment, plan.name, plan.platform, "success", counts=plan.counts, sandbox=cfg.sandbox)
+        pair = f"{segment} -> {plan.name}"
+        try:
+            max_share = seg.max_remove_share if seg.max_remove_share is not None else self.settings.max_remove_share
+            check_guardrails(plan.counts, mode=seg.mode, max_remove_share=max_share, force=opts.force, pair=pair)
+            full = opts.full_refresh or self._refresh_due(segment, plan)
+            res.full_refresh = full
+            if opts.dry_run:
+                res.status = "dry_run"
+                known = self.ledger.get_audience(segment, plan.name)
+                res.audience_id = known.audience_id if known else None
+                return res
+            remove_keys = self._removal_keys(plan) if seg.mode == "mirror" else iter(())
+            assert plan.spill is not None
+            self.ledger.apply_plan(
+                segment, plan.name, plan.spill.chunks(), remove_keys, plan.refresh,
+                keep_removals=seg.mode == "mirror",
+            )  # fmt: skip
+            plan.spill.close()
+            plan.spill = None
+            dest = self.destination(plan.name)
+            audience = self._ensure_audience(segment, seg, plan, dest)
+            res.audience_id = audience.audience_id
+            ttl = cfg.membership_days if isinstance(cfg, GoogleDestinationConfig) else None
+            if full:
+                res.write_calls += self._replace(segment, plan.name, dest, audience, ttl)
+            else:
+                res.write_calls += self._push(segment, plan.name, dest, audience, ttl, res)
+            self._reconcile(segment, plan.name)
+            self._lookalike(segment, seg, plan, dest, audience, res)
+            self._read_status(segment, plan.name, dest, audience)
+            res.rejected_reasons = self.ledger.rejected_reasons(segment, plan.name)
+            res.rejected = sum(res.rejected_reasons.values())
+        except GuardrailError as exc:
+            res.status, res.error = "stopped", str(exc)
+        except QuotaExhaustedError as exc:
+            res.status = "failed"
+            res.error = f"{pair}: quota exhausted, will retry on the next run: {exc}"
+        except FatalError as exc:
+            res.status, res.error = "failed", f"{pair}: {exc}"
+        except DestinationError as exc:
+            res.status, res.error = "failed", f"{pair}: gave up after retries: {exc}"
+        except ConnectorError as exc:
+            res.status, res.error = "failed", f"{pair}: {exc}"
+        finally:
+            if plan.spill:
+                plan.spill.close()
+        if res.error:
+            log.error("%s", res.error)
+        return res
+
+    def _refresh_due(self, segment: str, plan: _PairPlan) -> bool:
+        cfg = plan.config
+        if not isinstance(cfg, MetaDestinationConfig) or not cfg.refresh_interval_days:
+            return False
+        rec = self.ledger.get_audience(segment, plan.name)
+        if rec is None or rec.last_replace_at is None:
+            return rec is not None  # never replaced yet: the first interval starts now
+        return now() - rec.last_replace_at > timedelta(days=cfg.refresh_interval_days)
+
+    def _removal_keys(self, plan: _PairPlan) -> Iterator[list[str]]:
+        gone = plan.index.keys[~plan.seen]
+        for i in range(0, len(gone), 10_000):
+            yield [b.hex() for b in gone[i : i + 10_000].tolist()]
+
+    def _ensure_audience(self, segment: str, seg: SegmentConfig, plan: _PairPlan, dest: Destination) -> AudienceRef:
+        rec = self.ledger.get_audience(segment, plan.name)
+        known = AudienceRef(rec.audience_id, rec.name, dict(rec.extra)) if rec else None
+        name = rec.name if rec else f"connector: {segment}"
+        aud = dest.ensure_audience(name, known, plan.normalizer.schema())
+        if rec is None or aud.audience_id != rec.audience_id or aud.extra != rec.extra:
+            self.ledger.save_audience(segment, plan.name, plan.platform, aud.audience_id, aud.name, aud.extra)
+        return aud
+
+    def _sessions(self, n_items: int, batch: int) -> Iterator[BatchSession]:
+        n_batches = max(1, -(-n_items // batch))
+        sid = int(time.time() * 1000) % (1 << 62)
+        for seq in range(1, n_batches + 1):
+            yield BatchSession(session_id=sid, seq=seq, last=seq == n_batches, estimated_total=n_items)
+        while True:  # the ledger grew while we pushed; keep numbering
+            seq += 1
+            yield BatchSession(session_id=sid, seq=seq, last=True, estimated_total=n_items)
+
+    def _push(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef,
+              ttl: int | None, res: RunResult) -> int:  # fmt: skip
+        size = dest.capabilities.max_batch_size
+        n_remove, n_add = self.ledger.pending_counts(segment, dest_name)
+        calls = 0
+        if n_remove:
+            sessions = self._sessions(n_remove, size)
+            for batch in self.ledger.iter_removals(segment, dest_name, size):
+                out = dest.remove_members(audience, [to_member(p) for p in batch], next(sessions))
+                calls += 1
+                done = [p.key for p in batch if p.key not in out.deferred]
+                self.ledger.commit_removals(segment, dest_name, done)
+                if out.deferred:
+                    res.deferred += len(out.deferred)
+                    self.ledger.defer(segment, dest_name, out.deferred)
+        if n_add:
+            sessions = self._sessions(n_add, size)
+            for batch in self.ledger.iter_additions(segment, dest_name, size):
+                out = dest.add_members(audience, [to_member(p) for p in batch], next(sessions))
+                calls += 1
+                res.deferred += len(out.deferred)
+                self.ledger.commit_additions(
+                    segment, dest_name, [p.key for p in batch],
+                    state="accepted" if out.pending else "confirmed", request_id=out.request_id,
+                    rejected=out.rejected, deferred=out.deferred, ttl_days=ttl,
+                )  # fmt: skip
+        if calls:
+            dest.finish(audience)
+        return calls
+
+    def _replace(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef,
+                 ttl: int | None) -> int:  # fmt: skip
+        self.ledger.plan_full_refresh(segment, dest_name)
+        _, total = self.ledger.pending_counts(segment, dest_name)
+        size = dest.capabilities.max_batch_size
+        batches_sent = 0
+
+        def batches() -> Iterator[list[Member]]:
+            nonlocal batches_sent
+            for batch in self.ledger.iter_present(segment, dest_name, size):
+                batches_sent += 1
+                yield [to_member(p) for p in batch]
+
+        out = dest.replace_members(audience, batches(), total)
+        self.ledger.commit_replace(segment, dest_name, "accepted" if out.pending else "confirmed",
+                                   out.request_id, ttl)  # fmt: skip
+        if out.rejected:
+            self.ledger.resolve_request(segment, dest_name, out.request_id or "", "confirmed", None, out.rejected)
+        return max(1, batches_sent)
+
+    def _reconcile(self, segment: str, dest_name: str) -> None:
+        ids = self.ledger.pending_requests(segment, dest_name)
+        if not ids:
+            return
+        dest = self.destination(dest_name)
+        rec = self.ledger.get_audience(segment, dest_name)
+        if rec is None:
+            return
+        outcomes = dest.reconcile(AudienceRef(rec.audience_id, rec.name, dict(rec.extra)), ids)
+        for rid, outcome in outcomes.items():
+            if outcome.state == "succeeded":
+                self.ledger.resolve_request(segment, dest_name, rid, "confirmed", None, outcome.rejected)
+            elif outcome.state == "failed":
+                log.warning("%s/%s: request failed on the platform (%s); members will be re-sent",
+                            segment, dest_name, outcome.reason)  # fmt: skip
+                self.ledger.resolve_request(segment, dest_name, rid, "planned", outcome.reason, outcome.rejected)
+
+    def _lookalike(self, segment: str, seg: SegmentConfig, plan: _PairPlan, dest: Destination,
+                   audience: AudienceRef, res: RunResult) -> None:  # fmt: skip
+        spec_model = seg.lookalike.meta if plan.platform == "meta" else seg.lookalike.google
+        if spec_model is None:
+            return
+        rec = self.ledger.get_audience(segment, plan.name)
+        known = (
+            LookalikeRef(rec.lookalike_id, rec.lookalike_state or "created", dict(rec.lookalike_details))
+            if rec and rec.lookalike_id
+            else None
+        )
+        counts = self.ledger.counts(segment, plan.name)
+        seed = sum(counts.get(s, 0) for s in ON_PLATFORM)
+        try:
+            ref = dest.ensure_lookalike(audience, spec_model.model_dump(exclude_none=True), known, seed)
+        except DestinationError as exc:
+            res.status = "warning"
+            res.warning = f"lookalike not created: {exc}"
+            log.warning("%s -> %s: %s", segment, plan.name, res.warning)
+            return
+        if ref is None:
+            res.lookalike_state = f"waiting for seed (>= {spec_model.min_seed_size} matched members)"
+            return
+        res.lookalike_id, res.lookalike_state = ref.lookalike_id, ref.state
+        self.ledger.update_audience(
+            segment, plan.name, lookalike_id=ref.lookalike_id, lookalike_state=ref.state,
+            lookalike_details=ref.details,
+        )  # fmt: skip
+
+    def _read_status(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef) -> None:
+        try:
+            st = dest.audience_status(audience)
+        except DestinationError as exc:
+            log.warning("%s -> %s: could not read audience status: %s", segment, dest_name, exc)
+            return
+        self.ledger.update_audience(
+            segment, dest_name,
+            last_status={
+                "size_lower": st.size_lower, "size_upper": st.size_upper, "match_rate": st.match_rate,
+                "state": st.state, **st.details,
+            },
+            last_status_at=now(),
+        )  # fmt: skip
+
+
+def sync(settings: ConnectorSettings, segments: Sequence[str] | None = None, **options: Any) -> list[RunResult]:
+    """Convenience: one engine, one sync, closed afterwards."""
+    with Engine(settings) as engine:
+        return engine.sync(segments, SyncOptions(**options))
+
+
+__all__ = ["Engine", "RunResult", "SourceError", "SyncOptions", "sync"]

@@ -1,0 +1,752 @@
+"""The member ledger: what each platform has accepted, per (segment, destination, member).
+
+One SQL implementation (SQLAlchemy Core) serves SQLite (default, a file in `state_dir`) and
+PostgreSQL. Only hashes and the unhashed fields platforms require are stored, never raw values.
+
+Member states (``members.state``)::
+
+    planned ──send──> sent ──ack──> accepted ──reconcile──> confirmed
+       │                                 └────────────────> rejected(reason)
+       └─ deferred (refused for now: retried next run)
+    remove_planned ──ack──> (row deleted)
+
+A member whose identifiers changed keeps its old payload in ``prev_payload`` until the removal
+of that old payload is acknowledged; then the new payload is added.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from connector.errors import LedgerError
+
+SCHEMA_VERSION = 1
+
+# States that count as "on the platform, or will be once confirmed".
+ON_PLATFORM = ("accepted", "confirmed")
+# States whose member still has to be (re-)sent as an add.
+TO_ADD = ("planned", "sent", "deferred")
+
+metadata = MetaData()
+
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("segment", String(200), primary_key=True),
+    Column("destination", String(200), primary_key=True),
+    Column("platform", String(20), nullable=False),
+    Column("audience_id", String(200), nullable=False),
+    Column("name", String(400), nullable=False),
+    Column("extra", Text, nullable=False, default="{}"),
+    Column("lookalike_id", String(200)),
+    Column("lookalike_state", String(100)),
+    Column("lookalike_details", Text),
+    Column("last_replace_at", DateTime(timezone=True)),
+    Column("last_status", Text),
+    Column("last_status_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+members = Table(
+    "members",
+    metadata,
+    Column("segment", String(200), primary_key=True),
+    Column("destination", String(200), primary_key=True),
+    Column("member_key", String(64), primary_key=True),
+    Column("fingerprint", BigInteger, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("prev_payload", Text),
+    Column("consent", String(8), nullable=False, default=""),
+    Column("state", String(20), nullable=False),
+    Column("reason", String(200)),
+    Column("request_id", String(300)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("accepted_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("trigger", String(20), nullable=False),
+    Column("segment", String(200), nullable=False),
+    Column("destination", String(200), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("status", String(20), nullable=False),
+    Column("dry_run", Integer, nullable=False, default=0),
+    Column("counts", Text, nullable=False, default="{}"),
+    Column("error", Text),
+    Column("match_rate", Float),
+)
+
+meta_table = Table(
+    "ledger_meta",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", String(200), nullable=False),
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite drops tzinfo; every timestamp we write is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class LedgerIndex:
+    """Compact in-memory view of a pair's members for planning: sorted 16-byte keys with
+    fingerprints and a code for the state. About 40 bytes a member (10M members: ~400 MB)."""
+
+    keys: npt.NDArray[np.bytes_]
+    fingerprints: npt.NDArray[np.uint64]
+    stable: npt.NDArray[np.bool_]  # accepted/confirmed/rejected: nothing to do if unchanged
+    on_platform: npt.NDArray[np.bool_]
+
+    @classmethod
+    def empty(cls) -> LedgerIndex:
+        return cls(
+            np.empty(0, dtype="S16"),
+            np.empty(0, dtype=np.uint64),
+            np.empty(0, dtype=bool),
+            np.empty(0, dtype=bool),
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, keys: npt.NDArray[np.bytes_]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """Positions of `keys` in the index and whether each was found."""
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), dtype=np.intp), np.zeros(len(keys), dtype=bool)
+        pos = np.searchsorted(self.keys, keys)
+        pos_c = np.minimum(pos, len(self.keys) - 1)
+        found = self.keys[pos_c] == keys
+        return pos_c, found
+
+
+@dataclass(slots=True)
+class StagedMember:
+    """A member to (re-)add, as planned: its new payload (JSON) and raw-row fingerprint."""
+
+    key: str
+    fingerprint: int
+    payload: str
+    consent: str = ""
+
+
+@dataclass(slots=True)
+class PendingMember:
+    key: str
+    payload: str
+    consent: str
+    prev_payload: str | None
+
+
+@dataclass(slots=True)
+class RunRecord:
+    id: int
+    trigger: str
+    segment: str
+    destination: str
+    started_at: datetime
+    ended_at: datetime | None
+    status: str
+    dry_run: bool
+    counts: dict[str, Any]
+    error: str | None
+    match_rate: float | None = None
+
+
+@dataclass(slots=True)
+class AudienceRecord:
+    segment: str
+    destination: str
+    platform: str
+    audience_id: str
+    name: str
+    extra: dict[str, str]
+    lookalike_id: str | None
+    lookalike_state: str | None
+    lookalike_details: dict[str, str]
+    last_replace_at: datetime | None
+    last_status: dict[str, Any] = field(default_factory=dict)
+    last_status_at: datetime | None = None
+
+
+def _fp_to_db(fp: int) -> int:
+    # Fingerprints are unsigned 64-bit; BIGINT is signed.
+    return fp - (1 << 64) if fp >= (1 << 63) else fp
+
+
+def _fp_from_db(v: int) -> int:
+    return v + (1 << 64) if v < 0 else v
+
+
+def key_bytes(member_key: str) -> bytes:
+    return bytes.fromhex(member_key[:32])
+
+
+class SqlLedger:
+    """The ledger on any SQLAlchemy database (SQLite file by default, PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            metadata.create_all(self.engine)
+            self._check_version()
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from None
+        self._lock = threading.Lock()
+
+    def _check_version(self) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema")).first()
+            if row is None:
+                conn.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger was written by a newer connector (schema {row[0]} > {SCHEMA_VERSION})"
+                )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ audiences
+
+    def get_audience(self, segment: str, destination: str) -> AudienceRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(audiences).where(
+                    audiences.c.segment == segment, audiences.c.destination == destination
+                )
+            ).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return AudienceRecord(
+            segment=m["segment"],
+            destination=m["destination"],
+            platform=m["platform"],
+            audience_id=m["audience_id"],
+            name=m["name"],
+            extra=json.loads(m["extra"] or "{}"),
+            lookalike_id=m["lookalike_id"],
+            lookalike_state=m["lookalike_state"],
+            lookalike_details=json.loads(m["lookalike_details"] or "{}"),
+            last_replace_at=_aware(m["last_replace_at"]),
+            last_status=json.loads(m["last_status"] or "{}"),
+            last_status_at=_aware(m["last_status_at"]),
+        )
+
+    def list_audiences(self) -> list[AudienceRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(audiences.c.segment, audiences.c.destination)).all()
+        out = [self.get_audience(r[0], r[1]) for r in rows]
+        return [a for a in out if a is not None]
+
+    def save_audience(
+        self, segment: str, destination: str, platform: str, audience_id: str, name: str,
+        extra: dict[str, str],
+    ) -> None:
+        values = {
+            "platform": platform, "audience_id": audience_id, "name": name,
+            "extra": json.dumps(extra, sort_keys=True), "updated_at": now(),
+        }  # fmt: skip
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(audiences)
+                .where(audiences.c.segment == segment, audiences.c.destination == destination)
+                .values(**values)
+            ).rowcount
+            if not done:
+                conn.execute(insert(audiences).values(segment=segment, destination=destination, **values))
+
+    def update_audience(self, segment: str, destination: str, **values: Any) -> None:
+        for k in ("lookalike_details", "last_status"):
+            if k in values and not isinstance(values[k], str):
+                values[k] = json.dumps(values[k], sort_keys=True)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(audiences)
+                .where(audiences.c.segment == segment, audiences.c.destination == destination)
+                .values(updated_at=now(), **values)
+            )
+
+    # ------------------------------------------------------------------ planning
+
+    def _pair(self, segment: str, destination: str) -> Any:
+        return and_(members.c.segment == segment, members.c.destination == destination)
+
+    def load_index(self, segment: str, destination: str) -> LedgerIndex:
+        """Every member of the pair, sorted by key, as compact arrays."""
+        keys: list[bytes] = []
+        fps: list[int] = []
+        states: list[str] = []
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=50_000).execute(
+                select(members.c.member_key, members.c.fingerprint, members.c.state).where(
+                    self._pair(segment, destination)
+                )
+            )
+            for part in result.partitions():
+                for k, fp, st in part:
+                    keys.append(key_bytes(k))
+                    fps.append(_fp_from_db(fp))
+                    states.append(st)
+        if not keys:
+            return LedgerIndex.empty()
+        karr = np.array(keys, dtype="S16")
+        order = np.argsort(karr, kind="stable")
+        st_arr = np.array(states)
+        return LedgerIndex(
+            keys=karr[order],
+            fingerprints=np.array(fps, dtype=np.uint64)[order],
+            stable=np.isin(st_arr, ["accepted", "confirmed", "rejected"])[order],
+            on_platform=np.isin(st_arr, list(ON_PLATFORM))[order],
+        )
+
+    def payloads(self, segment: str, destination: str, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """member_key -> (payload, state) for the given keys."""
+        out: dict[str, tuple[str, str]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 900):
+                chunk = list(keys[i : i + 900])
+                rows = conn.execute(
+                    select(members.c.member_key, members.c.payload, members.c.state).where(
+                        self._pair(segment, destination), members.c.member_key.in_(chunk)
+                    )
+                )
+                for k, p, s in rows:
+                    out[k] = (p, s)
+        return out
+
+    def apply_plan(
+        self,
+        segment: str,
+        destination: str,
+        staged: Iterator[Sequence[StagedMember]],
+        remove_keys: Iterator[Sequence[str]],
+        refresh_keys: Sequence[tuple[str, int]] = (),
+        keep_removals: bool = True,
+    ) -> None:
+        """Write a plan in one transaction: staged members become `planned` (keeping the old
+        payload for removal when it changed), removed members `remove_planned`, and members whose
+        raw row changed but whose payload did not just get their new fingerprint."""
+        ts = now()
+        with self.engine.begin() as conn:
+            for chunk in staged:
+                if not chunk:
+                    continue
+                existing: dict[str, tuple[str, str, str | None]] = {}
+                keys = [m.key for m in chunk]
+                for i in range(0, len(keys), 900):
+                    for k, p, st, prev in conn.execute(
+                        select(
+                            members.c.member_key, members.c.payload, members.c.state,
+                            members.c.prev_payload,
+                        ).where(self._pair(segment, destination), members.c.member_key.in_(keys[i : i + 900]))
+                    ):  # fmt: skip
+                        existing[k] = (p, st, prev)
+                new_rows = []
+                for m in chunk:
+                    old = existing.get(m.key)
+                    if old is None:
+                        new_rows.append({
+                            "segment": segment, "destination": destination, "member_key": m.key,
+                            "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
+                            "prev_payload": None, "consent": m.consent, "state": "planned",
+                            "updated_at": ts,
+                        })  # fmt: skip
+                        continue
+                    payload, state, prev = old
+                    if state in ON_PLATFORM or state == "remove_planned":
+                        prev_payload = prev if payload == m.payload else payload
+                    else:
+                        # never (fully) on the platform: nothing old to remove, except a removal
+                        # still owed from an earlier interrupted change
+                        prev_payload = prev
+                    if prev_payload == m.payload or not keep_removals:
+                        prev_payload = None
+                    conn.execute(
+                        update(members)
+                        .where(self._pair(segment, destination), members.c.member_key == m.key)
+                        .values(
+                            fingerprint=_fp_to_db(m.fingerprint), payload=m.payload,
+                            prev_payload=prev_payload, consent=m.consent, state="planned",
+                            reason=None, updated_at=ts,
+                        )
+                    )
+                if new_rows:
+                    conn.execute(insert(members), new_rows)
+            for rchunk in remove_keys:
+                if rchunk:
+                    conn.execute(
+                        update(members)
+                        .where(self._pair(segment, destination), members.c.member_key.in_(list(rchunk)))
+                        .values(state="remove_planned", updated_at=ts)
+                    )
+            for k, fp in refresh_keys:
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key == k)
+                    .values(fingerprint=_fp_to_db(fp), updated_at=ts)
+                )
+
+    def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
+        """(payloads to remove, members to add) waiting to be pushed."""
+        with self.engine.connect() as conn:
+            n_remove = conn.execute(
+                select(func.count()).where(
+                    self._pair(segment, destination),
+                    (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None),
+                )
+            ).scalar()
+            n_add = conn.execute(
+                select(func.count()).where(
+                    self._pair(segment, destination), members.c.state.in_(TO_ADD)
+                )
+            ).scalar()
+        return int(n_remove or 0), int(n_add or 0)
+
+    def mark_for_resend(self, segment: str, destination: str, before: datetime) -> int:
+        """Members whose platform membership expires before `before` are planned again."""
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    update(members)
+                    .where(
+                        self._pair(segment, destination),
+                        members.c.state.in_(ON_PLATFORM),
+                        members.c.expires_at.is_not(None),
+                        members.c.expires_at < before,
+                    )
+                    .values(state="planned", updated_at=now())
+                ).rowcount
+            )
+
+    def plan_full_refresh(self, segment: str, destination: str) -> None:
+        """Everything that should be on the platform is planned again (replace)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(members)
+                .where(self._pair(segment, destination), members.c.state.in_((*ON_PLATFORM, *TO_ADD)))
+                .values(state="planned", updated_at=now())
+            )
+
+    # ------------------------------------------------------------------ pushing
+
+    def _iter_pending(
+        self, segment: str, destination: str, where: Any, batch: int, cols: Sequence[Any]
+    ) -> Iterator[list[Any]]:
+        last = ""
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(members.c.member_key, *cols)
+                    .where(self._pair(segment, destination), where, members.c.member_key > last)
+                    .order_by(members.c.member_key)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            yield list(rows)
+            last = rows[-1][0]
+
+    def iter_removals(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
+        """Payloads to remove: members that left, and old payloads of changed members."""
+        cond = (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None)
+        for rows in self._iter_pending(
+            segment, destination, cond, batch,
+            (members.c.payload, members.c.consent, members.c.prev_payload, members.c.state),
+        ):  # fmt: skip
+            yield [
+                PendingMember(k, prev if prev is not None else p, c, prev)
+                for k, p, c, prev, st in rows
+            ]
+
+    def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
+        cond = members.c.state.in_(TO_ADD) & members.c.prev_payload.is_(None)
+        for rows in self._iter_pending(
+            segment, destination, cond, batch, (members.c.payload, members.c.consent)
+        ):
+            yield [PendingMember(k, p, c, None) for k, p, c in rows]
+
+    def iter_present(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
+        """Everything that should be on the platform (for replace)."""
+        cond = members.c.state.in_((*ON_PLATFORM, *TO_ADD))
+        for rows in self._iter_pending(
+            segment, destination, cond, batch, (members.c.payload, members.c.consent)
+        ):
+            yield [PendingMember(k, p, c, None) for k, p, c in rows]
+
+    def commit_removals(self, segment: str, destination: str, keys: Sequence[str]) -> None:
+        """The platform acknowledged removing these payloads."""
+        ts = now()
+        with self.engine.begin() as conn:
+            for i in range(0, len(keys), 900):
+                chunk = list(keys[i : i + 900])
+                conn.execute(
+                    delete(members).where(
+                        self._pair(segment, destination),
+                        members.c.member_key.in_(chunk),
+                        members.c.state == "remove_planned",
+                    )
+                )
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key.in_(chunk))
+                    .values(prev_payload=None, updated_at=ts)
+                )
+
+    def defer(self, segment: str, destination: str, reasons: dict[str, str]) -> None:
+        ts = now()
+        with self.engine.begin() as conn:
+            for k, why in reasons.items():
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key == k)
+                    .values(reason=why[:200], updated_at=ts)
+                )
+
+    def commit_additions(
+        self,
+        segment: str,
+        destination: str,
+        keys: Sequence[str],
+        *,
+        state: str,
+        request_id: str | None,
+        rejected: dict[str, str],
+        deferred: dict[str, str],
+        ttl_days: int | None,
+    ) -> None:
+        """The platform acknowledged adding these members (all in one transaction)."""
+        ts = now()
+        expires = ts + timedelta(days=ttl_days) if ttl_days else None
+        ok = [k for k in keys if k not in rejected and k not in deferred]
+        with self.engine.begin() as conn:
+            for i in range(0, len(ok), 900):
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key.in_(ok[i : i + 900]))
+                    .values(
+                        state=state, request_id=request_id, reason=None, updated_at=ts,
+                        accepted_at=ts, expires_at=expires,
+                    )
+                )
+            for k, why in rejected.items():
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key == k)
+                    .values(state="rejected", reason=why[:200], request_id=request_id, updated_at=ts)
+                )
+            for k, why in deferred.items():
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key == k)
+                    .values(state="deferred", reason=why[:200], updated_at=ts)
+                )
+
+    def commit_replace(self, segment: str, destination: str, state: str, request_id: str | None,
+                       ttl_days: int | None) -> None:  # fmt: skip
+        """A replace finished: the platform holds exactly the planned/present members."""
+        ts = now()
+        expires = ts + timedelta(days=ttl_days) if ttl_days else None
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(members).where(
+                    self._pair(segment, destination), members.c.state == "remove_planned"
+                )
+            )
+            conn.execute(
+                update(members)
+                .where(self._pair(segment, destination), members.c.state.in_((*ON_PLATFORM, *TO_ADD)))
+                .values(
+                    state=state, prev_payload=None, request_id=request_id, reason=None,
+                    updated_at=ts, accepted_at=ts, expires_at=expires,
+                )
+            )
+            conn.execute(
+                update(audiences)
+                .where(audiences.c.segment == segment, audiences.c.destination == destination)
+                .values(last_replace_at=ts, updated_at=ts)
+            )
+
+    def pending_requests(self, segment: str, destination: str) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(members.c.request_id)
+                .where(
+                    self._pair(segment, destination),
+                    members.c.state == "accepted",
+                    members.c.request_id.is_not(None),
+                )
+                .distinct()
+            ).all()
+        return [r[0] for r in rows]
+
+    def resolve_request(
+        self, segment: str, destination: str, request_id: str, state: str, reason: str | None,
+        rejected: dict[str, str],
+    ) -> None:  # fmt: skip
+        """A polled request finished: its accepted members become `state` (confirmed, or planned
+        again to be re-sent), with per-member rejections where the platform named them."""
+        ts = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(members)
+                .where(
+                    self._pair(segment, destination),
+                    members.c.request_id == request_id,
+                    members.c.state == "accepted",
+                )
+                .values(state=state, reason=reason, updated_at=ts)
+            )
+            for k, why in rejected.items():
+                conn.execute(
+                    update(members)
+                    .where(self._pair(segment, destination), members.c.member_key == k)
+                    .values(state="rejected", reason=why[:200], updated_at=ts)
+                )
+
+    # ------------------------------------------------------------------ reporting
+
+    def counts(self, segment: str, destination: str) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(members.c.state, func.count())
+                .where(self._pair(segment, destination))
+                .group_by(members.c.state)
+            ).all()
+        return {st: int(n) for st, n in rows}
+
+    def rejected_reasons(self, segment: str, destination: str) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(members.c.reason, func.count())
+                .where(self._pair(segment, destination), members.c.state == "rejected")
+                .group_by(members.c.reason)
+            ).all()
+        return {str(r): int(n) for r, n in rows}
+
+    def start_run(self, trigger: str, segment: str, destination: str, dry_run: bool) -> int:
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                insert(runs).values(
+                    trigger=trigger, segment=segment, destination=destination, started_at=now(),
+                    status="running", dry_run=int(dry_run), counts="{}",
+                )
+            )
+            pk = res.inserted_primary_key
+            assert pk is not None
+            return int(pk[0])
+
+    def finish_run(
+        self, run_id: int, status: str, counts: dict[str, Any], error: str | None,
+        match_rate: float | None = None,
+    ) -> None:  # fmt: skip
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    status=status, ended_at=now(), counts=json.dumps(counts, sort_keys=True),
+                    error=error, match_rate=match_rate,
+                )
+            )
+
+    def list_runs(self, limit: int = 50) -> list[RunRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).all()
+        return [
+            RunRecord(
+                id=r.id, trigger=r.trigger, segment=r.segment, destination=r.destination,
+                started_at=_aware(r.started_at) or now(), ended_at=_aware(r.ended_at),
+                status=r.status, dry_run=bool(r.dry_run), counts=json.loads(r.counts or "{}"),
+                error=r.error, match_rate=r.match_rate,
+            )
+            for r in rows
+        ]
+
+    def last_success(self, segment: str, destination: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            v = conn.execute(
+                select(func.max(runs.c.ended_at)).where(
+                    runs.c.segment == segment,
+                    runs.c.destination == destination,
+                    runs.c.status == "success",
+                    runs.c.dry_run == 0,
+                )
+            ).scalar()
+        return _aware(v)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets `status` read while a sync writes; NORMAL sync is durable at each commit in WAL.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def open_ledger(url: str) -> SqlLedger:
+    return SqlLedger(url)
+
+
+__all__ = [
+    "ON_PLATFORM",
+    "TO_ADD",
+    "AudienceRecord",
+    "LedgerIndex",
+    "PendingMember",
+    "RunRecord",
+    "SqlLedger",
+    "StagedMember",
+    "key_bytes",
+    "open_ledger",
+]
+
