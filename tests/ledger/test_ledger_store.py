@@ -1,0 +1,88 @@
+"""The ledger contract, run against every store: SQLite (always) and PostgreSQL (when
+CONNECTOR_TEST_POSTGRES_URL is set)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connector.ledger.store import SqlLedger, StagedMember
+
+
+def _urls() -> list[object]:
+    pg = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
+    return [
+        "sqlite",
+        pytest.param(
+            pg or "postgres",
+            marks=pytest.mark.skipif(not pg, reason="CONNECTOR_TEST_POSTGRES_URL not set: PostgreSQL ledger skipped"),
+        ),
+    ]
+
+
+@pytest.fixture(params=_urls())
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger]:
+    url = request.param
+    store = SqlLedger(f"sqlite:///{tmp_path / 'l.db'}" if url == "sqlite" else str(url))
+    yield store
+    store.close()
+
+
+def seg() -> str:
+    return f"seg-{uuid.uuid4().hex[:8]}"  # PostgreSQL is shared between runs: unique names
+
+
+def staged(i: int, payload: str | None = None, fp: int | None = None) -> StagedMember:
+    return StagedMember(f"{i:032x}", fp if fp is not None else i, payload or f'{{"EMAIL":"{i:064x}"}}', "GG")
+
+
+def test_plan_push_commit_cycle(ledger: SqlLedger) -> None:
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(i) for i in range(5)]]), iter([]))
+    assert ledger.pending_counts(s, "d") == (0, 5)
+    (batch,) = list(ledger.iter_additions(s, "d", 10))
+    ledger.commit_additions(s, "d", [p.key for p in batch[:4]], state="confirmed", request_id="r1",
+                            rejected={batch[4].key: "bad"}, deferred={}, ttl_days=None)  # fmt: skip
+    assert ledger.counts(s, "d") == {"confirmed": 4, "rejected": 1}
+    index = ledger.load_index(s, "d")
+    assert len(index) == 5 and int(index.on_platform.sum()) == 4 and bool(index.stable.all())
+    # unsigned 64-bit fingerprints survive the signed BIGINT column
+    ledger.apply_plan(s, "d", iter([[staged(7, fp=(1 << 64) - 1)]]), iter([]))
+    index = ledger.load_index(s, "d")
+    assert (1 << 64) - 1 in [int(x) for x in index.fingerprints]
+
+
+def test_identifier_change_keeps_old_payload_until_removed(ledger: SqlLedger) -> None:
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(1, '{"EMAIL":"old"}')]]), iter([]))
+    ledger.commit_additions(s, "d", [f"{1:032x}"], state="confirmed", request_id=None, rejected={}, deferred={},
+                            ttl_days=None)  # fmt: skip
+    ledger.apply_plan(s, "d", iter([[staged(1, '{"EMAIL":"new"}', fp=99)]]), iter([]))
+    (removals,) = list(ledger.iter_removals(s, "d", 10))
+    assert [r.payload for r in removals] == ['{"EMAIL":"old"}']
+    assert list(ledger.iter_additions(s, "d", 10)) == []  # add waits for the removal
+    ledger.commit_removals(s, "d", [removals[0].key])
+    (adds,) = list(ledger.iter_additions(s, "d", 10))
+    assert [a.payload for a in adds] == ['{"EMAIL":"new"}']
+
+
+def test_removal_and_runs(ledger: SqlLedger) -> None:
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(1), staged(2)]]), iter([]))
+    ledger.commit_additions(s, "d", [f"{1:032x}", f"{2:032x}"], state="accepted", request_id="req",
+                            rejected={}, deferred={}, ttl_days=30)  # fmt: skip
+    assert ledger.pending_requests(s, "d") == ["req"]
+    ledger.resolve_request(s, "d", "req", "confirmed", None, {})
+    ledger.apply_plan(s, "d", iter([]), iter([[f"{2:032x}"]]))
+    (rem,) = list(ledger.iter_removals(s, "d", 10))
+    ledger.commit_removals(s, "d", [r.key for r in rem])
+    assert ledger.counts(s, "d") == {"confirmed": 1}
+    rid = ledger.start_run("manual", s, "d", False)
+    ledger.finish_run(rid, "success", {"adds": 2}, None)
+    runs = [r for r in ledger.list_runs(100) if r.segment == s]
+    assert runs[0].status == "success" and runs[0].counts == {"adds": 2}
+    assert ledger.last_success(s, "d") is not None

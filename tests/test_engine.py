@@ -1,0 +1,224 @@
+"""Engine behaviour end to end against in-memory destinations (real ledger, real CSV source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Harness, person
+
+from connector.errors import FatalError
+
+
+def fresh_audience(tmp: Path, rows: list[dict[str, str]], dest: str) -> set[frozenset[tuple[str, str]]]:
+    """Oracle: what a cold sync of `rows` puts on an empty platform."""
+    h = Harness(tmp)
+    h.sync(rows, force=True)
+    return h.audience(dest)
+
+
+def test_cold_then_unchanged_run_makes_zero_write_calls(harness: Harness) -> None:
+    rows = [person(i) for i in range(25)]
+    res = harness.sync(rows)
+    assert res["meta"].status == "success", res["meta"].error
+    assert res["meta"].counts.adds == 25 and res["meta"].counts.removes == 0
+    assert len(harness.audience("meta")) == 25
+    assert len(harness.audience("google")) == 25
+    calls = {n: d.write_calls for n, d in harness.destinations.items()}
+    res = harness.sync(rows)
+    assert res["meta"].counts.unchanged == 25
+    assert res["meta"].write_calls == 0 and res["google"].write_calls == 0
+    assert {n: d.write_calls for n, d in harness.destinations.items()} == calls
+
+
+def test_payloads_are_hashed_and_platform_specific(harness: Harness) -> None:
+    harness.sync([person(1, email="  Mary.Smith+x@GMAIL.com ")])
+    (meta_row,) = harness.audience("meta")
+    (google_row,) = harness.audience("google")
+    meta, google = dict(meta_row), dict(google_row)
+    from connector.identifiers.hashing import sha256_hex
+
+    assert meta["EMAIL"] == sha256_hex("mary.smith+x@gmail.com")
+    assert google["email"] == sha256_hex("marysmith@gmail.com")  # Gmail rule: Google only
+    assert google["country_code"] == "US" and google["postal_code"] == "94107"
+    assert meta["PHONE"] == sha256_hex("14155550001")
+    assert google["phone"] == sha256_hex("+14155550001")
+
+
+def test_changes_converge_to_the_segment(harness: Harness, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    rows = [person(i) for i in range(40)]
+    harness.sync(rows)
+    # 3 leave, 5 join, 4 change their email, 2 change only formatting
+    rows = [r for r in rows if r["customer_id"] not in ("C1", "C2", "C3")]
+    rows += [person(i) for i in range(100, 105)]
+    for r in rows[:4]:
+        r["email"] = "new-" + r["email"]
+    for r in rows[4:6]:
+        r["email"] = "  " + r["email"].upper()
+    res = harness.sync(rows)
+    c = res["meta"].counts
+    assert (c.adds, c.changes, c.removes) == (5, 4, 3), c
+    assert c.unchanged == len(rows) - 5 - 4
+    for dest in ("meta", "google"):
+        assert harness.audience(dest) == fresh_audience(tmp_path_factory.mktemp("o"), rows, dest)
+    assert harness.sync(rows)["meta"].write_calls == 0
+
+
+def test_batches_respect_max_batch_size(harness: Harness) -> None:
+    harness.destinations["meta"].capabilities = type(harness.destinations["meta"].capabilities)(max_batch_size=10)
+    res = harness.sync([person(i) for i in range(25)])
+    assert res["meta"].write_calls == 3  # ceil(25 / 10)
+    assert len(harness.audience("meta")) == 25
+
+
+def test_guardrail_stops_mass_removal_until_forced(harness: Harness) -> None:
+    rows = [person(i) for i in range(20)]
+    harness.sync(rows)
+    before = harness.destinations["meta"].write_calls
+    res = harness.sync(rows[:10])
+    assert res["meta"].status == "stopped"
+    assert "removes 10 of 20" in (res["meta"].error or "")
+    assert harness.destinations["meta"].write_calls == before
+    assert len(harness.audience("meta")) == 20
+    res = harness.sync(rows[:10], force=True)
+    assert res["meta"].status == "success"
+    assert len(harness.audience("meta")) == 10
+
+
+def test_guardrail_stops_empty_source(harness: Harness) -> None:
+    harness.sync([person(i) for i in range(5)])
+    res = harness.sync([])
+    assert res["google"].status == "stopped"
+    assert "returned 0 rows" in (res["google"].error or "")
+    assert len(harness.audience("google")) == 5
+
+
+def test_add_only_never_removes(make_harness) -> None:  # type: ignore[no-untyped-def]
+    h = make_harness(mode='"add_only"')
+    rows = [person(i) for i in range(10)]
+    h.sync(rows)
+    rows2 = [person(i, email=f"changed{i}@example.com") for i in range(2)]
+    res = h.sync(rows2)
+    assert res["meta"].counts.removes == 0
+    assert len(h.audience("meta")) == 12  # 10 originals stay, 2 changed payloads added
+
+
+def test_bad_rows_are_counted_not_fatal(harness: Harness) -> None:
+    rows = [person(i) for i in range(10)]
+    rows.append(person(50, email="not-an-email", phone="12"))  # nothing usable but names/zip
+    rows.append(person(51, email="", phone="", first_name="", last_name="", zip="", country=""))
+    rows.append(person(52, customer_id=""))
+    rows.append(person(3))  # duplicate key
+    res = harness.sync(rows)
+    meta = res["meta"]
+    assert meta.status == "success"
+    assert meta.counts.invalid_reasons["email_invalid"] >= 1
+    assert meta.counts.invalid_reasons["key_missing"] == 1
+    assert meta.counts.invalid_reasons["duplicate_key"] == 1
+    assert meta.counts.invalid >= 3
+    assert len(harness.audience("meta")) == meta.counts.adds
+
+
+def test_consent_denied_is_not_sent_to_google(harness: Harness) -> None:
+    rows = [person(i) for i in range(5)] + [person(9, consent="denied")]
+    res = harness.sync(rows)
+    assert res["google"].counts.consent_denied == 1
+    assert len(harness.audience("google")) == 5
+    assert len(harness.audience("meta")) == 6
+    # consent withdrawn later: the member is removed from Google
+    rows[0]["consent"] = "denied"
+    harness.sync(rows)
+    assert len(harness.audience("google")) == 4
+
+
+def test_full_refresh_heals_drift(harness: Harness) -> None:
+    rows = [person(i) for i in range(10)]
+    harness.sync(rows)
+    dest = harness.destinations["meta"]
+    aid = next(iter(dest.audiences))
+    dest.audiences[aid].rows.pop()
+    dest.audiences[aid].rows.add(frozenset({("EMAIL", "0" * 64)}))
+    expected = harness.audience("google")
+    res = harness.sync(rows, full_refresh=True)
+    assert res["meta"].full_refresh and res["meta"].status == "success"
+    assert len(harness.audience("meta")) == 10
+    assert frozenset({("EMAIL", "0" * 64)}) not in harness.audience("meta")
+    assert harness.audience("google") == expected
+
+
+def test_transient_failures_still_converge(harness: Harness, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    for d in harness.destinations.values():
+        d.failure_rate = 0.3
+        d.capabilities = type(d.capabilities)(max_batch_size=7)
+    rows = [person(i) for i in range(50)]
+    res = harness.sync(rows)
+    assert res["meta"].status == "success" and res["meta"].retries > 0
+    assert harness.audience("meta") == fresh_audience(tmp_path_factory.mktemp("o"), rows, "meta")
+
+
+def test_crash_mid_run_resumes_without_loss(harness: Harness, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    dest = harness.destinations["meta"]
+    dest.capabilities = type(dest.capabilities)(max_batch_size=10)
+    rows = [person(i) for i in range(30)]
+    real_add = dest.add_members
+    calls = {"n": 0}
+
+    def flaky_add(audience, members, session):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FatalError("simulated crash", code="test")
+        return real_add(audience, members, session)
+
+    dest.add_members = flaky_add  # type: ignore[method-assign]
+    res = harness.sync(rows)
+    assert res["meta"].status == "failed"
+    assert len(harness.audience("meta")) == 10  # first batch committed, second lost in flight
+    dest.add_members = real_add  # type: ignore[method-assign]
+    res = harness.sync(rows)
+    assert res["meta"].status == "success"
+    assert res["meta"].write_calls == 2  # only the 20 members not yet accepted
+    assert harness.audience("meta") == fresh_audience(tmp_path_factory.mktemp("o"), rows, "meta")
+
+
+def test_rejected_members_are_recorded_and_not_resent(harness: Harness) -> None:
+    bad = "user3@example.com"
+    from connector.identifiers.hashing import sha256_hex
+
+    harness.destinations["meta"].reject_predicate = lambda m: (
+        "invalid_entry" if m.payload.get("EMAIL") == sha256_hex(bad) else None
+    )
+    rows = [person(i) for i in range(6)]
+    res = harness.sync(rows)
+    assert res["meta"].rejected == 1 and res["meta"].rejected_reasons == {"invalid_entry": 1}
+    assert len(harness.audience("meta")) == 5
+    assert harness.sync(rows)["meta"].write_calls == 0
+
+
+def test_dry_run_sends_and_writes_nothing(harness: Harness) -> None:
+    rows = [person(i) for i in range(8)]
+    res = harness.sync(rows, dry_run=True)
+    assert res["meta"].status == "dry_run" and res["meta"].counts.adds == 8
+    assert all(d.write_calls == 0 and not d.audiences for d in harness.destinations.values())
+    res = harness.sync(rows)
+    assert res["meta"].counts.adds == 8
+
+
+def test_lookalike_created_once_seed_is_big_enough(make_harness) -> None:  # type: ignore[no-untyped-def]
+    h = make_harness(**{"lookalike.meta": '{ country = "US", ratio = 0.02, min_seed_size = 5 }'})
+    res = h.sync([person(i) for i in range(3)])
+    assert res["meta"].lookalike_id is None and "waiting" in (res["meta"].lookalike_state or "")
+    res = h.sync([person(i) for i in range(6)])
+    first = res["meta"].lookalike_id
+    assert first is not None
+    res = h.sync([person(i) for i in range(7)])
+    assert res["meta"].lookalike_id == first
+
+
+def test_no_raw_identifier_in_ledger_or_logs(harness: Harness, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("DEBUG")
+    rows = [person(i, email=f"secret.person{i}@example.com", last_name="Zyxwvuts") for i in range(5)]
+    harness.sync(rows)
+    raw = [r["email"] for r in rows] + ["Zyxwvuts", "zyxwvuts", "C1", "secret.person"]
+    blob = b"".join(p.read_bytes() for p in (harness.dir / "state").rglob("*") if p.is_file())
+    for value in raw:
+        assert value.encode() not in blob
+        assert value not in caplog.text
