@@ -17,8 +17,10 @@ import json
 import logging
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +63,12 @@ log = logging.getLogger("connector.engine")
 
 DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destination]
 Progress = Callable[[str, int], None]
+# (segment, destination) -> a context manager held while the pair is planned and pushed
+PairLock = Callable[[str, str], AbstractContextManager[object]]
+
+
+class Interrupted(ConnectorError):
+    """Shutdown was requested: the batch in flight was committed, the rest waits for the next run."""
 
 _CONSENT_WORDS = {
     "granted": True, "true": True, "yes": True, "y": True, "1": True, "t": True,
@@ -210,8 +218,12 @@ class Engine:
         ledger: SqlLedger | None = None,
         destination_factory: DestinationFactory | None = None,
         progress: Progress | None = None,
+        pair_lock: PairLock | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
+        self._pair_lock = pair_lock
+        self.stop = stop or threading.Event()
         self.ledger = ledger or SqlLedger(settings.ledger_sqlalchemy_url())
         self._own_ledger = ledger is None
         self._factory = destination_factory or (
@@ -270,6 +282,14 @@ class Engine:
         dest_names = [d for d in seg.destinations if opts.destinations is None or d in opts.destinations]
         if not dest_names:
             return []
+        with ExitStack() as locks:
+            if self._pair_lock is not None:
+                # sorted: two processes locking the same pairs never deadlock
+                for d in sorted(dest_names):
+                    locks.enter_context(self._pair_lock(name, d))
+            return self._sync_locked(name, seg, dest_names, opts)
+
+    def _sync_locked(self, name: str, seg: SegmentConfig, dest_names: list[str], opts: SyncOptions) -> list[RunResult]:
         started = time.monotonic()
         plans: list[_PairPlan] = []
         run_ids: dict[str, int] = {}
@@ -528,6 +548,8 @@ class Engine:
             res.rejected = sum(res.rejected_reasons.values())
         except GuardrailError as exc:
             res.status, res.error = "stopped", str(exc)
+        except Interrupted as exc:
+            res.status, res.error = "interrupted", f"{pair}: {exc}"
         except QuotaExhaustedError as exc:
             res.status = "failed"
             res.error = f"{pair}: quota exhausted, will retry on the next run: {exc}"
@@ -584,6 +606,7 @@ class Engine:
         if n_remove:
             sessions = self._sessions(n_remove, size)
             for batch in self.ledger.iter_removals(segment, dest_name, size):
+                self._check_stop()
                 out = dest.remove_members(audience, [to_member(p) for p in batch], next(sessions))
                 calls += 1
                 done = [p.key for p in batch if p.key not in out.deferred]
@@ -594,6 +617,7 @@ class Engine:
         if n_add:
             sessions = self._sessions(n_add, size)
             for batch in self.ledger.iter_additions(segment, dest_name, size):
+                self._check_stop()
                 out = dest.add_members(audience, [to_member(p) for p in batch], next(sessions))
                 calls += 1
                 res.deferred += len(out.deferred)
@@ -605,6 +629,10 @@ class Engine:
         if calls:
             dest.finish(audience)
         return calls
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("shutdown requested; committed batches are kept, the rest is sent on the next run")
 
     def _replace(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef,
                  ttl: int | None) -> int:  # fmt: skip
