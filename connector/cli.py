@@ -196,7 +196,7 @@ def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     settings = _load(config)
     ledger = SqlLedger(settings.ledger_sqlalchemy_url())
     try:
-        pairs = []
+        pairs: list[dict[str, Any]] = []
         for seg_name, seg in settings.segments.items():
             for dest in seg.destinations:
                 rec = ledger.get_audience(seg_name, dest)
@@ -265,12 +265,12 @@ def runs(
         records = ledger.list_runs(limit)
     finally:
         ledger.close()
-    docs = [
+    docs: list[dict[str, Any]] = [
         {
             "id": r.id, "trigger": r.trigger, "segment": r.segment, "destination": r.destination,
             "started_at": r.started_at.isoformat(), "ended_at": r.ended_at.isoformat() if r.ended_at else None,
             "status": r.status, "dry_run": r.dry_run, "counts": r.counts, "error": r.error,
-        }  # fmt: skip
+        }
         for r in records
     ]
     if json_out:

@@ -375,7 +375,7 @@ class Engine:
         self, segment: str, seg: SegmentConfig, plans: list[_PairPlan], opts: SyncOptions
     ) -> None:
         source = open_source(seg.source, self.settings.base_dir)
-        id_fields = list(seg.identifiers.items())
+        id_fields: list[tuple[str, str]] = list(seg.identifiers.items())
         consent_cols = [c for c in (seg.consent.ad_user_data_column, seg.consent.ad_personalization_column) if c]
         columns = list(dict.fromkeys([*(col for _, col in id_fields), *consent_cols, *([seg.key] if seg.key else [])]))
         seen_new: set[bytes] = set()
@@ -494,20 +494,20 @@ class Engine:
                     plan.spill.add(keys_hex[i], int(farr[i]), payload, c)
         if changed_found:
             known = self.ledger.payloads(segment, plan.name, [keys_hex[i] for i, _, _ in changed_found])
-            for i, payload, c in changed_found:
-                old = known.get(keys_hex[i])
+            for row, payload, c in changed_found:
+                old = known.get(keys_hex[row])
                 settled = old is not None and old[1] in (*ON_PLATFORM, "rejected")
                 if settled and old is not None and old[0] == payload:
                     # raw row changed (formatting, another column) but not what is sent
                     counts.unchanged += 1
-                    plan.refresh.append((keys_hex[i], int(farr[i])))
+                    plan.refresh.append((keys_hex[row], int(farr[row])))
                     continue
                 if old is not None and old[1] in ON_PLATFORM:
                     counts.changes += 1
                 else:
                     counts.resends += 1
                 if plan.spill:
-                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c)
+                    plan.spill.add(keys_hex[row], int(farr[row]), payload, c)
 
     # ------------------------------------------------------------------ pushing
 

@@ -14,6 +14,10 @@ from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.settings import ConnectorSettings, load_settings
 
+IDENTIFIERS = (
+    '{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", '
+    'zip = "zip", country = "country" }'
+)
 FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
 
 
@@ -68,7 +72,7 @@ sandbox = true
 [segments.vip]
 source = {{ type = "csv", path = "members.csv" }}
 key = "customer_id"
-identifiers = {{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", zip = "zip", country = "country" }}
+identifiers = {IDENTIFIERS}
 consent = {{ ad_user_data_column = "consent" }}
 destinations = ["meta", "google"]
 {extra}
@@ -80,8 +84,10 @@ destinations = ["meta", "google"]
     def settings(self) -> ConnectorSettings:
         return load_settings(self.dir / "connector.toml")
 
-    def factory(self, name: str, _cfg: Any, _state: Path, _stats: Any) -> InMemoryDestination:
-        return self.destinations[name]
+    def factory(self, name: str, _cfg: Any, _state: Path, stats: Any) -> InMemoryDestination:
+        dest = self.destinations[name]
+        dest.stats = stats
+        return dest
 
     def engine(self) -> Engine:
         return Engine(self.settings, destination_factory=self.factory)

@@ -69,6 +69,6 @@ def test_dry_run_json_document(harness: Harness) -> None:
 
 def test_source_failure_exits_1(harness: Harness) -> None:
     harness.csv.unlink()
-    code, out, err = invoke("sync", "--config", str(harness.dir / "connector.toml"), "--dry-run", "--json")
+    code, out, _err = invoke("sync", "--config", str(harness.dir / "connector.toml"), "--dry-run", "--json")
     assert code == 1
     assert all(r["status"] == "failed" for r in json.loads(out)["runs"])

@@ -60,7 +60,7 @@ class InMemoryDestination:
         self.failure_rate = failure_rate
         self._rng = random.Random(seed)
         self._retry = retry or RetryPolicy(max_attempts=20, backoff_base_seconds=0.0, sleep=lambda _s: None)
-        self._stats = stats
+        self.stats = stats
         self.reject_predicate = reject_predicate  # callable(Member) -> reason | None
         self.closed = False
 
@@ -74,7 +74,7 @@ class InMemoryDestination:
             self.write_calls += 1
             return fn()  # type: ignore[operator,no-any-return]
 
-        return self._retry.call(call, what=what, stats=self._stats)
+        return self._retry.call(call, what=what, stats=self.stats)
 
     def members(self, audience_id: str) -> set[frozenset[tuple[str, str]]]:
         return set(self.audiences[audience_id].rows)
@@ -122,7 +122,7 @@ class InMemoryDestination:
         new_rows: set[frozenset[tuple[str, str]]] = set()
         rejected: dict[str, str] = {}
         for batch in batches:
-            out = self._write("replace", lambda b=batch: BatchResult(rejected=self._check(b)))  # type: ignore[misc]
+            out = self._write("replace", lambda b=batch: BatchResult(rejected=self._check(b)))
             rejected.update(out.rejected)
             new_rows.update(payload_row(m) for m in batch if m.key not in out.rejected)
         self.audiences[audience.audience_id].rows = new_rows

@@ -1,0 +1,419 @@
+"""Per-platform identifier normalization, following each platform's published rules.
+
+`Normalizer(platform, fields, default_region).normalize(raw)` turns one member's raw values
+(keyed by identifier field) into the payload sent to that platform: hashed where the platform
+hashes, plain where it wants plain text. A bad value drops that identifier and records a reason
+code; it never raises and never fails a batch.
+
+Google (Customer Match): email trimmed and lowercased, and for gmail.com/googlemail.com only,
+dots removed from the local part and ``+suffix`` dropped; phone E.164 with ``+``; first and last
+name lowercased without titles, suffixes or punctuation; country code (ISO alpha-2, upper case)
+and postal code unhashed; an address is sent only with all four parts.
+
+Meta (Custom Audiences): EMAIL trimmed and lowercased; PHONE digits only with country code;
+FN/LN lowercased without punctuation, accented letters kept; FI first initial; ZIP lowercase
+without spaces (US: 5 digits); CT letters only; ST US two-letter code; COUNTRY alpha-2 lowercase;
+GEN m/f; DOBY/DOBM/DOBD; MADID lowercase unhashed; EXTERN_ID exactly as given, unhashed.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import phonenumbers
+
+from connector.identifiers.hashing import hash_once, is_sha256_hex
+
+EMAIL_INVALID = "email_invalid"
+PHONE_INVALID = "phone_invalid"
+ADDRESS_INCOMPLETE = "address_incomplete"
+NAME_INVALID = "name_invalid"
+ZIP_INVALID = "zip_invalid"
+COUNTRY_INVALID = "country_invalid"
+CITY_INVALID = "city_invalid"
+STATE_INVALID = "state_invalid"
+GENDER_INVALID = "gender_invalid"
+DOB_INVALID = "dob_invalid"
+MADID_INVALID = "madid_invalid"
+EXTERN_ID_INVALID = "extern_id_invalid"
+NO_IDENTIFIER = "no_identifier"
+
+PlatformName = Literal["meta", "google"]
+
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+_PHONE_STRIP = re.compile(r"[\s\-.()/]")
+_E164_RE = re.compile(r"^\+[1-9]\d{7,14}$")
+_NANP_RE = re.compile(r"^1?([2-9]\d{2}[2-9]\d{6})$")
+_ZIP_US_RE = re.compile(r"^(\d{5})(?:-?\d{4})?$")
+_MADID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_DOB_FORMATS = (
+    re.compile(r"^(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})(?:[T ].*)?$"),
+    re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})$"),
+    re.compile(r"^(?P<y>\d{4})/(?P<m>\d{1,2})/(?P<d>\d{1,2})$"),
+)
+_DOB_SLASH = re.compile(r"^(?P<a>\d{1,2})[/.](?P<b>\d{1,2})[/.](?P<y>\d{4})$")
+_TITLES = frozenset({"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sir", "madam", "mme", "mlle", "herr", "frau"})
+_SUFFIXES = frozenset({"jr", "sr", "ii", "iii", "iv", "phd", "md", "esq", "dds"})
+_GMAIL = frozenset({"gmail.com", "googlemail.com"})
+# Day-first countries for dd/mm/yyyy dates; elsewhere (US) mm/dd/yyyy.
+_MONTH_FIRST = frozenset({"US", "PH", "CA", "FM", "PW", "MH"})
+
+COUNTRY_NAMES = {
+    "united states": "US", "united states of america": "US", "usa": "US", "u.s.": "US", "u.s.a.": "US",
+    "america": "US", "united kingdom": "GB", "uk": "GB", "great britain": "GB", "england": "GB",
+    "scotland": "GB", "wales": "GB", "northern ireland": "GB", "germany": "DE", "deutschland": "DE",
+    "france": "FR", "spain": "ES", "españa": "ES", "italy": "IT", "italia": "IT", "netherlands": "NL",
+    "the netherlands": "NL", "holland": "NL", "belgium": "BE", "switzerland": "CH", "austria": "AT",
+    "ireland": "IE", "portugal": "PT", "poland": "PL", "sweden": "SE", "norway": "NO", "denmark": "DK",
+    "finland": "FI", "canada": "CA", "mexico": "MX", "méxico": "MX", "brazil": "BR", "brasil": "BR",
+    "argentina": "AR", "australia": "AU", "new zealand": "NZ", "japan": "JP", "china": "CN", "india": "IN",
+    "south korea": "KR", "korea": "KR", "singapore": "SG", "south africa": "ZA", "turkey": "TR",
+    "türkiye": "TR", "greece": "GR", "czech republic": "CZ", "czechia": "CZ", "romania": "RO",
+    "hungary": "HU", "israel": "IL", "united arab emirates": "AE", "uae": "AE", "saudi arabia": "SA",
+}  # fmt: skip
+US_STATES = {
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca", "colorado": "co",
+    "connecticut": "ct", "delaware": "de", "district of columbia": "dc", "florida": "fl", "georgia": "ga",
+    "hawaii": "hi", "idaho": "id", "illinois": "il", "indiana": "in", "iowa": "ia", "kansas": "ks",
+    "kentucky": "ky", "louisiana": "la", "maine": "me", "maryland": "md", "massachusetts": "ma",
+    "michigan": "mi", "minnesota": "mn", "mississippi": "ms", "missouri": "mo", "montana": "mt",
+    "nebraska": "ne", "nevada": "nv", "new hampshire": "nh", "new jersey": "nj", "new mexico": "nm",
+    "new york": "ny", "north carolina": "nc", "north dakota": "nd", "ohio": "oh", "oklahoma": "ok",
+    "oregon": "or", "pennsylvania": "pa", "rhode island": "ri", "south carolina": "sc", "south dakota": "sd",
+    "tennessee": "tn", "texas": "tx", "utah": "ut", "vermont": "vt", "virginia": "va", "washington": "wa",
+    "west virginia": "wv", "wisconsin": "wi", "wyoming": "wy", "puerto rico": "pr",
+}  # fmt: skip
+_US_CODES = frozenset(US_STATES.values())
+_ISO2 = frozenset(phonenumbers.SUPPORTED_REGIONS) | {"AQ", "BV", "HM", "PN", "TF", "UM", "GS"}
+
+META_ORDER = ("EMAIL", "PHONE", "FN", "LN", "FI", "ZIP", "CT", "ST", "COUNTRY", "GEN", "DOBY", "DOBM", "DOBD",
+              "MADID", "EXTERN_ID")  # fmt: skip
+GOOGLE_ORDER = ("email", "phone", "first_name", "last_name", "country_code", "postal_code")
+
+
+@dataclass(slots=True)
+class Normalized:
+    payload: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # identifier field -> reason code
+
+
+# ----------------------------------------------------------------------------- field rules
+
+
+def _clean(value: str | None) -> str:
+    if value is None:
+        return ""
+    return value.strip()
+
+
+def normalize_email(value: str, platform: PlatformName) -> str | None:
+    e = value.strip().lower()
+    if not _EMAIL_RE.match(e):
+        return None
+    if platform == "google":
+        local, _, domain = e.rpartition("@")
+        if domain in _GMAIL:
+            local = local.split("+", 1)[0].replace(".", "")
+            if not local:
+                return None
+            e = f"{local}@{domain}"
+    return e
+
+
+@lru_cache(maxsize=200_000)
+def _parse_phone(value: str, region: str) -> str | None:
+    try:
+        num = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(num):
+        return None
+    return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalize_phone(value: str, region: str) -> str | None:
+    """E.164 with '+'. Fast paths for numbers already in E.164 shape and NANP national numbers;
+    everything else goes through `phonenumbers` with the row's or the segment's region."""
+    compact = _PHONE_STRIP.sub("", value.strip())
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    if _E164_RE.match(compact):
+        return compact
+    if region in ("US", "CA") and compact.isdigit():
+        m = _NANP_RE.match(compact)
+        if m:
+            return "+1" + m.group(1)
+    if not any(c.isdigit() for c in compact) or len(value) > 64:
+        return None
+    return _parse_phone(value.strip(), region)
+
+
+def normalize_name(value: str) -> str | None:
+    s = unicodedata.normalize("NFC", value).lower()
+    s = "".join(c if c.isalpha() or c.isspace() else (" " if c in "-_" else "") for c in s)
+    tokens = s.split()
+    while tokens and tokens[0] in _TITLES:
+        tokens = tokens[1:]
+    while len(tokens) > 1 and tokens[-1] in _SUFFIXES:
+        tokens = tokens[:-1]
+    out = " ".join(tokens)
+    return out or None
+
+
+def normalize_country(value: str) -> str | None:
+    """ISO-3166 alpha-2, upper case."""
+    v = value.strip()
+    if len(v) == 2 and v.isalpha() and v.upper() in _ISO2:
+        return v.upper()
+    return COUNTRY_NAMES.get(v.lower())
+
+
+def normalize_zip(value: str, country: str | None, platform: PlatformName) -> str | None:
+    v = value.strip()
+    if country == "US" or (country is None and _ZIP_US_RE.match(v)):
+        m = _ZIP_US_RE.match(v)
+        return m.group(1) if m else None
+    if platform == "meta":
+        v = v.lower().replace(" ", "")
+    if not v or len(v) > 12 or not all(c.isalnum() or c in " -" for c in v):
+        return None
+    return v
+
+
+def normalize_city(value: str) -> str | None:
+    s = "".join(c for c in unicodedata.normalize("NFC", value).lower() if c.isalpha())
+    return s or None
+
+
+def normalize_state(value: str, country: str | None) -> str | None:
+    v = value.strip().lower()
+    if country in (None, "US"):
+        if v in _US_CODES:
+            return v
+        code = US_STATES.get(v)
+        if code:
+            return code
+        if country == "US":
+            return None
+    s = "".join(c for c in v if c.isalpha())
+    return s or None
+
+
+def normalize_gender(value: str) -> str | None:
+    v = value.strip().lower()
+    if v in ("m", "male", "man"):
+        return "m"
+    if v in ("f", "female", "woman"):
+        return "f"
+    return None
+
+
+def normalize_dob(value: str, region: str) -> tuple[str, str, str] | None:
+    v = value.strip()
+    y = m = d = 0
+    for rx in _DOB_FORMATS:
+        hit = rx.match(v)
+        if hit:
+            y, m, d = int(hit["y"]), int(hit["m"]), int(hit["d"])
+            break
+    else:
+        hit = _DOB_SLASH.match(v)
+        if not hit:
+            return None
+        a, b, y = int(hit["a"]), int(hit["b"]), int(hit["y"])
+        m, d = (a, b) if region in _MONTH_FIRST else (b, a)
+    if not (1900 <= y <= 2100 and 1 <= m <= 12 and 1 <= d <= 31):
+        return None
+    return f"{y:04d}", f"{m:02d}", f"{d:02d}"
+
+
+def normalize_madid(value: str) -> str | None:
+    v = value.strip().lower()
+    return v if _MADID_RE.match(v) else None
+
+
+# ----------------------------------------------------------------------------- normalizer
+
+
+class Normalizer:
+    """Normalizes members of one segment for one platform."""
+
+    def __init__(self, platform: PlatformName | str, fields: Iterable[str], default_region: str = "US") -> None:
+        if platform not in ("meta", "google"):
+            raise ValueError(f"unknown platform {platform!r}")
+        self.platform: PlatformName = "meta" if platform == "meta" else "google"
+        self.fields = frozenset(fields)
+        self.default_region = default_region.upper()
+        self._schema = self._make_schema()
+
+    def _make_schema(self) -> tuple[str, ...]:
+        f = self.fields
+        if self.platform == "google":
+            keys = set()
+            if "email" in f:
+                keys.add("email")
+            if "phone" in f:
+                keys.add("phone")
+            if {"first_name", "last_name", "zip"} <= f:
+                keys |= {"first_name", "last_name", "country_code", "postal_code"}
+            return tuple(k for k in GOOGLE_ORDER if k in keys)
+        mapping = {
+            "email": ("EMAIL",), "phone": ("PHONE",), "first_name": ("FN", "FI"), "last_name": ("LN",),
+            "zip": ("ZIP",), "city": ("CT",), "state": ("ST",), "country": ("COUNTRY",), "gender": ("GEN",),
+            "date_of_birth": ("DOBY", "DOBM", "DOBD"), "mobile_ad_id": ("MADID",), "external_id": ("EXTERN_ID",),
+        }  # fmt: skip
+        keys = {k for fld in f for k in mapping.get(fld, ())}
+        return tuple(k for k in META_ORDER if k in keys)
+
+    def schema(self) -> tuple[str, ...]:
+        """The payload keys this segment can fill, in a stable order."""
+        return self._schema
+
+    def normalize(self, raw: Mapping[str, str | None]) -> Normalized:
+        out = Normalized()
+        try:
+            if self.platform == "google":
+                self._google(raw, out)
+            else:
+                self._meta(raw, out)
+        except Exception:  # noqa: BLE001 - a normalizer bug must cost one member, not the batch
+            out.payload.clear()
+            out.errors["row"] = "normalize_error"
+        if not out.payload:
+            out.errors.setdefault("member", NO_IDENTIFIER)
+        return out
+
+    def _country(self, raw: Mapping[str, str | None], out: Normalized) -> str | None:
+        v = _clean(raw.get("country"))
+        if not v:
+            return None
+        c = normalize_country(v)
+        if c is None:
+            out.errors["country"] = COUNTRY_INVALID
+        return c
+
+    def _hashed(self, raw_value: str) -> bool:
+        return len(raw_value) == 64 and is_sha256_hex(raw_value)
+
+    def _email_phone(self, raw: Mapping[str, str | None], out: Normalized, region: str, email_key: str,
+                     phone_key: str) -> None:  # fmt: skip
+        e = _clean(raw.get("email"))
+        if e:
+            if self._hashed(e):
+                out.payload[email_key] = e.lower()
+            else:
+                ne = normalize_email(e, self.platform)
+                if ne is None:
+                    out.errors["email"] = EMAIL_INVALID
+                else:
+                    out.payload[email_key] = hash_once(ne)
+        p = _clean(raw.get("phone"))
+        if p:
+            if self._hashed(p):
+                out.payload[phone_key] = p.lower()
+            else:
+                np_ = normalize_phone(p, region)
+                if np_ is None:
+                    out.errors["phone"] = PHONE_INVALID
+                else:
+                    out.payload[phone_key] = hash_once(np_ if self.platform == "google" else np_[1:])
+
+    def _google(self, raw: Mapping[str, str | None], out: Normalized) -> None:
+        country = self._country(raw, out)
+        region = country or self.default_region
+        self._email_phone(raw, out, region, "email", "phone")
+        fn_raw, ln_raw, zip_raw = _clean(raw.get("first_name")), _clean(raw.get("last_name")), _clean(raw.get("zip"))
+        if not (fn_raw or ln_raw or zip_raw):
+            return
+        fn = fn_raw.lower() if self._hashed(fn_raw) else normalize_name(fn_raw) if fn_raw else None
+        ln = ln_raw.lower() if self._hashed(ln_raw) else normalize_name(ln_raw) if ln_raw else None
+        if fn_raw and fn is None:
+            out.errors["first_name"] = NAME_INVALID
+        if ln_raw and ln is None:
+            out.errors["last_name"] = NAME_INVALID
+        addr_country = country if "country" in self.fields and _clean(raw.get("country")) else self.default_region
+        pc = normalize_zip(zip_raw, addr_country, "google") if zip_raw else None
+        if zip_raw and pc is None:
+            out.errors["zip"] = ZIP_INVALID
+        if fn and ln and pc and addr_country:
+            out.payload["first_name"] = hash_once(fn)
+            out.payload["last_name"] = hash_once(ln)
+            out.payload["country_code"] = addr_country
+            out.payload["postal_code"] = pc
+        else:
+            out.errors.setdefault("address", ADDRESS_INCOMPLETE)
+
+    def _meta(self, raw: Mapping[str, str | None], out: Normalized) -> None:
+        country = self._country(raw, out)
+        region = country or self.default_region
+        self._email_phone(raw, out, region, "EMAIL", "PHONE")
+        p = out.payload
+        for fld, key in (("first_name", "FN"), ("last_name", "LN")):
+            v = _clean(raw.get(fld))
+            if not v:
+                continue
+            if self._hashed(v):
+                p[key] = v.lower()
+                continue
+            n = normalize_name(v)
+            if n is None:
+                out.errors[fld] = NAME_INVALID
+            else:
+                p[key] = hash_once(n)
+                if key == "FN":
+                    p["FI"] = hash_once(n[0])
+        z = _clean(raw.get("zip"))
+        if z:
+            nz = z.lower() if self._hashed(z) else normalize_zip(z, country, "meta")
+            if nz is None:
+                out.errors["zip"] = ZIP_INVALID
+            else:
+                p["ZIP"] = hash_once(nz)
+        if country:
+            p["COUNTRY"] = hash_once(country.lower())
+        ct = _clean(raw.get("city"))
+        if ct:
+            nct = normalize_city(ct)
+            if nct is None:
+                out.errors["city"] = CITY_INVALID
+            else:
+                p["CT"] = hash_once(nct)
+        st = _clean(raw.get("state"))
+        if st:
+            nst = normalize_state(st, country)
+            if nst is None:
+                out.errors["state"] = STATE_INVALID
+            else:
+                p["ST"] = hash_once(nst)
+        g = _clean(raw.get("gender"))
+        if g:
+            ng = normalize_gender(g)
+            if ng is None:
+                out.errors["gender"] = GENDER_INVALID
+            else:
+                p["GEN"] = hash_once(ng)
+        dob = _clean(raw.get("date_of_birth"))
+        if dob:
+            nd = normalize_dob(dob, region)
+            if nd is None:
+                out.errors["date_of_birth"] = DOB_INVALID
+            else:
+                p["DOBY"], p["DOBM"], p["DOBD"] = (hash_once(x) for x in nd)
+        mad = _clean(raw.get("mobile_ad_id"))
+        if mad:
+            nm = normalize_madid(mad)
+            if nm is None:
+                out.errors["mobile_ad_id"] = MADID_INVALID
+            else:
+                p["MADID"] = nm
+        ext = _clean(raw.get("external_id"))
+        if ext:
+            if len(ext) > 256:
+                out.errors["external_id"] = EXTERN_ID_INVALID
+            else:
+                p["EXTERN_ID"] = ext
