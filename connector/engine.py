@@ -168,27 +168,27 @@ class _Spill:
         self._db = sqlite3.connect(self._file.name)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE s (k TEXT, fp INTEGER, p TEXT, c TEXT)")
-        self._buf: list[tuple[str, int, str, str]] = []
+        self._db.execute("CREATE TABLE s (k TEXT, fp INTEGER, p TEXT, c TEXT, known INTEGER)")
+        self._buf: list[tuple[str, int, str, str, int]] = []
         self.count = 0
 
-    def add(self, key: str, fp: int, payload: str, consent: str) -> None:
+    def add(self, key: str, fp: int, payload: str, consent: str, known: bool) -> None:
         # sqlite3 INTEGER is signed 64-bit
-        self._buf.append((key, fp - (1 << 64) if fp >= (1 << 63) else fp, payload, consent))
+        self._buf.append((key, fp - (1 << 64) if fp >= (1 << 63) else fp, payload, consent, int(known)))
         self.count += 1
         if len(self._buf) >= 50_000:
             self.flush()
 
     def flush(self) -> None:
         if self._buf:
-            self._db.executemany("INSERT INTO s VALUES (?,?,?,?)", self._buf)
+            self._db.executemany("INSERT INTO s VALUES (?,?,?,?,?)", self._buf)
             self._buf.clear()
 
     def chunks(self, size: int = 10_000) -> Iterator[list[StagedMember]]:
         self.flush()
-        cur = self._db.execute("SELECT k, fp, p, c FROM s")
+        cur = self._db.execute("SELECT k, fp, p, c, known FROM s")
         while rows := cur.fetchmany(size):
-            yield [StagedMember(k, fp + (1 << 64) if fp < 0 else fp, p, c) for k, fp, p, c in rows]
+            yield [StagedMember(k, fp + (1 << 64) if fp < 0 else fp, p, c, bool(kn)) for k, fp, p, c, kn in rows]
 
     def close(self) -> None:
         self._db.close()
@@ -491,7 +491,7 @@ class Engine:
             else:
                 counts.adds += 1
                 if plan.spill:
-                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c)
+                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c, False)
         if changed_found:
             known = self.ledger.payloads(segment, plan.name, [keys_hex[i] for i, _, _ in changed_found])
             for row, payload, c in changed_found:
@@ -507,7 +507,7 @@ class Engine:
                 else:
                     counts.resends += 1
                 if plan.spill:
-                    plan.spill.add(keys_hex[row], int(farr[row]), payload, c)
+                    plan.spill.add(keys_hex[row], int(farr[row]), payload, c, True)
 
     # ------------------------------------------------------------------ pushing
 

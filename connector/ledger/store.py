@@ -170,6 +170,7 @@ class StagedMember:
     fingerprint: int
     payload: str
     consent: str = ""
+    known: bool = True  # False: the planner saw no ledger row for this key (skip the lookup)
 
 
 @dataclass(slots=True)
@@ -381,7 +382,7 @@ class SqlLedger:
                 if not chunk:
                     continue
                 existing: dict[str, tuple[str, str, str | None]] = {}
-                keys = [m.key for m in chunk]
+                keys = [m.key for m in chunk if m.known]
                 for i in range(0, len(keys), 900):
                     for k, p, st, prev in conn.execute(
                         select(
@@ -730,6 +731,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA cache_size=-65536")
     cur.close()
 
 
