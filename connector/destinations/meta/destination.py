@@ -1,0 +1,284 @@
+"""`MetaDestination`: Meta Custom Audiences (customer file) through the Graph API."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from connector.destinations.base import (
+    AudienceRef,
+    AudienceStatus,
+    BatchResult,
+    BatchSession,
+    Capabilities,
+    LookalikeRef,
+    Member,
+    Platform,
+    RequestOutcome,
+)
+from connector.destinations.meta.client import GraphClient, terms_url
+from connector.errors import (
+    ConfigError,
+    FatalError,
+    RetriableError,
+    SkippableError,
+    TermsNotAcceptedError,
+)
+from connector.retry import RetryPolicy, RetryStats, policy_from
+from connector.settings import MetaDestinationConfig
+
+log = logging.getLogger("connector.meta")
+
+MAX_ROWS = 10_000
+SANDBOX_TOKEN = "sandbox-token"  # noqa: S105 - the emulator's fixed token, not a secret
+REPLACE_POLL_SECONDS = 2.0
+
+
+class MetaDestination:
+    platform: Platform = "meta"
+
+    def __init__(self, name: str, config: MetaDestinationConfig, client: GraphClient, *,
+                 policy: RetryPolicy, emulator: Any = None) -> None:  # fmt: skip
+        self.name = name
+        self.config = config
+        self.client = client
+        self.capabilities = Capabilities(max_batch_size=MAX_ROWS, supports_replace=True, supports_lookalike=True)
+        self.emulator = emulator  # the sandbox emulator this destination started, if any
+        self._policy = policy
+        self._sleep = policy.sleep or time.sleep
+
+    @classmethod
+    def from_config(cls, name: str, config: MetaDestinationConfig, state_dir: Path, *,
+                    stats: RetryStats | None = None) -> MetaDestination:  # fmt: skip
+        emulator = None
+        graph_url = config.graph_url or "https://graph.facebook.com"
+        token = config.access_token
+        if config.sandbox:
+            from connector.sandbox.meta_graph import start_meta_emulator
+
+            emulator = start_meta_emulator(state_dir / f"sandbox-meta-{name}.json", expected_token=SANDBOX_TOKEN)
+            graph_url, token = emulator.url, SecretStr(SANDBOX_TOKEN)
+            log.warning("destination %s is a SANDBOX: Meta Graph API emulator at %s, no real ad account", name,
+                        graph_url)  # fmt: skip
+        if token is None:
+            raise ConfigError(
+                f"destinations.{name}.access_token is not set (set CONNECTOR_DESTINATIONS__{name.upper()}"
+                "__ACCESS_TOKEN, or sandbox = true)"
+            )
+        policy = policy_from(config)
+        client = GraphClient(graph_url=graph_url, api_version=config.api_version, access_token=token,
+                             ad_account_id=config.ad_account_id, timeout=config.timeout_seconds,
+                             policy=policy, stats=stats)  # fmt: skip
+        return cls(name, config, client, policy=policy, emulator=emulator)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
+
+    # ------------------------------------------------------------------ audiences
+
+    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+        if known is not None:
+            found = self.client.get_audience(known.audience_id)
+            if found is not None:
+                if not known.extra.get("schema"):
+                    known.extra["schema"] = ",".join(schema)
+                return known
+            log.warning("Meta audience %s of %s no longer exists; creating a new one", known.audience_id, segment)
+        extra = {"schema": ",".join(schema)}
+        existing = self._find_by_name(segment)
+        if existing:
+            return AudienceRef(existing, segment, extra)
+        if not self.client.tos_accepted():
+            raise TermsNotAcceptedError(
+                f"Meta: the Custom Audience terms are not accepted for ad account act_{self.config.ad_account_id}; "
+                f"accept them at {terms_url(self.config.ad_account_id)} and run again"
+            )
+        for attempt in range(self._policy.max_attempts):
+            try:
+                aid = self.client.create_custom_audience(
+                    segment, "Managed by connector: members are synced from a segment", self.config.customer_file_source
+                )
+                return AudienceRef(aid, segment, extra)
+            except RetriableError:
+                # the create may have happened before the connection dropped: look before retrying
+                existing = self._find_by_name(segment)
+                if existing:
+                    return AudienceRef(existing, segment, extra)
+                if attempt + 1 >= self._policy.max_attempts:
+                    raise
+                self._sleep(min(self._policy.backoff_max_seconds, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _find_by_name(self, name: str) -> str | None:
+        for a in self.client.list_audiences(("id", "name", "subtype")):
+            if a.get("name") == name and a.get("subtype", "CUSTOM") == "CUSTOM":
+                return str(a["id"])
+        return None
+
+    # ------------------------------------------------------------------ members
+
+    @staticmethod
+    def _schema(audience: AudienceRef) -> list[str]:
+        return [k for k in audience.extra.get("schema", "").split(",") if k]
+
+    def _rows(self, schema: list[str], members: Sequence[Member]) -> list[list[str]]:
+        # "" for values a member lacks: the schema stays the same for every row and call
+        return [[m.payload.get(k, "") for k in schema] for m in members]
+
+    @staticmethod
+    def _map_samples(schema: list[str], members: Sequence[Member], samples: Any) -> dict[str, str]:
+        """invalid_entry_samples name offending values; find the members that sent them."""
+        if not samples:
+            return {}
+        items = samples.items() if isinstance(samples, dict) else ((s, "invalid entry") for s in samples)
+        by_value: dict[str, list[str]] = {}
+        for m in members:
+            for k in schema:
+                v = m.payload.get(k, "")
+                if v:
+                    by_value.setdefault(v, []).append(m.key)
+        rejected: dict[str, str] = {}
+        for value, reason in items:
+            for key in by_value.get(str(value), []):
+                rejected[key] = f"meta: {reason}"[:200]
+        return rejected
+
+    def _upload(self, audience: AudienceRef, members: Sequence[Member], session: Mapping[str, Any],
+                endpoint: str, delete: bool) -> BatchResult:  # fmt: skip
+        if len(members) > MAX_ROWS:
+            raise ValueError(f"a Meta upload holds at most {MAX_ROWS} rows, got {len(members)}")
+        schema = self._schema(audience)
+        body = self.client.upload(audience.audience_id, endpoint, schema, self._rows(schema, members), session, delete)
+        rejected = self._map_samples(schema, members, body.get("invalid_entry_samples"))
+        invalid = int(body.get("num_invalid_entries") or 0)
+        if invalid and len(rejected) < invalid:
+            log.warning("Meta %s: %d invalid entries, %d traced back to members from samples", endpoint, invalid,
+                        len(rejected))  # fmt: skip
+        return BatchResult(request_id=str(session.get("session_id")), rejected=rejected,
+                           received=body.get("num_received"))  # fmt: skip
+
+    @staticmethod
+    def _session(s: BatchSession) -> dict[str, Any]:
+        return {"session_id": s.session_id, "batch_seq": s.seq, "last_batch_flag": s.last,
+                "estimated_num_total": s.estimated_total}  # fmt: skip
+
+    def add_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
+        return self._upload(audience, members, self._session(session), "users", delete=False)
+
+    def remove_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
+        try:
+            return self._upload(audience, members, self._session(session), "users", delete=True)
+        except SkippableError as exc:
+            # "Audience Size too low": kept as pending removals, retried on a later run
+            return BatchResult(deferred={m.key: str(exc)[:200] for m in members})
+
+    def replace_members(self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int) -> BatchResult:
+        if total == 0:
+            raise FatalError("Meta: cannot replace an audience with zero members; run a normal sync to remove them")
+        sid = uuid.uuid4().int % (1 << 62)
+        rejected: dict[str, str] = {}
+        seq = 0
+        started = time.monotonic()
+        pending = next(batches, None)
+        while pending is not None:
+            nxt = next(batches, None)
+            seq += 1
+            session = {"session_id": sid, "batch_seq": seq, "last_batch_flag": nxt is None,
+                       "estimated_num_total": total}  # fmt: skip
+            if time.monotonic() - started > self.config.replace_timeout_seconds:
+                raise FatalError("Meta: replace took longer than the platform's 90-minute window")
+            out = self._upload(audience, pending, session, "usersreplace", delete=False)
+            rejected.update(out.rejected)
+            pending = nxt
+        self._wait_replace(audience)
+        return BatchResult(request_id=str(sid), rejected=rejected)
+
+    def _wait_replace(self, audience: AudienceRef) -> None:
+        deadline = time.monotonic() + self.config.replace_timeout_seconds
+        while True:
+            info = self.client.get_audience(audience.audience_id) or {}
+            code = int((info.get("operation_status") or {}).get("code", 200))
+            if code == 200:
+                return
+            if code == 415:
+                raise RetriableError("Meta: the replace failed on the platform (operation_status 415)", code=415)
+            if time.monotonic() > deadline:
+                raise FatalError("Meta: the replace did not finish within its window")
+            self._sleep(REPLACE_POLL_SECONDS)
+
+    def finish(self, audience: AudienceRef) -> None:
+        return None
+
+    def reconcile(self, audience: AudienceRef, request_ids: Sequence[str]) -> Mapping[str, RequestOutcome]:
+        # Meta answers each upload synchronously; invalid entries were mapped when it answered
+        return {rid: RequestOutcome("succeeded") for rid in request_ids}
+
+    def audience_status(self, audience: AudienceRef) -> AudienceStatus:
+        info = self.client.get_audience(audience.audience_id)
+        if info is None:
+            return AudienceStatus(audience.audience_id, state="missing")
+        op = info.get("operation_status") or {}
+        delivery = info.get("delivery_status") or {}
+        return AudienceStatus(
+            audience.audience_id,
+            size_lower=info.get("approximate_count_lower_bound"),
+            size_upper=info.get("approximate_count_upper_bound"),
+            state="ready" if delivery.get("code") == 200 else str(delivery.get("description") or "populating"),
+            details={"operation_status": str(op.get("code", "")), "delivery_status": str(delivery.get("code", ""))},
+        )
+
+    # ------------------------------------------------------------------ lookalikes
+
+    def _lookalike_spec(self, spec: Mapping[str, object]) -> dict[str, Any]:
+        out: dict[str, Any] = {"ratio": spec.get("ratio", 0.01)}
+        for key in ("country", "location_spec", "starting_ratio", "type"):
+            if spec.get(key) is not None:
+                out[key] = spec[key]
+        return out
+
+    def _find_lookalike(self, audience: AudienceRef, spec: dict[str, Any]) -> str | None:
+        for a in self.client.list_audiences(("id", "name", "subtype", "origin_audience_id", "lookalike_spec")):
+            ls = a.get("lookalike_spec") or {}
+            if (a.get("subtype") == "LOOKALIKE" and str(a.get("origin_audience_id")) == audience.audience_id
+                    and abs(float(ls.get("ratio", -1)) - float(spec["ratio"])) < 1e-9
+                    and ls.get("country") == spec.get("country")):  # fmt: skip
+                return str(a["id"])
+        return None
+
+    def ensure_lookalike(self, audience: AudienceRef, spec: Mapping[str, object], known: LookalikeRef | None,
+                         seed_size: int) -> LookalikeRef | None:  # fmt: skip
+        if known is not None:
+            info = self.client.get_audience(known.lookalike_id)
+            if info is not None:
+                delivery = info.get("delivery_status") or {}
+                known.state = "ready" if delivery.get("code") == 200 else "populating"
+                known.details["approximate_count_lower_bound"] = str(info.get("approximate_count_lower_bound"))
+                return known
+        lal_spec = self._lookalike_spec(spec)
+        min_seed = int(str(spec.get("min_seed_size", 100)))
+        info = self.client.get_audience(audience.audience_id) or {}
+        matched = info.get("approximate_count_lower_bound")
+        seed = int(matched) if matched is not None else seed_size
+        if seed < min_seed:
+            return None
+        where = lal_spec.get("country") or "location"
+        name = f"Lookalike ({where}, {float(lal_spec['ratio']):.0%}) of {audience.name}"
+        try:
+            lid = self.client.create_lookalike(name, audience.audience_id, lal_spec)
+        except FatalError as exc:
+            if exc.code != 2654:
+                raise
+            found = self._find_lookalike(audience, lal_spec)
+            if found is None:
+                raise
+            lid = found
+        return LookalikeRef(lid, "populating", {"spec": str(lal_spec), "seed_size": str(seed)})
