@@ -170,6 +170,9 @@ def sync(
             if r.counts.invalid_reasons:
                 reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.invalid_reasons.items()))
                 out.print(f"  {r.segment} -> {r.destination}: identifier problems: {reasons}")
+            if r.counts.consent_denied:
+                out.print(f"  {r.segment} -> {r.destination}: {r.counts.consent_denied} members not sent "
+                          "(ad_user_data consent denied)")  # fmt: skip
             if r.lookalike_id or r.lookalike_state:
                 out.print(f"  {r.segment} -> {r.destination}: lookalike {r.lookalike_id or '-'} ({r.lookalike_state})")
             if r.warning:

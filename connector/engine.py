@@ -694,6 +694,9 @@ class Engine:
         if ref is None:
             res.lookalike_state = f"waiting for seed (>= {spec_model.min_seed_size} matched members)"
             return
+        if not ref.lookalike_id:
+            res.lookalike_state = ref.state  # not available for this destination; the reason is in the state
+            return
         res.lookalike_id, res.lookalike_state = ref.lookalike_id, ref.state
         self.ledger.update_audience(
             segment, plan.name, lookalike_id=ref.lookalike_id, lookalike_state=ref.state,
