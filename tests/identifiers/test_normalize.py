@@ -1,0 +1,185 @@
+"""Normalization per platform, table-driven from the platforms' documented rules (platforms.md)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connector.identifiers.hashing import fingerprint, hash_once, is_sha256_hex, member_key, sha256_hex
+from connector.identifiers.normalize import (
+    ADDRESS_INCOMPLETE,
+    COUNTRY_INVALID,
+    DOB_INVALID,
+    EMAIL_INVALID,
+    MADID_INVALID,
+    NO_IDENTIFIER,
+    PHONE_INVALID,
+    Normalizer,
+    normalize_country,
+    normalize_email,
+    normalize_name,
+    normalize_phone,
+)
+
+ALL_FIELDS = ["email", "phone", "first_name", "last_name", "zip", "country", "city", "state", "gender",
+              "date_of_birth", "external_id", "mobile_ad_id"]  # fmt: skip
+
+
+def test_documented_meta_hash() -> None:
+    assert sha256_hex("mary@example.com") == "f1904cf1a9d73a55fa5de0ac823c4403ded71afd4c3248d00bdcd0866552bb79"
+    out = Normalizer("meta", ["email"]).normalize({"email": "  Mary@Example.COM "})
+    assert out.payload == {"EMAIL": "f1904cf1a9d73a55fa5de0ac823c4403ded71afd4c3248d00bdcd0866552bb79"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "google", "meta"),
+    [
+        ("Jane.Doe+news@Gmail.com", "janedoe@gmail.com", "jane.doe+news@gmail.com"),
+        (" j.a.n.e@googlemail.com", "jane@googlemail.com", "j.a.n.e@googlemail.com"),
+        ("jane.doe+news@example.com", "jane.doe+news@example.com", "jane.doe+news@example.com"),
+        ("JANE@EXAMPLE.CO.UK", "jane@example.co.uk", "jane@example.co.uk"),
+    ],
+)
+def test_email_rules(raw: str, google: str, meta: str) -> None:
+    assert normalize_email(raw, "google") == google
+    assert normalize_email(raw, "meta") == meta
+
+
+@pytest.mark.parametrize("raw", ["not-an-email", "a@b", "a b@example.com", "@example.com", "x@@example.com", ""])
+def test_bad_emails(raw: str) -> None:
+    assert normalize_email(raw, "google") is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "e164"),
+    [
+        ("(415) 555-0134", "US", "+14155550134"),
+        ("+1 415.555.0134", "DE", "+14155550134"),
+        ("07911 123456", "GB", "+447911123456"),
+        ("+44 7911 123456", "US", "+447911123456"),
+        ("030 901820", "DE", "+4930901820"),
+        ("0049 30 901820", "US", "+4930901820"),
+        ("01 45 67 89 10", "FR", "+33145678910"),
+        ("098765 43210", "IN", "+919876543210"),
+        ("(11) 91234-5678", "BR", "+5511912345678"),
+    ],
+)
+def test_phones_several_regions(raw: str, region: str, e164: str) -> None:
+    assert normalize_phone(raw, region) == e164
+    g = Normalizer("google", ["phone"], region).normalize({"phone": raw}).payload["phone"]
+    m = Normalizer("meta", ["phone"], region).normalize({"phone": raw}).payload["PHONE"]
+    assert g == sha256_hex(e164)  # Google: E.164 with '+'
+    assert m == sha256_hex(e164[1:])  # Meta: digits only, country code, no '+'
+
+
+@pytest.mark.parametrize("raw", ["n/a", "12", "+", "phone", "555", "+1 (000) 000"])
+def test_bad_phones(raw: str) -> None:
+    out = Normalizer("google", ["phone", "email"]).normalize({"phone": raw, "email": "a@example.com"})
+    assert out.errors == {"phone": PHONE_INVALID}
+    assert "email" in out.payload  # the other identifier survives
+
+
+def test_row_country_is_the_phone_region() -> None:
+    out = Normalizer("meta", ["phone", "country"], "US").normalize({"phone": "07911 123456", "country": "GB"})
+    assert out.payload["PHONE"] == sha256_hex("447911123456")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("  Mary ", "mary"), ("Dr. José", "josé"), ("O'Neil", "oneil"), ("Smith Jr.", "smith"), ("MRS ZOË", "zoë")],
+)
+def test_names_keep_accents_drop_titles_and_punctuation(raw: str, expected: str) -> None:
+    assert normalize_name(raw) == expected
+
+
+def test_meta_all_keys() -> None:
+    n = Normalizer("meta", ALL_FIELDS, "US")
+    raw = {"email": "Mary@Example.com", "phone": "(415) 555-0134", "first_name": "José", "last_name": "García",
+           "zip": "94107-1234", "country": "United States", "city": "San Francisco", "state": "California",
+           "gender": "Female", "date_of_birth": "1990-07-04", "external_id": "CRM-0042",
+           "mobile_ad_id": "AB0C1D2E-1234-4ABC-8DEF-0123456789AB"}  # fmt: skip
+    out = n.normalize(raw)
+    assert out.errors == {}
+    p = out.payload
+    assert p["FN"] == sha256_hex("josé") and p["FI"] == sha256_hex("j") and p["LN"] == sha256_hex("garcía")
+    assert p["ZIP"] == sha256_hex("94107") and p["COUNTRY"] == sha256_hex("us")
+    assert p["CT"] == sha256_hex("sanfrancisco") and p["ST"] == sha256_hex("ca") and p["GEN"] == sha256_hex("f")
+    assert (p["DOBY"], p["DOBM"], p["DOBD"]) == (sha256_hex("1990"), sha256_hex("07"), sha256_hex("04"))
+    assert p["MADID"] == "ab0c1d2e-1234-4abc-8def-0123456789ab"  # lowercase, unhashed
+    assert p["EXTERN_ID"] == "CRM-0042"  # exact, unhashed
+    assert set(n.schema()) == set(p)
+
+
+def test_meta_germany_is_de_not_ge() -> None:
+    assert normalize_country("Germany") == "DE"
+    out = Normalizer("meta", ["country", "email"]).normalize({"country": "Germany", "email": "a@b.de"})
+    assert out.payload["COUNTRY"] == sha256_hex("de")
+
+
+def test_google_address_needs_all_four_parts() -> None:
+    n = Normalizer("google", ["email", "first_name", "last_name", "zip", "country"], "US")
+    full = n.normalize({"email": "a@b.com", "first_name": "Mary", "last_name": "Smith", "zip": "10001-1234",
+                        "country": "us"})  # fmt: skip
+    assert full.payload["first_name"] == sha256_hex("mary")
+    assert full.payload["country_code"] == "US" and full.payload["postal_code"] == "10001"  # unhashed
+    part = n.normalize({"email": "a@b.com", "first_name": "Mary", "zip": "10001"})
+    assert "first_name" not in part.payload and part.errors["address"] == ADDRESS_INCOMPLETE
+    assert n.schema() == ("email", "first_name", "last_name", "country_code", "postal_code")
+
+
+def test_google_ignores_fields_it_cannot_match() -> None:
+    out = Normalizer("google", ["email", "gender", "city"]).normalize({"email": "a@b.com", "gender": "m", "city": "x"})
+    assert set(out.payload) == {"email"}
+
+
+def test_already_hashed_values_pass_through_once() -> None:
+    h = sha256_hex("mary@example.com")
+    for platform, key in (("meta", "EMAIL"), ("google", "email")):
+        out = Normalizer(platform, ["email"]).normalize({"email": h.upper()})
+        assert out.payload[key] == h
+    assert hash_once(h) == h
+
+
+def test_every_bad_value_has_its_reason_and_no_identifier_left() -> None:
+    n = Normalizer("meta", ALL_FIELDS)
+    out = n.normalize({"email": "nope", "country": "Atlantis", "date_of_birth": "31/31/1990", "mobile_ad_id": "xyz"})
+    assert out.errors["email"] == EMAIL_INVALID and out.errors["country"] == COUNTRY_INVALID
+    assert out.errors["date_of_birth"] == DOB_INVALID and out.errors["mobile_ad_id"] == MADID_INVALID
+    assert out.payload == {} and out.errors["member"] == NO_IDENTIFIER
+
+
+def test_keys_and_fingerprints() -> None:
+    assert member_key("C1") != member_key("C2") and is_sha256_hex(member_key("C1"))
+    assert fingerprint(["a", None]) != fingerprint(["a", ""])
+    assert fingerprint(["a", "b"]) == fingerprint(["a", "b"]) and fingerprint(["ab", ""]) != fingerprint(["a", "b"])
+
+
+text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["meta", "google"]), st.fixed_dictionaries({f: text for f in ALL_FIELDS}))
+def test_never_raises_and_hashes_are_64_lower_hex(platform: str, raw: dict[str, str | None]) -> None:
+    out = Normalizer(platform, ALL_FIELDS, "US").normalize(raw)
+    plain = {"MADID", "EXTERN_ID", "country_code", "postal_code"}
+    for k, v in out.payload.items():
+        if k not in plain:
+            assert len(v) == 64 and v == v.lower() and is_sha256_hex(v)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.emails())
+def test_email_normalization_is_idempotent(email: str) -> None:
+    for platform in ("meta", "google"):
+        once = normalize_email(email, platform)  # type: ignore[arg-type]
+        if once is not None:
+            assert normalize_email(once, platform) == once  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_name_normalization_is_idempotent(name: str) -> None:
+    once = normalize_name(name)
+    if once is not None:
+        assert normalize_name(once) == once
