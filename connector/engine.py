@@ -578,7 +578,8 @@ class Engine:
     def _removal_keys(self, plan: _PairPlan) -> Iterator[list[str]]:
         gone = plan.index.keys[~plan.seen]
         for i in range(0, len(gone), 10_000):
-            yield [b.hex() for b in gone[i : i + 10_000].tolist()]
+            # numpy's fixed-width bytes drop trailing NULs: pad back to 16 bytes before hex
+            yield [b.ljust(16, b"\0").hex() for b in gone[i : i + 10_000].tolist()]
 
     def _ensure_audience(self, segment: str, seg: SegmentConfig, plan: _PairPlan, dest: Destination) -> AudienceRef:
         rec = self.ledger.get_audience(segment, plan.name)

@@ -7,6 +7,8 @@ holds hashes, nor credentials.
 
 from __future__ import annotations
 
+import re
+
 from google.api_core import exceptions as gexc
 
 from connector.errors import (
@@ -20,6 +22,10 @@ from connector.errors import (
     ThrottledError,
 )
 
+# REST answers carry an HTTP code; some api_core classes have no gRPC status attached (403 -> Forbidden)
+_HTTP_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}  # fmt: skip
+_URL_PREFIX = re.compile(r"^[A-Z]+ https?://\S+: ")
 RETRIABLE_STATUS = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
 RETRIABLE_ADS = frozenset({"CONCURRENT_MODIFICATION", "INTERNAL_ERROR", "TRANSIENT_ERROR",
                            "RESOURCE_TEMPORARILY_EXHAUSTED"})  # fmt: skip
@@ -65,7 +71,7 @@ def ads_error(name: str, what: str) -> DestinationError:
 def map_google_api_error(exc: Exception, what: str) -> ConnectorError:
     """google.api_core exceptions (REST and gRPC) -> connector errors."""
     if isinstance(exc, gexc.GoogleAPICallError):
-        status = exc.grpc_status_code.name if exc.grpc_status_code is not None else ""
+        status = exc.grpc_status_code.name if exc.grpc_status_code is not None else _HTTP_STATUS.get(exc.code or 0, "")
         if status == "RESOURCE_EXHAUSTED" or isinstance(exc, gexc.TooManyRequests):
             text = (exc.message or "").lower()
             if "daily" in text or ("quota" in text and "rate" not in text):
@@ -88,5 +94,7 @@ def map_google_api_error(exc: Exception, what: str) -> ConnectorError:
 
 
 def _short(message: str | None) -> str:
-    # Google's messages name fields, not values; still keep them short
-    return (message or "").split("\n", 1)[0][:200]
+    # Google's messages name fields, not values; the REST client prefixes "METHOD url: ", drop it
+    text = (message or "").split("\n", 1)[0]
+    text = _URL_PREFIX.sub("", text)
+    return text[:200]

@@ -1,0 +1,204 @@
+"""Destination contract, run against every real destination and its emulator (sandbox = true):
+the engine, the ledger, the official client libraries and the emulators' wire protocols together.
+
+After any sequence of source changes the platform audience holds exactly the segment's hashed
+members; zero changes make zero write calls; N changes make ceil(N / 10,000) write calls per kind;
+faults (transient errors, throttling, dropped connections) do not change the outcome.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.engine import Engine, RunResult, SyncOptions
+from connector.identifiers.normalize import Normalizer
+from connector.settings import load_settings
+
+PLATFORMS = ["meta", "google"]
+FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
+IDS = ["email", "phone", "first_name", "last_name", "zip", "country"]
+TOKEN_META = "sandbox-token"
+
+
+def person(i: int, **over: str) -> dict[str, str]:
+    row = {"customer_id": f"C{i}", "email": f"Person.{i}@Example.com", "phone": f"+1 415 555 {i % 10000:04d}",
+           "first_name": "Mary", "last_name": f"Smith{i % 7}", "zip": "94107", "country": "US", "consent": "granted"}  # fmt: skip
+    row.update(over)
+    return row
+
+
+class Pair:
+    def __init__(self, tmp: Path, platform: str) -> None:
+        self.dir, self.platform = tmp, platform
+        self.csv = tmp / "members.csv"
+        dest = (
+            'type = "meta"\nad_account_id = "act_42"' if platform == "meta" else 'type = "google"\ncustomer_id = "1234567890"'
+        )
+        (tmp / "connector.toml").write_text(
+            f"""state_dir = "state"
+max_remove_share = 1.0
+[destinations.d]
+{dest}
+sandbox = true
+max_attempts = 40
+backoff_max_seconds = 0.01
+[segments.seg]
+source = {{ type = "csv", path = "members.csv" }}
+key = "customer_id"
+identifiers = {{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", zip = "zip", country = "country" }}
+consent = {{ ad_user_data_column = "consent" }}
+destinations = ["d"]
+""",
+            encoding="utf-8",
+        )
+        self.rows: list[dict[str, str]] = []
+
+    def write(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
+        with self.csv.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def engine(self) -> Engine:
+        return Engine(load_settings(self.dir / "connector.toml"))
+
+    def expected(self) -> set[frozenset[tuple[str, str]]]:
+        n = Normalizer(self.platform, IDS, "US")
+        out = set()
+        for r in self.rows:
+            if self.platform == "google" and r["consent"] == "denied":
+                continue
+            payload = n.normalize({k: r[k] for k in IDS}).payload
+            if payload:
+                out.add(frozenset(payload.items()))
+        return out
+
+    def audience(self, engine: Engine, result: RunResult) -> set[frozenset[tuple[str, str]]]:
+        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        assert result.audience_id
+        if self.platform == "meta":
+            return emu.member_dicts(result.audience_id)  # type: ignore[no-any-return]
+        return {frozenset((k, v) for k, v in row if v) for row in emu.members(result.audience_id)}
+
+    def write_paths(self, engine: Engine) -> list[str]:
+        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        return [e["path"] for e in emu.request_log if e["method"] in ("POST", "DELETE")]
+
+
+@pytest.fixture(params=PLATFORMS)
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
+    yield Pair(tmp_path, request.param)
+
+
+def sync(p: Pair, rows: list[dict[str, str]] | None = None, faults: dict[str, Any] | None = None,
+         **opts: Any) -> tuple[RunResult, set[frozenset[tuple[str, str]]], list[str]]:  # fmt: skip
+    if rows is not None:
+        p.write(rows)
+    with p.engine() as engine:
+        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        for k, v in (faults or {}).items():
+            setattr(emu.faults, k, v)
+        (res,) = engine.sync(None, SyncOptions(**opts))
+        emu.faults.error_rates, emu.faults.throttle_rate, emu.faults.drop_rate = {}, 0.0, 0.0
+        return res, p.audience(engine, res), p.write_paths(engine)
+
+
+def test_sequence_of_changes_mirrors_the_segment_exactly(pair: Pair) -> None:
+    rows = [person(i) for i in range(30)]
+    res, audience, _ = sync(pair, rows)
+    assert res.status == "success", res.error
+    assert audience == pair.expected() and len(audience) == 30
+    # leave, join, change identifiers, change formatting only, withdraw consent
+    rows = [r for r in rows if r["customer_id"] not in ("C0", "C1")] + [person(i) for i in range(100, 104)]
+    rows[0]["email"] = "brand.new@example.com"
+    rows[1]["phone"] = "+44 7911 123456"
+    rows[2]["email"] = rows[2]["email"].upper()
+    rows[3]["consent"] = "denied"
+    res, audience, _ = sync(pair, rows)
+    assert res.status == "success", res.error
+    assert audience == pair.expected()
+    res, audience, writes = sync(pair, rows)
+    assert res.write_calls == 0 and writes == [] and res.counts.unchanged == len(rows) - (pair.platform == "google")
+    assert audience == pair.expected()
+
+
+def test_full_refresh_replaces_exactly(pair: Pair) -> None:
+    rows = [person(i) for i in range(20)]
+    sync(pair, rows)
+    if pair.platform == "google":
+        # the refresh removes what was ingested before T = start - 1 s (a margin for clock skew)
+        time.sleep(1.1)
+    rows = rows[5:] + [person(50)]
+    res, audience, writes = sync(pair, rows, full_refresh=True)
+    assert res.status == "success" and res.full_refresh, res.error
+    assert audience == pair.expected()
+    kind = "usersreplace" if pair.platform == "meta" else "audienceMembers:removeAll"
+    assert any(kind in w for w in writes)
+
+
+def test_write_calls_are_ceil_n_over_10000(pair: Pair) -> None:
+    rows = [person(i) for i in range(25_000)]
+    res, audience, writes = sync(pair, rows)
+    assert res.status == "success", res.error
+    adds = [w for w in writes if w.endswith("/users") or w.endswith("audienceMembers:ingest")]
+    assert len(adds) == 3 and res.write_calls == 3
+    assert len(audience) == 25_000
+    rows = rows[:24_990] + [person(i) for i in range(30_000, 30_005)]  # 10 leave, 5 join
+    res, audience, writes = sync(pair, rows)
+    kinds = [w for w in writes if w.endswith("/users") or "audienceMembers:" in w]
+    assert len(kinds) == 2 and res.write_calls == 2  # one remove call, one add call
+    assert audience == pair.expected()
+
+
+def test_converges_under_transient_errors_throttling_and_drops(pair: Pair) -> None:
+    errors = {"2": 0.2} if pair.platform == "meta" else {"UNAVAILABLE": 0.2}
+    faults = {"error_rates": errors, "throttle_rate": 0.1, "drop_rate": 0.05, "seed": 7}
+    rows = [person(i) for i in range(40)]
+    for step in range(4):
+        rows = rows[3:] + [person(200 + step * 10 + j) for j in range(4)]
+        rows[0]["email"] = f"changed{step}@example.com"
+        res, audience, _ = sync(pair, rows, faults=faults, force=True)
+        assert res.status == "success", res.error
+        assert audience == pair.expected()
+
+
+def test_permanent_error_stops_with_a_message_and_exit_code_1(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from connector.cli import app
+
+    pair.write([person(i) for i in range(5)])
+    if pair.platform == "meta":
+        from connector.sandbox import meta_graph
+
+        original = meta_graph.MetaGraphEmulator.__init__
+
+        def expired(self, **kw):  # type: ignore[no-untyped-def]
+            original(self, **kw)
+            self.expected_token = "a-different-token"  # the configured token is now invalid: code 190
+
+        monkeypatch.setattr(meta_graph.MetaGraphEmulator, "__init__", expired)
+        needle = "access token is invalid or expired"
+    else:
+        from connector.sandbox import google_datamanager
+
+        original_g = google_datamanager.DataManagerEmulator.__init__
+
+        def denied(self, **kw):  # type: ignore[no-untyped-def]
+            original_g(self, **kw)
+            self.faults.error_rates = {"PERMISSION_DENIED": 1.0}
+
+        monkeypatch.setattr(google_datamanager.DataManagerEmulator, "__init__", denied)
+        needle = "permission denied"
+    result = CliRunner().invoke(app, ["sync", "--config", str(pair.dir / "connector.toml"), "--json"])
+    assert result.exit_code == 1
+    (run,) = json.loads(result.stdout)["runs"]
+    assert run["status"] == "failed" and needle in run["error"]
