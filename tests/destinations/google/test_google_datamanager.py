@@ -37,7 +37,10 @@ def make(emu: DataManagerEmulator) -> GoogleDestination:
     return GoogleDestination("g", cfg, client, policy=policy)
 
 
-def member(i: int, consent: Consent | None = Consent(True, True)) -> Member:
+GRANTED = Consent(True, True)
+
+
+def member(i: int, consent: Consent | None = GRANTED) -> Member:
     return Member(f"k{i}", {"email": sha256_hex(f"u{i}@x.com"), "phone": sha256_hex(f"+1415{i:07d}"),
                             "first_name": sha256_hex("mary"), "last_name": sha256_hex("smith"),
                             "country_code": "US", "postal_code": "94107"}, consent)  # fmt: skip
