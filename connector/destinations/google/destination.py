@@ -29,6 +29,7 @@ from connector.destinations.base import (
     Platform,
     RequestOutcome,
 )
+from connector.destinations.google.ads_client import GoogleAdsApi
 from connector.destinations.google.datamanager_client import SCOPE, DataManagerClient, list_summary
 from connector.errors import ConfigError, RetriableError
 from connector.retry import RetryPolicy, RetryStats, policy_from
@@ -74,14 +75,17 @@ def load_credentials(name: str, config: GoogleDestinationConfig, base_dir: Path 
 class GoogleDestination:
     platform: Platform = "google"
 
-    def __init__(self, name: str, config: GoogleDestinationConfig, client: DataManagerClient, *,
-                 policy: RetryPolicy, emulator: Any = None) -> None:  # fmt: skip
-        if config.upload_api != "datamanager":
-            raise ConfigError(
-                f"destinations.{name}.upload_api = {config.upload_api!r}: only \"datamanager\" is available in this "
-                "release (the Google Ads API upload path is for allowlisted tokens and is not built yet)"
-            )
+    def __init__(self, name: str, config: GoogleDestinationConfig, client: DataManagerClient | None, *,
+                 policy: RetryPolicy, emulator: Any = None, ads: GoogleAdsApi | None = None,
+                 ads_emulator: Any = None) -> None:  # fmt: skip
+        if config.upload_api == "google_ads" and ads is None:
+            raise ConfigError(f"destinations.{name}: upload_api = \"google_ads\" needs developer_token")
+        if config.upload_api == "datamanager" and client is None:
+            raise ConfigError(f"destinations.{name}: the Data Manager client is missing")
         self.name = name
+        self.ads = ads
+        self.ads_emulator = ads_emulator
+        self._use_ads = config.upload_api == "google_ads"
         self.config = config
         self.client = client
         self.capabilities = Capabilities(max_batch_size=MAX_MEMBERS, supports_replace=True, supports_lookalike=True,
@@ -94,51 +98,87 @@ class GoogleDestination:
     @classmethod
     def from_config(cls, name: str, config: GoogleDestinationConfig, state_dir: Path, *,
                     stats: RetryStats | None = None) -> GoogleDestination:  # fmt: skip
-        emulator = None
-        endpoint = config.datamanager_endpoint
+        emulator = ads_emulator = None
+        endpoint, ads_endpoint = config.datamanager_endpoint, config.google_ads_endpoint
+        developer_token = config.developer_token.get_secret_value() if config.developer_token else None
         if config.sandbox:
+            from connector.sandbox.google_ads import start_google_ads_emulator
             from connector.sandbox.google_datamanager import start_datamanager_emulator
 
-            emulator = start_datamanager_emulator(state_dir / f"sandbox-google-dm-{name}.json")
-            endpoint = emulator.url
+            dm_emu = start_datamanager_emulator(state_dir / f"sandbox-google-dm-{name}.json")
+            emulator = dm_emu
+
+            def seed_size(list_id: str) -> int | None:
+                # one account: Data Manager list ids are Google Ads user list ids
+                entry = dm_emu.lists.get(list_id)
+                return None if entry is None else len(entry["members"])
+
+            ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.json", seed_sizes=seed_size)
+            endpoint, ads_endpoint = dm_emu.url, ads_emulator.endpoint
+            developer_token = ads_emulator.developer_token
             credentials: Credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
-            log.warning("destination %s is a SANDBOX: Data Manager API emulator at %s, no real Google account", name,
-                        endpoint)  # fmt: skip
+            log.warning("destination %s is a SANDBOX: Google emulators (Data Manager %s, Google Ads %s), no real "
+                        "Google account", name, endpoint, ads_endpoint)  # fmt: skip
         else:
             credentials = load_credentials(name, config, state_dir.parent)
         policy = policy_from(config)
-        client = DataManagerClient(customer_id=config.customer_id, login_customer_id=config.login_customer_id,
-                                   credentials=credentials, endpoint=endpoint, timeout=config.timeout_seconds,
-                                   policy=policy, stats=stats)  # fmt: skip
+        client = None
+        if config.upload_api == "datamanager":
+            client = DataManagerClient(customer_id=config.customer_id, login_customer_id=config.login_customer_id,
+                                       credentials=credentials, endpoint=endpoint, timeout=config.timeout_seconds,
+                                       policy=policy, stats=stats)  # fmt: skip
+        ads = None
+        if developer_token:
+            from connector.destinations.google.ads_client import GoogleAdsApi
+
+            ads = GoogleAdsApi(customer_id=config.customer_id, login_customer_id=config.login_customer_id,
+                               developer_token=developer_token, credentials=credentials, endpoint=ads_endpoint,
+                               timeout=config.timeout_seconds, policy=policy, stats=stats)  # fmt: skip
         try:
-            return cls(name, config, client, policy=policy, emulator=emulator)
+            return cls(name, config, client, policy=policy, emulator=emulator, ads=ads, ads_emulator=ads_emulator)
         except ConfigError:
-            client.close()
-            if emulator is not None:
-                emulator.stop()
+            if client is not None:
+                client.close()
+            for emu in (emulator, ads_emulator):
+                if emu is not None:
+                    emu.stop()
             raise
 
+    @property
+    def _dm(self) -> DataManagerClient:
+        if self.client is None:
+            raise ConfigError(f"destinations.{self.name}: the Data Manager client is not configured")
+        return self.client
+
     def close(self) -> None:
-        self.client.close()
-        if self.emulator is not None:
-            self.emulator.stop()
-            self.emulator = None
+        if self.client is not None:
+            self.client.close()
+        if self.ads is not None:
+            self.ads.close()
+        for emu in (self.emulator, self.ads_emulator):
+            if emu is not None:
+                emu.stop()
+        self.emulator = self.ads_emulator = None
 
     # ------------------------------------------------------------------ audiences
 
     def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+        if self._use_ads:
+            assert self.ads is not None
+            lid = self.ads.ensure_crm_list(segment, known.audience_id if known else None, self.config.membership_days)
+            return AudienceRef(lid, segment, {"schema": ",".join(schema), "upload_api": "google_ads"})
         if known is not None:
-            if self.client.get_list(known.audience_id) is not None:
+            if self._dm.get_list(known.audience_id) is not None:
                 return known
             log.warning("Google user list %s of %s no longer exists; creating a new one", known.audience_id, segment)
-        existing = self.client.find_list(segment)
+        existing = self._dm.find_list(segment)
         if existing is None:
             try:
-                existing = self.client.create_list(segment, self.config.membership_days,
+                existing = self._dm.create_list(segment, self.config.membership_days,
                                                    "Managed by connector: members are synced from a segment")  # fmt: skip
             except RetriableError:
                 # the create may have landed before the connection dropped: look before failing
-                existing = self.client.find_list(segment)
+                existing = self._dm.find_list(segment)
                 if existing is None:
                     raise
         return AudienceRef(str(existing.id), segment, {"resource_name": existing.name, "schema": ",".join(schema)})
@@ -148,21 +188,30 @@ class GoogleDestination:
     def add_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         if len(members) > MAX_MEMBERS:
             raise ValueError(f"a Data Manager request holds at most {MAX_MEMBERS} members, got {len(members)}")
-        rid = self.client.ingest(audience.audience_id, members)
+        if self._use_ads:
+            assert self.ads is not None
+            return self.ads.stage(audience.audience_id, members, remove=False)
+        rid = self._dm.ingest(audience.audience_id, members)
         return BatchResult(request_id=rid, pending=True, received=len(members))
 
     def remove_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         if len(members) > MAX_MEMBERS:
             raise ValueError(f"a Data Manager request holds at most {MAX_MEMBERS} members, got {len(members)}")
-        rid = self.client.remove(audience.audience_id, members)
+        if self._use_ads:
+            assert self.ads is not None
+            return self.ads.stage(audience.audience_id, members, remove=True)
+        rid = self._dm.remove(audience.audience_id, members)
         return BatchResult(request_id=rid, received=len(members))
 
     def replace_members(self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int) -> BatchResult:
+        if self._use_ads:
+            assert self.ads is not None
+            return self.ads.replace(audience.audience_id, batches, total)
         # the platform's clock decides what "before T" means; a small margin covers clock skew
         started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-        request_ids = [self.client.ingest(audience.audience_id, batch) for batch in batches if batch]
+        request_ids = [self._dm.ingest(audience.audience_id, batch) for batch in batches if batch]
         self._wait(request_ids)
-        self.client.remove_all(audience.audience_id, started)
+        self._dm.remove_all(audience.audience_id, started)
         return BatchResult(request_id=request_ids[-1] if request_ids else None, pending=False)
 
     def _wait(self, request_ids: Sequence[str]) -> None:
@@ -171,7 +220,7 @@ class GoogleDestination:
         while waiting:
             still = []
             for rid in waiting:
-                state, _ = self.client.request_status(rid)
+                state, _ = self._dm.request_status(rid)
                 if state == "FAILED":
                     raise RetriableError(f"Google: ingest request failed during a full refresh ({state})", code=state)
                 if state == "PROCESSING":
@@ -183,12 +232,17 @@ class GoogleDestination:
                 self._sleep(STATUS_POLL_SECONDS)
 
     def finish(self, audience: AudienceRef) -> None:
-        return None
+        if self._use_ads:
+            assert self.ads is not None
+            self.ads.run_staged(audience.audience_id)
 
     def reconcile(self, audience: AudienceRef, request_ids: Sequence[str]) -> Mapping[str, RequestOutcome]:
+        if self._use_ads:
+            assert self.ads is not None
+            return {rid: self.ads.job_outcome(rid) for rid in request_ids}
         out: dict[str, RequestOutcome] = {}
         for rid in request_ids:
-            state, errors = self.client.request_status(rid)
+            state, errors = self._dm.request_status(rid)
             reason = ", ".join(f"{k}={v}" for k, v in sorted(errors.items())) or None
             if state == "PROCESSING":
                 out[rid] = RequestOutcome("pending")
@@ -202,7 +256,10 @@ class GoogleDestination:
         return out
 
     def audience_status(self, audience: AudienceRef) -> AudienceStatus:
-        ul = self.client.get_list(audience.audience_id)
+        if self._use_ads:
+            assert self.ads is not None
+            return self.ads.user_list_status(audience.audience_id)
+        ul = self._dm.get_list(audience.audience_id)
         if ul is None:
             return AudienceStatus(audience.audience_id, state="missing")
         s = list_summary(ul)
@@ -216,12 +273,15 @@ class GoogleDestination:
 
     def ensure_lookalike(self, audience: AudienceRef, spec: Mapping[str, object], known: LookalikeRef | None,
                          seed_size: int) -> LookalikeRef | None:  # fmt: skip
-        if known is not None:
-            return known
-        note = ("lookalike skipped: Google lookalike segments are created through the Google Ads API, which needs "
-                "developer_token and customer_id and is not available in this release")  # fmt: skip
-        if not self._lookalike_note_logged:
-            log.warning("%s: %s", self.name, note)
-            self._lookalike_note_logged = True
-        # an empty id tells the engine "not created, and not waiting for the seed either"
-        return LookalikeRef("", f"skipped: {note.removeprefix('lookalike skipped: ')}")
+        if self.ads is None:
+            note = ("skipped: Google lookalike segments are created through the Google Ads API, which needs "
+                    "developer_token (and customer_id)")  # fmt: skip
+            if not self._lookalike_note_logged:
+                log.warning("%s: lookalike %s", self.name, note)
+                self._lookalike_note_logged = True
+            # an empty id tells the engine "not created, and not waiting for the seed either"
+            return LookalikeRef("", note)
+        level = str(spec.get("expansion_level", "BALANCED"))
+        countries = ",".join(str(c) for c in spec.get("country_codes", []) or [])  # type: ignore[attr-defined]
+        name = f"Lookalike ({level.lower()}{', ' + countries if countries else ''}) of {audience.name}"
+        return self.ads.ensure_lookalike(audience.audience_id, name, spec, known, seed_size)

@@ -1,0 +1,468 @@
+"""Emulator of the Google Ads API (gRPC over TLS, v26) subset used for Customer Match and lookalikes.
+
+Services: UserListService.MutateUserLists (CRM-based and lookalike lists), OfflineUserDataJobService
+(create, add operations, run), GoogleAdsService.Search/SearchStream (the few GAQL shapes
+`connector` sends), google.longrunning.Operations/GetOperation. Messages are the google-ads
+package's own proto-plus types; errors are real `GoogleAdsFailure`s in the trailing metadata,
+so the official client raises `GoogleAdsException` as it would against Google.
+
+Enforced: developer token, at most 100,000 identifiers a request and 20 per UserData, SHA-256 hex
+hashes (partial failure per operation), CONCURRENT_MODIFICATION when two calls hit one job at
+once, CONFLICTING_OPERATION when creates and removes meet in one job, consent DENIED ->
+CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS, `allowlisted = False` ->
+CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE on uploads (user lists still work), one lookalike per
+seed/expansion/countries, job processing delay (RUNNING, then SUCCESS).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.ads.googleads.v26.common.types import offline_user_data as cod
+from google.ads.googleads.v26.enums.types import offline_user_data_job_status as job_status_enum
+from google.ads.googleads.v26.errors.types import errors as errs
+from google.ads.googleads.v26.resources.types import offline_user_data_job as ouj
+from google.ads.googleads.v26.resources.types import user_list as ul_res
+from google.ads.googleads.v26.services.types import google_ads_service as gas
+from google.ads.googleads.v26.services.types import offline_user_data_job_service as ojs
+from google.ads.googleads.v26.services.types import user_list_service as uls
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2
+from google.rpc import status_pb2
+
+from connector.sandbox.faults import FaultKnobs
+from connector.sandbox.tls import localhost_certificate
+
+API = "google.ads.googleads.v26.services"
+FAILURE_KEY = "google.ads.googleads.v26.errors.googleadsfailure-bin"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_IDENTIFIERS_PER_REQUEST = 100_000
+MAX_IDENTIFIERS_PER_USER = 20
+JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
+_ERROR_FIELDS = {
+    "CONCURRENT_MODIFICATION": "database_error", "INVALID_SHA256_FORMAT": "offline_user_data_job_error",
+    "CONFLICTING_OPERATION": "offline_user_data_job_error", "TOO_MANY_USER_IDENTIFIERS": "user_data_error",
+    "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS": "offline_user_data_job_error",
+    "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE": "not_allowlisted_error", "NAME_ALREADY_USED": "user_list_error",
+    "SEED_LIST_DOES_NOT_EXIST": "user_list_error", "DUPLICATE_LOOKALIKE": "user_list_error",
+    "INTERNAL_ERROR": "internal_error", "TRANSIENT_ERROR": "internal_error",
+    "RESOURCE_EXHAUSTED": "quota_error", "RESOURCE_TEMPORARILY_EXHAUSTED": "quota_error",
+    "DEVELOPER_TOKEN_NOT_APPROVED": "authorization_error", "USER_PERMISSION_DENIED": "authorization_error",
+}  # fmt: skip
+_GRPC_CODE = {"CONCURRENT_MODIFICATION": grpc.StatusCode.ABORTED, "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
+              "TRANSIENT_ERROR": grpc.StatusCode.UNAVAILABLE, "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+              "RESOURCE_TEMPORARILY_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+              "DEVELOPER_TOKEN_NOT_APPROVED": grpc.StatusCode.PERMISSION_DENIED,
+              "USER_PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED}  # fmt: skip
+
+
+def google_ads_error(name: str, message: str, index: int | None = None) -> errs.GoogleAdsError:
+    field = _ERROR_FIELDS[name]
+    enum = errs.ErrorCode.meta.fields[field].enum
+    err = errs.GoogleAdsError(error_code=errs.ErrorCode(**{field: enum[name]}), message=message)
+    if index is not None:
+        err.location = errs.ErrorLocation(field_path_elements=[
+            errs.ErrorLocation.FieldPathElement(field_name="operations", index=index)])  # fmt: skip
+    return err
+
+
+class AdsAbort(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def user_row(ud: cod.UserData) -> frozenset[tuple[str, str]]:
+    row: list[tuple[str, str]] = []
+    for ident in ud.user_identifiers:
+        kind = cod.UserIdentifier.pb(ident).WhichOneof("identifier")
+        if kind == "hashed_email":
+            row.append(("email", ident.hashed_email))
+        elif kind == "hashed_phone_number":
+            row.append(("phone", ident.hashed_phone_number))
+        elif kind == "address_info":
+            a = ident.address_info
+            row += [("first_name", a.hashed_first_name), ("last_name", a.hashed_last_name),
+                    ("country_code", a.country_code), ("postal_code", a.postal_code)]  # fmt: skip
+    return frozenset(row)
+
+
+class GoogleAdsEmulator:
+    def __init__(self, *, state_file: Path | None = None, developer_token: str | None = "sandbox-developer-token",  # noqa: S107
+                 allowlisted: bool = True, faults: FaultKnobs | None = None, processing_delay_seconds: float = 0.0,
+                 seed_sizes: Callable[[str], int | None] | None = None) -> None:  # fmt: skip
+        self.state_file = state_file
+        self.developer_token = developer_token
+        self.allowlisted = allowlisted
+        self.faults = faults or FaultKnobs()
+        self.processing_delay_seconds = processing_delay_seconds
+        self.seed_sizes = seed_sizes  # sizes of lists kept elsewhere (the Data Manager emulator, same ids)
+        self.lists: dict[str, dict[str, Any]] = {}  # id -> {"list": UserList json, "members": set}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.request_log: list[dict[str, Any]] = []
+        self.write_calls = 0
+        self._lock = threading.RLock()
+        self._busy: set[str] = set()
+        self._next_id = 8_000_000_000
+        self._load()
+        cert, key = localhost_certificate()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self._server.add_generic_rpc_handlers(self._handlers())
+        self.port = self._server.add_secure_port("localhost:0", grpc.ssl_server_credentials([(key, cert)]))
+
+    @property
+    def endpoint(self) -> str:
+        return f"localhost:{self.port}"
+
+    def start(self) -> str:
+        self._server.start()
+        return self.endpoint
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+        self._save()
+
+    def __enter__(self) -> GoogleAdsEmulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ state
+
+    def _load(self) -> None:
+        if self.state_file and self.state_file.is_file():
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            for lid, e in data.get("lists", {}).items():
+                self.lists[lid] = {"list": e["list"], "members": {frozenset(tuple(p) for p in r) for r in e["members"]}}
+            self._next_id = int(data.get("next_id", self._next_id))
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        data = {"next_id": self._next_id, "lists": {lid: {"list": e["list"], "members": [sorted(r) for r in e["members"]]}
+                                                    for lid, e in self.lists.items()}}  # fmt: skip
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        tmp.replace(self.state_file)
+
+    def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
+        with self._lock:
+            return set(self.lists[list_id]["members"])
+
+    def user_list(self, list_id: str) -> ul_res.UserList:
+        ul: ul_res.UserList = ul_res.UserList.from_json(json.dumps(self.lists[list_id]["list"]))
+        return ul
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any], req_t: Any, resp_t: Any, write: bool) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(fn, write), request_deserializer=req_t.deserialize, response_serializer=resp_t.serialize
+            )
+
+        search_stream = grpc.unary_stream_rpc_method_handler(
+            self._wrap_stream(self._search_stream), request_deserializer=gas.SearchGoogleAdsStreamRequest.deserialize,
+            response_serializer=gas.SearchGoogleAdsStreamResponse.serialize,
+        )  # fmt: skip
+        return [
+            grpc.method_handlers_generic_handler(f"{API}.UserListService", {
+                "MutateUserLists": unary(self._mutate_user_lists, uls.MutateUserListsRequest,
+                                         uls.MutateUserListsResponse, True)}),
+            grpc.method_handlers_generic_handler(f"{API}.OfflineUserDataJobService", {
+                "CreateOfflineUserDataJob": unary(self._create_job, ojs.CreateOfflineUserDataJobRequest,
+                                                  ojs.CreateOfflineUserDataJobResponse, True),
+                "AddOfflineUserDataJobOperations": unary(self._add_ops, ojs.AddOfflineUserDataJobOperationsRequest,
+                                                         ojs.AddOfflineUserDataJobOperationsResponse, True),
+                "RunOfflineUserDataJob": grpc.unary_unary_rpc_method_handler(
+                    self._wrap(self._run_job, True), request_deserializer=ojs.RunOfflineUserDataJobRequest.deserialize,
+                    response_serializer=operations_pb2.Operation.SerializeToString),
+            }),
+            grpc.method_handlers_generic_handler(f"{API}.GoogleAdsService", {
+                "Search": unary(self._search, gas.SearchGoogleAdsRequest, gas.SearchGoogleAdsResponse, False),
+                "SearchStream": search_stream,
+            }),
+            grpc.method_handlers_generic_handler("google.longrunning.Operations", {
+                "GetOperation": grpc.unary_unary_rpc_method_handler(
+                    self._wrap(self._get_operation, False),
+                    request_deserializer=operations_pb2.GetOperationRequest.FromString,
+                    response_serializer=operations_pb2.Operation.SerializeToString),
+            }),
+        ]  # fmt: skip
+
+    def _check(self, context: grpc.ServicerContext, write: bool, name: str) -> None:
+        md = dict(context.invocation_metadata())
+        self.request_log.append({"method": name, "metadata_keys": sorted(md), "has_token": "developer-token" in md})
+        self.faults.delay()
+        if self.developer_token is not None and md.get("developer-token") != self.developer_token:
+            raise AdsAbort("DEVELOPER_TOKEN_NOT_APPROVED", "The developer token is not valid.")
+        if self.faults.throttle(write):
+            raise AdsAbort("RESOURCE_TEMPORARILY_EXHAUSTED", "Too many requests; retry later.")
+        code = self.faults.pick_error(write)
+        if code is not None:
+            raise AdsAbort(code, f"Injected {code}")
+        if self.faults.drop(write):
+            raise AdsAbort("TRANSIENT_ERROR", "connection reset (injected)")
+
+    def _abort(self, context: grpc.ServicerContext, exc: AdsAbort) -> None:
+        failure = errs.GoogleAdsFailure(errors=[google_ads_error(exc.name, str(exc))])
+        context.set_trailing_metadata(((FAILURE_KEY, errs.GoogleAdsFailure.serialize(failure)),
+                                       ("request-id", "emulator")))  # fmt: skip
+        context.abort(_GRPC_CODE.get(exc.name, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+
+    def _wrap(self, fn: Callable[[Any, grpc.ServicerContext], Any], write: bool) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                self._check(context, write, fn.__name__)
+                result = fn(request, context)
+                if write:
+                    with self._lock:
+                        self.write_calls += 1
+                        self._save()
+                return result
+            except AdsAbort as exc:
+                self._abort(context, exc)
+                raise  # unreachable: abort raises
+
+        return handler
+
+    def _wrap_stream(self, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                self._check(context, False, "SearchStream")
+                yield from fn(request, context)
+            except AdsAbort as exc:
+                self._abort(context, exc)
+
+        return handler
+
+    # ------------------------------------------------------------------ user lists
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id)
+
+    def _mutate_user_lists(self, req: uls.MutateUserListsRequest, _ctx: grpc.ServicerContext) -> Any:
+        results = []
+        with self._lock:
+            for op in req.operations:
+                if "create" not in op:
+                    raise AdsAbort("NAME_ALREADY_USED", "only create operations are emulated")
+                new = op.create
+                if any(e["list"].get("name") == new.name for e in self.lists.values()):
+                    raise AdsAbort("NAME_ALREADY_USED", "A user list with this name already exists.")
+                if "lookalike_user_list" in new:
+                    self._check_lookalike(new)
+                lid = self._new_id()
+                new.id = int(lid)
+                new.resource_name = f"customers/{req.customer_id}/userLists/{lid}"
+                new.membership_status = ul_res.UserList.meta.fields["membership_status"].enum.OPEN
+                self.lists[lid] = {"list": json.loads(ul_res.UserList.to_json(new)), "members": set()}
+                results.append(uls.MutateUserListResult(resource_name=new.resource_name))
+        return uls.MutateUserListsResponse(results=results)
+
+    def _seed_size(self, seed: str) -> int | None:
+        if seed in self.lists:
+            return len(self.lists[seed]["members"])
+        return self.seed_sizes(seed) if self.seed_sizes else None
+
+    def _check_lookalike(self, new: ul_res.UserList) -> None:
+        info = new.lookalike_user_list
+        for seed in info.seed_user_list_ids:
+            if self._seed_size(str(seed)) is None:
+                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", f"seed user list {seed} does not exist")
+        key = (sorted(info.seed_user_list_ids), int(info.expansion_level), sorted(info.country_codes))
+        for e in self.lists.values():
+            other = e["list"].get("lookalikeUserList")
+            if other and (sorted(int(s) for s in other.get("seedUserListIds", [])),
+                          _expansion(other.get("expansionLevel")), sorted(other.get("countryCodes", []))) == key:  # fmt: skip
+                raise AdsAbort("DUPLICATE_LOOKALIKE", "A lookalike with the same seed, expansion and countries exists")
+
+    # ------------------------------------------------------------------ jobs
+
+    def _create_job(self, req: ojs.CreateOfflineUserDataJobRequest, _ctx: grpc.ServicerContext) -> Any:
+        if not self.allowlisted:
+            raise AdsAbort("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE",
+                           "The customer is not allowlisted for Customer Match uploads through the Google Ads API.")  # fmt: skip
+        meta = req.job.customer_match_user_list_metadata
+        lid = meta.user_list.rsplit("/", 1)[-1]
+        with self._lock:
+            if lid not in self.lists:
+                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", f"user list {lid} does not exist")
+            jid = self._new_id()
+            name = f"customers/{req.customer_id}/offlineUserDataJobs/{jid}"
+            self.jobs[name] = {"list": lid, "status": "PENDING", "kind": None, "ops": [], "run_at": None,
+                               "consent": meta.consent}  # fmt: skip
+        return ojs.CreateOfflineUserDataJobResponse(resource_name=name)
+
+    def _add_ops(self, req: ojs.AddOfflineUserDataJobOperationsRequest, _ctx: grpc.ServicerContext) -> Any:
+        name = req.resource_name
+        with self._lock:
+            job = self.jobs.get(name)
+            if job is None:
+                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", "offline user data job not found")
+            if name in self._busy:
+                raise AdsAbort("CONCURRENT_MODIFICATION", "Another request is modifying this job.")
+            self._busy.add(name)
+        try:
+            time.sleep(0.001)  # widen the window in which a parallel call is detected
+            ops = list(req.operations)
+            if ops and ops[0].remove_all:
+                # remove_all must open the job; creates may follow it (Google's replace recipe)
+                if job["ops"]:
+                    raise AdsAbort("CONFLICTING_OPERATION", "remove_all must be the first operation of a job.")
+                with self._lock:
+                    job["ops"].append(("remove_all", None))
+                ops = ops[1:]
+            kinds = {"create" if "create" in op else "remove" for op in ops}
+            if len(kinds) > 1 or (job["kind"] and kinds and job["kind"] not in kinds):
+                raise AdsAbort("CONFLICTING_OPERATION", "Create and remove operations cannot be mixed in one job.")
+            if job["status"] != "PENDING":
+                raise AdsAbort("CONFLICTING_OPERATION", "The job was already run.")
+            total = sum(len((op.create if "create" in op else op.remove).user_identifiers) for op in ops)
+            if total > MAX_IDENTIFIERS_PER_REQUEST:
+                raise AdsAbort("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_REQUEST} identifiers a request")
+            errors: list[errs.GoogleAdsError] = []
+            accepted = []
+            offset = len(req.operations) - len(ops)
+            for i, op in enumerate(ops, start=offset):
+                ud = op.create if "create" in op else op.remove
+                why = self._invalid(ud, job, "create" in op)
+                if why is not None:
+                    errors.append(google_ads_error(why[0], why[1], index=i))
+                else:
+                    accepted.append((("create" if "create" in op else "remove"), ud))
+            if errors and not req.enable_partial_failure:
+                raise AdsAbort(_name(errors[0]), errors[0].message)
+            with self._lock:
+                job["kind"] = job["kind"] or (next(iter(kinds)) if kinds else None)
+                job["ops"].extend(accepted)
+            resp = ojs.AddOfflineUserDataJobOperationsResponse()
+            if errors:
+                failure = errs.GoogleAdsFailure(errors=errors)
+                from google.protobuf import any_pb2
+
+                detail = any_pb2.Any()
+                detail.Pack(errs.GoogleAdsFailure.pb(failure))
+                resp.partial_failure_error = status_pb2.Status(code=3, message="partial failure", details=[detail])
+            return resp
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+
+    @staticmethod
+    def _invalid(ud: cod.UserData, job: dict[str, Any], create: bool) -> tuple[str, str] | None:
+        if len(ud.user_identifiers) > MAX_IDENTIFIERS_PER_USER:
+            return "TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData"
+        for ident in ud.user_identifiers:
+            kind = cod.UserIdentifier.pb(ident).WhichOneof("identifier")
+            values = ([ident.hashed_email] if kind == "hashed_email" else [ident.hashed_phone_number]
+                      if kind == "hashed_phone_number" else [ident.address_info.hashed_first_name,
+                                                             ident.address_info.hashed_last_name])  # fmt: skip
+            if any(not _HEX64.match(v) for v in values):
+                return "INVALID_SHA256_FORMAT", "hashed values must be SHA-256 lowercase hex"
+        consent = ud.consent if "consent" in ud else job["consent"]
+        if create and consent.ad_user_data == 3:  # DENIED
+            return "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS", "ad_user_data consent is DENIED"
+        return None
+
+    def _run_job(self, req: ojs.RunOfflineUserDataJobRequest, _ctx: grpc.ServicerContext) -> Any:
+        with self._lock:
+            job = self.jobs.get(req.resource_name)
+            if job is None:
+                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", "offline user data job not found")
+            if job["status"] != "PENDING":
+                raise AdsAbort("CONFLICTING_OPERATION", "The job was already run.")
+            running = [n for n, j in self.jobs.items() if j["list"] == job["list"] and self._status(j) == "RUNNING"]
+            if running:
+                raise AdsAbort("CONCURRENT_MODIFICATION", "Another job is running on this user list.")
+            job["status"], job["run_at"] = "RUNNING", time.time()
+            self._status(job)
+        return operations_pb2.Operation(name=f"operations/{req.resource_name}", done=False)
+
+    def _status(self, job: dict[str, Any]) -> str:
+        """Jobs finish `processing_delay_seconds` after they were run; applied exactly once."""
+        if job["status"] == "RUNNING" and time.time() >= job["run_at"] + self.processing_delay_seconds:
+            members = self.lists[job["list"]]["members"]
+            for kind, ud in job["ops"]:
+                if kind == "remove_all":
+                    members.clear()
+                    continue
+                row = user_row(ud)
+                if kind == "create":
+                    members.add(row)
+                else:
+                    members.discard(row)
+            job["status"] = "SUCCESS"
+        return str(job["status"])
+
+    def _get_operation(self, req: operations_pb2.GetOperationRequest, _ctx: grpc.ServicerContext) -> Any:
+        name = req.name.removeprefix("operations/")
+        with self._lock:
+            job = self.jobs.get(name)
+            done = job is not None and self._status(job) in ("SUCCESS", "FAILED")
+        op = operations_pb2.Operation(name=req.name, done=done)
+        if done:
+            op.response.Pack(empty_pb2.Empty())
+        return op
+
+    # ------------------------------------------------------------------ GAQL
+
+    def _rows(self, query: str) -> list[gas.GoogleAdsRow]:
+        q = " ".join(query.split())
+        with self._lock:
+            m = re.search(r"FROM user_list WHERE user_list\.(name|id) = '?([^']+?)'?$", q)
+            if m:
+                field, value = m.groups()
+                out = []
+                for lid, e in self.lists.items():
+                    if (field == "id" and lid == value) or (field == "name" and e["list"].get("name") == value):
+                        ul = ul_res.UserList.from_json(json.dumps(e["list"]))
+                        n = len(e["members"]) if "lookalike_user_list" not in ul else 0
+                        ul.size_for_search = ul.size_for_display = n
+                        ul.match_rate_percentage = 100 if n else 0
+                        out.append(gas.GoogleAdsRow(user_list=ul))
+                return out
+            m = re.search(r"FROM offline_user_data_job WHERE offline_user_data_job\.resource_name = '([^']+)'", q)
+            if m:
+                job = self.jobs.get(m.group(1))
+                if job is None:
+                    return []
+                state = self._status(job)
+                return [gas.GoogleAdsRow(offline_user_data_job=ouj.OfflineUserDataJob(
+                    resource_name=m.group(1), status=getattr(JobStatus, state)))]  # fmt: skip
+        raise AdsAbort("INTERNAL_ERROR", "query shape not supported by the emulator")
+
+    def _search(self, req: gas.SearchGoogleAdsRequest, _ctx: grpc.ServicerContext) -> Any:
+        return gas.SearchGoogleAdsResponse(results=self._rows(req.query))
+
+    def _search_stream(self, req: gas.SearchGoogleAdsStreamRequest, _ctx: grpc.ServicerContext) -> Any:
+        yield gas.SearchGoogleAdsStreamResponse(results=self._rows(req.query))
+
+
+def _expansion(value: Any) -> int:
+    names = {"NARROW": 2, "BALANCED": 3, "BROAD": 4}
+    return names.get(value, 0) if isinstance(value, str) else int(value or 0)
+
+
+def _name(err: errs.GoogleAdsError) -> str:
+    ec = err.error_code
+    field = errs.ErrorCode.pb(ec).WhichOneof("error_code")
+    return str(getattr(ec, field).name)
+
+
+def start_google_ads_emulator(state_file: Path | None = None, **kwargs: Any) -> GoogleAdsEmulator:
+    emu = GoogleAdsEmulator(state_file=state_file, **kwargs)
+    emu.start()
+    return emu
