@@ -21,7 +21,7 @@ from connector.engine import Engine, RunResult, SyncOptions
 from connector.identifiers.normalize import Normalizer
 from connector.settings import load_settings
 
-PLATFORMS = ["meta", "google"]
+PLATFORMS = ["meta", "google", "google_ads"]  # google_ads: Google Ads API offline user data jobs
 FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
 IDS = ["email", "phone", "first_name", "last_name", "zip", "country"]
 TOKEN_META = "sandbox-token"
@@ -35,12 +35,17 @@ def person(i: int, **over: str) -> dict[str, str]:
 
 
 class Pair:
-    def __init__(self, tmp: Path, platform: str) -> None:
-        self.dir, self.platform = tmp, platform
+    def __init__(self, tmp: Path, variant: str) -> None:
+        self.dir, self.variant = tmp, variant
+        platform = "meta" if variant == "meta" else "google"
+        self.platform = platform
         self.csv = tmp / "members.csv"
         dest = (
             'type = "meta"\nad_account_id = "act_42"' if platform == "meta" else 'type = "google"\ncustomer_id = "1234567890"'
         )
+        if variant == "google_ads":
+            dest += '\nupload_api = "google_ads"'
+
         (tmp / "connector.toml").write_text(
             f"""state_dir = "state"
 max_remove_share = 1.0
@@ -82,14 +87,21 @@ destinations = ["d"]
         return out
 
     def audience(self, engine: Engine, result: RunResult) -> set[frozenset[tuple[str, str]]]:
-        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        dest = engine.destination("d")
+        emu = dest.ads_emulator if self.variant == "google_ads" else dest.emulator  # type: ignore[attr-defined]
         assert result.audience_id
         if self.platform == "meta":
             return emu.member_dicts(result.audience_id)  # type: ignore[no-any-return]
         return {frozenset((k, v) for k, v in row if v) for row in emu.members(result.audience_id)}
 
+    def emulator(self, engine: Engine) -> Any:
+        dest = engine.destination("d")
+        return dest.ads_emulator if self.variant == "google_ads" else dest.emulator  # type: ignore[attr-defined]
+
     def write_paths(self, engine: Engine) -> list[str]:
-        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        emu = self.emulator(engine)
+        if self.variant == "google_ads":  # gRPC: method names instead of paths
+            return [e["method"] for e in emu.request_log if e["method"] in ("_add_ops", "_run_job", "_create_job")]
         return [e["path"] for e in emu.request_log if e["method"] in ("POST", "DELETE")]
 
 
@@ -103,7 +115,7 @@ def sync(p: Pair, rows: list[dict[str, str]] | None = None, faults: dict[str, An
     if rows is not None:
         p.write(rows)
     with p.engine() as engine:
-        emu = engine.destination("d").emulator  # type: ignore[attr-defined]
+        emu = p.emulator(engine)
         for k, v in (faults or {}).items():
             setattr(emu.faults, k, v)
         (res,) = engine.sync(None, SyncOptions(**opts))
@@ -140,7 +152,7 @@ def test_full_refresh_replaces_exactly(pair: Pair) -> None:
     res, audience, writes = sync(pair, rows, full_refresh=True)
     assert res.status == "success" and res.full_refresh, res.error
     assert audience == pair.expected()
-    kind = "usersreplace" if pair.platform == "meta" else "audienceMembers:removeAll"
+    kind = {"meta": "usersreplace", "google": "audienceMembers:removeAll", "google_ads": "_run_job"}[pair.variant]
     assert any(kind in w for w in writes)
 
 
@@ -148,18 +160,25 @@ def test_write_calls_are_ceil_n_over_10000(pair: Pair) -> None:
     rows = [person(i) for i in range(25_000)]
     res, audience, writes = sync(pair, rows)
     assert res.status == "success", res.error
-    adds = [w for w in writes if w.endswith("/users") or w.endswith("audienceMembers:ingest")]
-    assert len(adds) == 3 and res.write_calls == 3
+    adds = [w for w in writes if w.endswith("/users") or w.endswith("audienceMembers:ingest") or w == "_add_ops"]
+    if pair.variant == "google_ads":
+        # 3 identifiers a person, whole people per request of at most 10,000 identifiers (3,333 people):
+        # batches of 10,000 + 10,000 + 5,000 people -> 4 + 4 + 2 requests, all in one job, run once
+        assert len(adds) == 10 and writes.count("_create_job") == 1 and writes.count("_run_job") == 1
+    else:
+        assert len(adds) == 3
+    assert res.write_calls == 3
     assert len(audience) == 25_000
     rows = rows[:24_990] + [person(i) for i in range(30_000, 30_005)]  # 10 leave, 5 join
     res, audience, writes = sync(pair, rows)
-    kinds = [w for w in writes if w.endswith("/users") or "audienceMembers:" in w]
-    assert len(kinds) == 2 and res.write_calls == 2  # one remove call, one add call
+    kinds = [w for w in writes if w.endswith("/users") or "audienceMembers:" in w or w == "_create_job"]
+    assert len(kinds) == 2 and res.write_calls == 2  # one remove call (or job), one add call (or job)
     assert audience == pair.expected()
 
 
 def test_converges_under_transient_errors_throttling_and_drops(pair: Pair) -> None:
-    errors = {"2": 0.2} if pair.platform == "meta" else {"UNAVAILABLE": 0.2}
+    errors = {"meta": {"2": 0.2}, "google": {"UNAVAILABLE": 0.2},
+              "google_ads": {"CONCURRENT_MODIFICATION": 0.1, "TRANSIENT_ERROR": 0.1}}[pair.variant]
     faults = {"error_rates": errors, "throttle_rate": 0.1, "drop_rate": 0.05, "seed": 7}
     rows = [person(i) for i in range(40)]
     for step in range(4):
@@ -187,6 +206,17 @@ def test_permanent_error_stops_with_a_message_and_exit_code_1(pair: Pair, monkey
 
         monkeypatch.setattr(meta_graph.MetaGraphEmulator, "__init__", expired)
         needle = "access token is invalid or expired"
+    elif pair.variant == "google_ads":
+        from connector.sandbox import google_ads
+
+        original_a = google_ads.GoogleAdsEmulator.__init__
+
+        def not_allowlisted(self, **kw):  # type: ignore[no-untyped-def]
+            original_a(self, **kw)
+            self.allowlisted = False
+
+        monkeypatch.setattr(google_ads.GoogleAdsEmulator, "__init__", not_allowlisted)
+        needle = 'set upload_api = "datamanager"'
     else:
         from connector.sandbox import google_datamanager
 
