@@ -234,3 +234,22 @@ def test_member_whose_key_ends_in_a_zero_byte_is_removed(harness: Harness) -> No
     res = harness.sync(rows[:10])
     assert res["meta"].counts.removes == 1
     assert len(harness.audience("meta")) == 10
+
+
+def test_google_members_are_resent_before_their_membership_expires(harness: Harness) -> None:
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    rows = [person(i) for i in range(4)]
+    harness.sync(rows)
+    con = sqlite3.connect(harness.dir / "state" / "ledger.db")
+    soon = (datetime.now(UTC) + timedelta(days=3)).replace(tzinfo=None).isoformat(sep=" ")
+    con.execute("UPDATE members SET expires_at = ? WHERE destination = 'google' AND member_key IN "
+                "(SELECT member_key FROM members WHERE destination = 'google' LIMIT 2)", (soon,))
+    con.commit()
+    con.close()
+    before = harness.destinations["google"].write_calls
+    res = harness.sync(rows)
+    assert res["google"].write_calls == 1 and harness.destinations["google"].write_calls == before + 1
+    assert res["meta"].write_calls == 0
+    assert harness.sync(rows)["google"].write_calls == 0  # re-sent once, with a new expiry
