@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 a sync failed (or was stopped by a guardrail), 2 bad co
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,8 @@ from rich.table import Table
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.errors import ConfigError, ConnectorError
 from connector.ledger.store import ON_PLATFORM, SqlLedger
+from connector.locks import Coordinator
+from connector.logs import setup_logging
 from connector.settings import ConnectorSettings, load_settings
 
 app = typer.Typer(
@@ -40,16 +41,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document o
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs on stderr")]
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # the SDKs log request details at DEBUG; keep them quiet even with -v
-    for noisy in ("urllib3", "httpx", "httpcore", "google", "grpc", "facebook_business"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(verbose: bool, fmt: str | None = None) -> None:
+    setup_logging(fmt or "text", verbose)
 
 
 def _load(config: Path | None) -> ConnectorSettings:
@@ -135,10 +128,12 @@ def sync(
     force: Annotated[bool, typer.Option("--force", help="override the removal guardrails")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="exit 1 if another process syncs a pair now")] = False,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="text or json")] = None,
 ) -> None:
     """Sync segments to their destinations (adds and removes only what changed)."""
-    _setup_logging(verbose)
     settings = _load(config)
+    _setup_logging(verbose, log_format or settings.log_format)
     if destination:
         unknown = [d for d in destination if d not in settings.destinations]
         if unknown:
@@ -149,9 +144,16 @@ def sync(
         destinations=frozenset(destination) if destination else None,
     )  # fmt: skip
     progress = _progress_printer() if sys.stderr.isatty() else None
+
+    def waiting(segment: str, dest: str, holder: str) -> None:
+        err.print(f"waiting: {segment} -> {dest} is being synced by {holder}", highlight=False)
+
     try:
-        with Engine(settings, progress=progress) as engine:
+        ledger = SqlLedger(settings.ledger_sqlalchemy_url())
+        lock = Coordinator(ledger).pair_lock(wait=not no_wait, on_wait=waiting)
+        with Engine(settings, ledger=ledger, progress=progress, pair_lock=lock) as engine:  # type: ignore[arg-type]
             results = engine.sync(segments, opts)
+        ledger.close()
     except ConfigError as exc:
         err.print(f"[red]config error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -291,6 +293,24 @@ def runs(
             str(c.get("removes", "-")), (d["error"] or "")[:80],
         )  # fmt: skip
     out.print(t)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on")] = 8787,
+    jitter: Annotated[float, typer.Option("--jitter", help="random delay (seconds) added to scheduled runs")] = 0.0,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="text or json")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run scheduled syncs and accept signed webhooks (POST /webhooks/segments/NAME)."""
+    settings = _load(config)
+    _setup_logging(verbose, log_format or settings.log_format)
+    from connector.server import serve as run_server
+
+    err.print(f"connector serving on http://{host}:{port} (webhooks, /runs, /metrics, /healthz)", highlight=False)
+    run_server(settings, host, port, jitter)
 
 
 def main() -> None:

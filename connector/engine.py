@@ -49,6 +49,7 @@ from connector.errors import (
 from connector.identifiers.hashing import fingerprint, member_key
 from connector.identifiers.normalize import Normalizer
 from connector.ledger.store import ON_PLATFORM, LedgerIndex, PendingMember, SqlLedger, StagedMember, now
+from connector.logs import log_context
 from connector.retry import RetryStats
 from connector.settings import (
     ConnectorSettings,
@@ -317,7 +318,8 @@ class Engine:
         results = []
         for plan in plans:
             t0 = time.monotonic()
-            res = self._run_pair(name, seg, plan, opts)
+            with log_context(run_id=str(run_ids[plan.name]), segment=name, destination=plan.name):
+                res = self._run_pair(name, seg, plan, opts)
             res.run_id = run_ids[plan.name]
             res.seconds = (time.monotonic() - t0) + (t0 - started) / max(1, len(plans))
             stats = self.stats.get(plan.name)

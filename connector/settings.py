@@ -282,6 +282,9 @@ class ConnectorSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     webhook_secret: SecretStr | None = None
     webhook_bearer_token: SecretStr | None = None
+    webhook_debounce_seconds: float = Field(
+        default=1.0, ge=0.0, description="a queued sync waits this long so a burst of triggers makes one run"
+    )
     timezone: str = "UTC"
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     segments: dict[str, SegmentConfig] = Field(default_factory=dict)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -236,7 +237,7 @@ class SqlLedger:
             self.engine: Engine = create_engine(url, future=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            metadata.create_all(self.engine)
+            create_tables(metadata, self.engine)
             self._check_version()
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from None
@@ -723,6 +724,18 @@ class SqlLedger:
                 )
             ).scalar()
         return _aware(v)
+
+
+def create_tables(meta: MetaData, engine: Engine) -> None:
+    """create_all, tolerant of another process creating the same tables at the same moment."""
+    for attempt in range(3):
+        try:
+            meta.create_all(engine)
+            return
+        except SQLAlchemyError:
+            if attempt == 2:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

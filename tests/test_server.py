@@ -1,0 +1,266 @@
+"""`connector serve`: the real server (uvicorn on a loopback port) driven with httpx."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from connector.ledger.store import SqlLedger
+from connector.locks import Coordinator
+from connector.server import SyncService, create_app, sign
+from connector.settings import load_settings
+
+SECRET = "whsec-test-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_members(path: Path, n: int) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "email"])
+        w.writerows([f"C{i}", f"user{i}@example.com"] for i in range(n))
+
+
+def write_config(tmp: Path, n: int = 50, schedule: str | None = None) -> Path:
+    write_members(tmp / "m.csv", n)
+    cfg = tmp / "connector.toml"
+    cfg.write_text(f"""
+state_dir = "state"
+webhook_secret = "{SECRET}"
+[destinations.meta]
+type = "meta"
+ad_account_id = "act_1"
+sandbox = true
+[segments.vip]
+source = {{ type = "csv", path = "m.csv" }}
+key = "id"
+identifiers = {{ email = "email" }}
+destinations = ["meta"]
+{f'schedule = "{schedule}"' if schedule else ""}
+""")
+    return cfg
+
+
+class Running:
+    def __init__(self, cfg: Path) -> None:
+        self.settings = load_settings(cfg)
+        self.service = SyncService(self.settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.settings, self.service), host="127.0.0.1",
+                                                    port=self.port, log_level="warning", lifespan="on"))  # fmt: skip
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+
+    def post(self, body: bytes, *, ts: float | None = None, secret: str = SECRET, segment: str = "vip",
+             headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+        stamp = str(int(ts if ts is not None else time.time()))
+        h = {"X-Connector-Timestamp": stamp, "X-Connector-Signature": "sha256=" + sign(secret, stamp, body),
+             "Content-Type": "application/json", **(headers or {})}  # fmt: skip
+        return httpx.post(f"{self.url}/webhooks/segments/{segment}", content=body, headers=h, timeout=10)
+
+    def runs(self) -> list[dict[str, object]]:
+        return list(httpx.get(f"{self.url}/runs", timeout=10).json()["runs"])
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            h = httpx.get(f"{self.url}/healthz", timeout=10).json()
+            if h["running"] is None and not h["queued"]:
+                return
+            time.sleep(0.05)
+        raise AssertionError("server did not become idle")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    r = Running(write_config(tmp_path))
+    yield r
+    r.stop()
+
+
+def test_signed_webhook_runs_a_sync_into_the_emulator(running: Running) -> None:
+    resp = running.post(json.dumps({"event_id": "evt-1"}).encode())
+    assert resp.status_code == 202, resp.text
+    running.wait_idle()
+    (run,) = running.runs()
+    assert run["trigger"] == "webhook" and run["status"] == "success"
+    assert run["counts"]["adds"] == 50  # type: ignore[index]
+    metrics = httpx.get(f"{running.url}/metrics").text
+    assert 'connector_runs_total{status="success"} 1' in metrics
+    assert 'connector_members_added_total{segment="vip",destination="meta"} 50' in metrics
+    assert "connector_last_success_timestamp_seconds" in metrics
+    assert httpx.get(f"{running.url}/openapi.json").json()["paths"]["/webhooks/segments/{name}"]
+
+
+def test_rejected_requests_trigger_nothing(running: Running) -> None:
+    body = json.dumps({"event_id": "evt-x"}).encode()
+    assert running.post(body, secret="wrong-secret").status_code == 401
+    assert running.post(body, ts=time.time() - 600).status_code == 401
+    assert running.post(b"{not json").status_code == 400
+    assert running.post(b"{}", segment="nope").status_code == 404
+    assert running.post(b"x" * (65 * 1024)).status_code == 413
+    assert httpx.post(f"{running.url}/webhooks/segments/vip", content=b"{}").status_code == 401  # unsigned
+    assert running.post(json.dumps({"destinations": ["google"]}).encode()).status_code == 400
+    time.sleep(0.5)
+    assert running.runs() == []
+    assert running.post(body).status_code == 202
+    assert running.post(body).status_code == 409  # same event_id: a replay
+    running.wait_idle()
+    assert len(running.runs()) == 1
+
+
+def test_fifty_webhooks_in_one_second_make_at_most_two_runs(running: Running) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.time()
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(lambda i: running.post(json.dumps({"event_id": f"e{i}"}).encode()).status_code, range(50)))
+    assert codes.count(202) == 50 and time.time() - started < 1.5
+    running.wait_idle()
+    runs = running.runs()
+    assert 1 <= len(runs) <= 2, runs
+    assert all(r["status"] == "success" for r in runs)
+
+
+def test_schedule_during_a_webhook_run_does_not_overlap(tmp_path: Path) -> None:
+    r = Running(write_config(tmp_path, n=20_000))
+    try:
+        assert r.post(b"{}").status_code == 202
+        deadline = time.time() + 20
+        while httpx.get(f"{r.url}/healthz").json()["running"] != "vip":  # the webhook's run has started
+            assert time.time() < deadline
+            time.sleep(0.02)
+        r.service.trigger("vip", None, "schedule")  # what the scheduler does when the cron fires
+        r.service.trigger("vip", None, "schedule")
+        r.wait_idle(60)
+        runs = sorted(r.runs(), key=lambda x: str(x["started_at"]))
+        assert [x["trigger"] for x in runs] == ["webhook", "schedule"]
+        assert str(runs[0]["ended_at"]) <= str(runs[1]["started_at"])
+    finally:
+        r.stop()
+
+
+HOLD = """
+import sys, time, json
+from connector.ledger.store import SqlLedger
+from connector.locks import Coordinator
+ledger = SqlLedger(sys.argv[1])
+lock = Coordinator(ledger, lease_seconds=5).pair_lock(wait=True)
+spans = []
+for _ in range(3):
+    with lock("vip", "meta"):
+        start = time.time(); time.sleep(0.2); spans.append((start, time.time()))
+print(json.dumps(spans))
+"""
+
+
+def test_two_processes_never_hold_the_same_pair(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    SqlLedger(url).close()
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    spans = sorted(s for p in procs for s in json.loads(p.communicate(timeout=60)[0]))
+    assert len(spans) == 6
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, "two processes held the lock at once"
+
+
+def test_manual_sync_no_wait_exits_1_naming_the_holder(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    settings = load_settings(cfg)
+    ledger = SqlLedger(settings.ledger_sqlalchemy_url())
+    coord = Coordinator(ledger, holder="other-host:4242:abcd")
+    assert coord.try_acquire("vip", "meta") is None
+    from typer.testing import CliRunner
+
+    from connector.cli import app
+
+    res = CliRunner().invoke(app, ["sync", "--config", str(cfg), "--no-wait"])
+    assert res.exit_code == 1 and "other-host:4242:abcd" in res.stderr
+    coord.release("vip", "meta")
+    res = CliRunner().invoke(app, ["sync", "--config", str(cfg), "--no-wait", "--json"])
+    assert res.exit_code == 0, res.stderr
+    ledger.close()
+
+
+def test_expired_lease_of_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'l.db'}")
+    dead = Coordinator(ledger, lease_seconds=0.2, holder="dead")
+    alive = Coordinator(ledger, lease_seconds=5, holder="alive")
+    assert dead.try_acquire("s", "d") is None
+    assert alive.try_acquire("s", "d") == "dead"
+    time.sleep(0.3)
+    assert alive.try_acquire("s", "d") is None
+    ledger.close()
+
+
+def test_sigterm_mid_sync_leaves_a_consistent_ledger_and_the_next_start_completes(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, n=60_000)
+    port = free_port()
+    env = {**os.environ, "CONNECTOR_CONFIG": str(cfg)}
+    cmd = [sys.executable, "-m", "connector.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.1)
+        stamp = str(int(time.time()))
+        httpx.post(f"{url}/webhooks/segments/vip", content=b"{}", headers={
+            "X-Connector-Timestamp": stamp, "X-Connector-Signature": sign(SECRET, stamp, b"{}")})  # fmt: skip
+        ledger = SqlLedger(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
+        while ledger.counts("vip", "meta").get("confirmed", 0) == 0:  # at least one batch committed
+            assert time.time() < deadline + 60
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        counts = ledger.counts("vip", "meta")
+        assert counts.get("confirmed", 0) % 10_000 == 0 and sum(counts.values()) == 60_000
+        statuses = [r.status for r in ledger.list_runs()]
+        assert statuses[0] in ("interrupted", "success")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while ledger.counts("vip", "meta").get("confirmed", 0) < 60_000:
+            assert time.time() < deadline, ledger.counts("vip", "meta")
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    state = json.loads((tmp_path / "state" / "sandbox-meta-meta.json").read_text())
+    (aud,) = state["audiences"].values()
+    assert len(aud["rows"]) == 60_000
+    ledger.close()
