@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import signal
@@ -186,7 +187,7 @@ def test_two_processes_never_hold_the_same_pair(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     spans = sorted(s for p in procs for s in json.loads(p.communicate(timeout=60)[0]))
     assert len(spans) == 6
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, "two processes held the lock at once"
 
 
