@@ -39,6 +39,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -393,6 +394,7 @@ class SqlLedger:
                     ):  # fmt: skip
                         existing[k] = (p, st, prev)
                 new_rows = []
+                changed: list[dict[str, Any]] = []
                 for m in chunk:
                     old = existing.get(m.key)
                     if old is None:
@@ -412,14 +414,17 @@ class SqlLedger:
                         prev_payload = prev
                     if prev_payload == m.payload or not keep_removals:
                         prev_payload = None
+                    changed.append({
+                        "k": m.key, "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
+                        "prev_payload": prev_payload, "consent": m.consent,
+                    })  # fmt: skip
+                if changed:
+                    # one statement, many parameter sets: executemany in the driver
                     conn.execute(
                         update(members)
-                        .where(self._pair(segment, destination), members.c.member_key == m.key)
-                        .values(
-                            fingerprint=_fp_to_db(m.fingerprint), payload=m.payload,
-                            prev_payload=prev_payload, consent=m.consent, state="planned",
-                            reason=None, updated_at=ts,
-                        )
+                        .where(self._pair(segment, destination), members.c.member_key == bindparam("k"))
+                        .values(state="planned", reason=None, updated_at=ts),
+                        changed,
                     )
                 if new_rows:
                     conn.execute(insert(members), new_rows)
@@ -430,11 +435,12 @@ class SqlLedger:
                         .where(self._pair(segment, destination), members.c.member_key.in_(list(rchunk)))
                         .values(state="remove_planned", updated_at=ts)
                     )
-            for k, fp in refresh_keys:
+            if refresh_keys:
                 conn.execute(
                     update(members)
-                    .where(self._pair(segment, destination), members.c.member_key == k)
-                    .values(fingerprint=_fp_to_db(fp), updated_at=ts)
+                    .where(self._pair(segment, destination), members.c.member_key == bindparam("k"))
+                    .values(updated_at=ts),
+                    [{"k": k, "fingerprint": _fp_to_db(fp)} for k, fp in refresh_keys],
                 )
 
     def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
@@ -570,14 +576,15 @@ class SqlLedger:
         expires = ts + timedelta(days=ttl_days) if ttl_days else None
         ok = [k for k in keys if k not in rejected and k not in deferred]
         with self.engine.begin() as conn:
-            for i in range(0, len(ok), 900):
+            if ok:
                 conn.execute(
                     update(members)
-                    .where(self._pair(segment, destination), members.c.member_key.in_(ok[i : i + 900]))
+                    .where(self._pair(segment, destination), members.c.member_key == bindparam("k"))
                     .values(
                         state=state, request_id=request_id, reason=None, updated_at=ts,
                         accepted_at=ts, expires_at=expires,
-                    )
+                    ),
+                    [{"k": k} for k in ok],
                 )
             for k, why in rejected.items():
                 conn.execute(
@@ -745,6 +752,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA cache_size=-65536")
+    # fewer, larger checkpoints: each one syncs the database file
+    cur.execute("PRAGMA wal_autocheckpoint=20000")
     cur.close()
 
 
