@@ -187,7 +187,7 @@ consent = { ad_user_data = "granted", ad_personalization = "granted" }
     base_rps = n_base / base_s
     print(f"{'SDK format_params, 1 platform':<28}{n_base:>12,}{base_s:>10.1f}{base_rps:>12,.0f}")
     cold_rps = rows[0][3]
-    print(f"\nratio cold rows/s (both platforms) / SDK rows/s (Meta only): {cold_rps / base_rps:.1f}x")
+    print(f"\nratio cold rows/s (both platforms) / SDK rows/s (Meta only): {cold_rps / base_rps:.2f}x")
     print(f"peak RSS: {peak_rss_mb():,.0f} MB")
 
 
