@@ -84,6 +84,7 @@ class SyncOptions:
     force: bool = False
     trigger: str = "manual"
     destinations: frozenset[str] | None = None  # only these destination names
+    run_ids: dict[str, int] | None = None  # runs created when the trigger was queued (server)
 
 
 @dataclass(slots=True)
@@ -296,7 +297,11 @@ class Engine:
         run_ids: dict[str, int] = {}
         try:
             for d in dest_names:
-                run_ids[d] = self.ledger.start_run(opts.trigger, name, d, opts.dry_run)
+                if opts.run_ids and d in opts.run_ids:
+                    run_ids[d] = opts.run_ids[d]
+                    self.ledger.mark_running(run_ids[d])
+                else:
+                    run_ids[d] = self.ledger.start_run(opts.trigger, name, d, opts.dry_run)
                 plans.append(self._prepare_pair(name, seg, d, opts))
             self._read_and_classify(name, seg, plans, opts)
         except ConnectorError as exc:

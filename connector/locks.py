@@ -40,6 +40,7 @@ queued = Table(
     "queued", coordination,
     Column("segment", String(200), primary_key=True),
     Column("destinations", Text, nullable=False),  # JSON list, or "null" for all
+    Column("run_ids", Text, nullable=False, default="{}"),  # destination -> queued run id
     Column("trigger", String(20), nullable=False),
     Column("queued_at", DateTime(timezone=True), nullable=False),
 )  # fmt: skip
@@ -143,20 +144,28 @@ class Coordinator:
 
     # ------------------------------------------------------------------ queue
 
-    def enqueue(self, segment: str, destinations: list[str] | None, trigger: str) -> bool:
-        """Queue a sync; True if new, False if one was already waiting (coalesced, destinations merged)."""
+    def enqueue(self, segment: str, destinations: list[str] | None, trigger: str,
+                all_destinations: list[str] | None = None) -> tuple[bool, dict[str, int]]:  # fmt: skip
+        """Queue a sync. Returns (new, run ids by destination): a trigger that arrives while a sync of the
+        segment is queued joins it (destinations merged) and gets the same run ids."""
+        targets = destinations or all_destinations or []
         with self.engine.begin() as conn:
             row = conn.execute(select(queued).where(queued.c.segment == segment)).first()
+            run_ids: dict[str, int] = json.loads(row.run_ids) if row is not None else {}
+            for dest in targets:
+                if dest not in run_ids:
+                    run_ids[dest] = self.ledger.start_run(trigger, segment, dest, False, status="queued")
             if row is None:
                 conn.execute(insert(queued).values(segment=segment, destinations=json.dumps(destinations),
-                                                   trigger=trigger, queued_at=now()))  # fmt: skip
-                return True
+                                                   run_ids=json.dumps(run_ids), trigger=trigger, queued_at=now()))  # fmt: skip
+                return True, run_ids
             old = json.loads(row.destinations)
             merged = None if old is None or destinations is None else sorted(set(old) | set(destinations))
-            conn.execute(update(queued).where(queued.c.segment == segment).values(destinations=json.dumps(merged)))
-            return False
+            conn.execute(update(queued).where(queued.c.segment == segment)
+                         .values(destinations=json.dumps(merged), run_ids=json.dumps(run_ids)))  # fmt: skip
+            return False, run_ids
 
-    def pop(self, settle_seconds: float = 0.0) -> tuple[str, list[str] | None, str] | None:
+    def pop(self, settle_seconds: float = 0.0) -> tuple[str, list[str] | None, str, dict[str, int]] | None:
         """The oldest queued sync that has waited `settle_seconds` (a burst of triggers settles into one)."""
         cutoff = now() - timedelta(seconds=settle_seconds)
         with self.engine.begin() as conn:
@@ -166,7 +175,8 @@ class Coordinator:
             if row is None:
                 return None
             conn.execute(delete(queued).where(queued.c.segment == row.segment))
-            return str(row.segment), json.loads(row.destinations), str(row.trigger)
+            ids = {str(k): int(v) for k, v in json.loads(row.run_ids or "{}").items()}
+            return str(row.segment), json.loads(row.destinations), str(row.trigger), ids
 
     def pending(self) -> list[str]:
         with self.engine.connect() as conn:

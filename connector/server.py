@@ -86,10 +86,10 @@ class SyncService:
 
     # ------------------------------------------------------------------ triggers
 
-    def trigger(self, segment: str, destinations: list[str] | None, trigger: str) -> bool:
-        new = self.coord.enqueue(segment, destinations, trigger)
+    def trigger(self, segment: str, destinations: list[str] | None, trigger: str) -> tuple[bool, dict[str, int]]:
+        new, run_ids = self.coord.enqueue(segment, destinations, trigger, self.settings.segments[segment].destinations)
         self._wake.set()
-        return new
+        return new, run_ids
 
     def _worker(self) -> None:
         while not self.stop.is_set():
@@ -98,10 +98,11 @@ class SyncService:
                 self._wake.wait(0.2)
                 self._wake.clear()
                 continue
-            segment, destinations, trigger = item
+            segment, destinations, trigger, run_ids = item
             self.current = segment
             try:
-                opts = SyncOptions(trigger=trigger, destinations=frozenset(destinations) if destinations else None)
+                opts = SyncOptions(trigger=trigger, destinations=frozenset(destinations) if destinations else None,
+                                   run_ids=run_ids)  # fmt: skip
                 results = self.engine.sync([segment], opts)
             except Exception:
                 log.exception("sync of %s crashed", segment)
@@ -111,7 +112,7 @@ class SyncService:
             self._record(results)
             if any(r.status == "interrupted" for r in results):
                 # shutting down mid-sync: the rest is sent after the next start
-                self.coord.enqueue(segment, destinations, trigger)
+                self.trigger(segment, destinations, trigger)
 
     def _record(self, results: list[RunResult]) -> None:
         with self._lock:
@@ -249,10 +250,10 @@ def create_app(settings: ConnectorSettings, service: SyncService | None = None, 
         for key in keys:
             if svc.coord.seen_before(key, REPLAY_MEMORY):
                 return _error(409, "replayed request (event_id or signature seen before)")
-        new = svc.trigger(name, destinations, "webhook")
-        return JSONResponse({"status": "queued" if new else "coalesced", "segment": name,
-                             "destinations": destinations or settings.segments[name].destinations,
-                             "queued": svc.coord.pending()}, status_code=202)  # fmt: skip
+        new, run_ids = svc.trigger(name, destinations, "webhook")
+        # a coalesced trigger shares the queued run ids: one run will serve all of them
+        return JSONResponse({"status": "queued" if new else "coalesced", "segment": name, "run_ids": run_ids,
+                             "run_id": min(run_ids.values()) if run_ids else None}, status_code=202)  # fmt: skip
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "running": svc.current, "queued": svc.coord.pending()})

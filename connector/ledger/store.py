@@ -681,17 +681,22 @@ class SqlLedger:
             ).all()
         return {str(r): int(n) for r, n in rows}
 
-    def start_run(self, trigger: str, segment: str, destination: str, dry_run: bool) -> int:
+    def start_run(self, trigger: str, segment: str, destination: str, dry_run: bool, status: str = "running") -> int:
         with self.engine.begin() as conn:
             res = conn.execute(
                 insert(runs).values(
                     trigger=trigger, segment=segment, destination=destination, started_at=now(),
-                    status="running", dry_run=int(dry_run), counts="{}",
+                    status=status, dry_run=int(dry_run), counts="{}",
                 )
             )
             pk = res.inserted_primary_key
             assert pk is not None
             return int(pk[0])
+
+    def mark_running(self, run_id: int) -> None:
+        """A queued run (created when its trigger arrived) starts now."""
+        with self.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.id == run_id).values(status="running", started_at=now()))
 
     def finish_run(
         self, run_id: int, status: str, counts: dict[str, Any], error: str | None,
