@@ -38,6 +38,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
+from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.tls import localhost_certificate
 
@@ -95,7 +96,7 @@ def user_row(ud: cod.UserData) -> frozenset[tuple[str, str]]:
     return frozenset(row)
 
 
-class GoogleAdsEmulator:
+class GoogleAdsEmulator(Emulator):
     def __init__(self, *, state_file: Path | None = None, developer_token: str | None = "sandbox-developer-token",  # noqa: S107
                  allowlisted: bool = True, faults: FaultKnobs | None = None, processing_delay_seconds: float = 0.0,
                  seed_sizes: Callable[[str], int | None] | None = None) -> None:  # fmt: skip
@@ -122,39 +123,24 @@ class GoogleAdsEmulator:
     def endpoint(self) -> str:
         return f"localhost:{self.port}"
 
-    def start(self) -> str:
+    def _start_server(self) -> str:
         self._server.start()
         return self.endpoint
 
-    def stop(self) -> None:
+    def _stop_server(self) -> None:
         self._server.stop(grace=None)
-        self._save()
-
-    def __enter__(self) -> GoogleAdsEmulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ state
 
     def _load(self) -> None:
-        if self.state_file and self.state_file.is_file():
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            for lid, e in data.get("lists", {}).items():
-                self.lists[lid] = {"list": e["list"], "members": {frozenset(tuple(p) for p in r) for r in e["members"]}}
-            self._next_id = int(data.get("next_id", self._next_id))
+        data = self._read_state() or {}
+        for lid, e in data.get("lists", {}).items():
+            self.lists[lid] = {"list": e["list"], "members": {frozenset(tuple(p) for p in r) for r in e["members"]}}
+        self._next_id = int(data.get("next_id", self._next_id))
 
-    def _save(self) -> None:
-        if not self.state_file:
-            return
-        data = {"next_id": self._next_id, "lists": {lid: {"list": e["list"], "members": [sorted(r) for r in e["members"]]}
+    def _state(self) -> dict[str, Any]:
+        return {"next_id": self._next_id, "lists": {lid: {"list": e["list"], "members": [sorted(r) for r in e["members"]]}
                                                     for lid, e in self.lists.items()}}  # fmt: skip
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        tmp.replace(self.state_file)
 
     def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
         with self._lock:

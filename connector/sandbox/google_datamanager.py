@@ -24,6 +24,7 @@ from typing import Any
 from google.ads import datamanager_v1 as dm
 from google.protobuf import json_format
 
+from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse, LoopbackHttpServer
 
@@ -62,7 +63,7 @@ def _member_row(m: dm.AudienceMember) -> frozenset[tuple[str, str]]:
     return frozenset(row)
 
 
-class DataManagerEmulator:
+class DataManagerEmulator(Emulator):
     def __init__(self, *, state_file: Path | None = None, faults: FaultKnobs | None = None,
                  processing_delay_seconds: float = 0.0, auth_token: str | None = None, port: int = 0) -> None:  # fmt: skip
         self.state_file = state_file
@@ -80,7 +81,7 @@ class DataManagerEmulator:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> str:
+    def _start_server(self) -> str:
         self._server.start()
         return self.url
 
@@ -88,33 +89,18 @@ class DataManagerEmulator:
     def url(self) -> str:
         return self._server.url
 
-    def stop(self) -> None:
+    def _stop_server(self) -> None:
         self._server.stop()
-        self._save()
-
-    def __enter__(self) -> DataManagerEmulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _load(self) -> None:
-        if self.state_file and self.state_file.is_file():
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            for lid, entry in data.get("lists", {}).items():
-                members = {frozenset(tuple(p) for p in row): t for row, t in entry["members"]}
-                self.lists[lid] = {"list": entry["list"], "members": members}
+        data = self._read_state() or {}
+        for lid, entry in data.get("lists", {}).items():
+            members = {frozenset(tuple(p) for p in row): t for row, t in entry["members"]}
+            self.lists[lid] = {"list": entry["list"], "members": members}
 
-    def _save(self) -> None:
-        if not self.state_file:
-            return
-        data = {"lists": {lid: {"list": e["list"], "members": [[sorted(r), t] for r, t in e["members"].items()]}
+    def _state(self) -> dict[str, Any]:
+        return {"lists": {lid: {"list": e["list"], "members": [[sorted(r), t] for r, t in e["members"].items()]}
                           for lid, e in self.lists.items()}}  # fmt: skip
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        tmp.replace(self.state_file)
 
     # ------------------------------------------------------------------ inspection
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse, LoopbackHttpServer
 
@@ -59,7 +60,7 @@ class GraphError(Exception):
         return HttpResponse(self.status, {"error": err}, headers=self.headers)
 
 
-class MetaGraphEmulator:
+class MetaGraphEmulator(Emulator):
     """`start()` serves on 127.0.0.1 (a free port unless given) and returns the base URL."""
 
     def __init__(self, *, state_file: Path | None = None, expected_token: str | None = "sandbox-token",  # noqa: S107
@@ -80,7 +81,7 @@ class MetaGraphEmulator:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> str:
+    def _start_server(self) -> str:
         self._server.start()
         return self.url
 
@@ -88,38 +89,23 @@ class MetaGraphEmulator:
     def url(self) -> str:
         return self._server.url
 
-    def stop(self) -> None:
+    def _stop_server(self) -> None:
         self._server.stop()
-        self._save()
-
-    def __enter__(self) -> MetaGraphEmulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _load(self) -> None:
-        if self.state_file and self.state_file.is_file():
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            for aid, a in data.get("audiences", {}).items():
-                a["rows"] = {tuple(r) for r in a.get("rows", [])}
-                a["replace"] = None
-                self.audiences[aid] = a
+        data = self._read_state() or {}
+        for aid, a in data.get("audiences", {}).items():
+            a["rows"] = {tuple(r) for r in a.get("rows", [])}
+            a["replace"] = None
+            self.audiences[aid] = a
 
-    def _save(self) -> None:
-        if not self.state_file:
-            return
-        data = {
+    def _state(self) -> dict[str, Any]:
+        return {
             "audiences": {
                 aid: {**{k: v for k, v in a.items() if k not in ("rows", "replace")}, "rows": sorted(a["rows"])}
                 for aid, a in self.audiences.items()
             }
         }
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        tmp.replace(self.state_file)
 
     # ------------------------------------------------------------------ inspection
 
