@@ -33,6 +33,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -95,6 +96,8 @@ members = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("accepted_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True)),
+    # pending work is found by state without scanning the whole audience
+    Index("ix_members_state", "segment", "destination", "state", "member_key"),
 )
 
 runs = Table(
@@ -118,6 +121,12 @@ meta_table = Table(
     metadata,
     Column("key", String(100), primary_key=True),
     Column("value", String(200), nullable=False),
+)
+
+
+# A changed member is `planned` with its old payload kept: both kinds of removal live in two states.
+_REMOVAL = members.c.state.in_(("remove_planned", "planned")) & (
+    (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None)
 )
 
 
@@ -449,7 +458,7 @@ class SqlLedger:
             n_remove = conn.execute(
                 select(func.count()).where(
                     self._pair(segment, destination),
-                    (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None),
+                    _REMOVAL,
                 )
             ).scalar()
             n_add = conn.execute(
@@ -505,7 +514,7 @@ class SqlLedger:
 
     def iter_removals(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         """Payloads to remove: members that left, and old payloads of changed members."""
-        cond = (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None)
+        cond = _REMOVAL
         for rows in self._iter_pending(
             segment, destination, cond, batch,
             (members.c.payload, members.c.consent, members.c.prev_payload, members.c.state),
