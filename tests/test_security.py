@@ -4,6 +4,7 @@ byte the run wrote is scanned: stdout, stderr, logs, ledger, state files, emulat
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -34,11 +35,20 @@ customer_id = "1234567890"
 datamanager_endpoint = "{google.url}"
 sandbox = false
 service_account_file = "missing.json"
+[destinations.google_dm]
+type = "google"
+customer_id = "1234567890"
+sandbox = true
+[destinations.google_jobs]
+type = "google"
+customer_id = "1234567890"
+upload_api = "google_ads"
+sandbox = true
 [segments.s]
 source = {{ type = "csv", path = "m.csv" }}
 key = "id"
 identifiers = {{ email = "email", phone = "phone", first_name = "fn", last_name = "ln", zip = "zip" }}
-destinations = ["meta"]
+destinations = ["meta", "google_dm", "google_jobs"]
 """)
         with (tmp_path / "m.csv").open("w", newline="") as f:
             w = csv.writer(f)
@@ -52,6 +62,9 @@ destinations = ["meta"]
                      ["validate"]):  # fmt: skip
             res = runner.invoke(app, [args[0], "--config", str(tmp_path / "c.toml"), *args[1:]])
             outputs += [res.stdout, res.stderr, repr(res.exception)]
+            if args == ["sync", "--json"]:
+                runs = json.loads(res.stdout)["runs"]
+                assert [r["status"] for r in runs] == ["success"] * 3 and all(r["adds"] == 1 for r in runs), runs
         # a wrong token: the error text must not echo it either
         monkeypatch.setenv("CONNECTOR_DESTINATIONS__META__ACCESS_TOKEN", TOKEN + "-wrong")
         res = runner.invoke(app, ["sync", "--config", str(tmp_path / "c.toml"), "--full-refresh"])

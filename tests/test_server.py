@@ -269,3 +269,58 @@ def test_sigterm_mid_sync_leaves_a_consistent_ledger_and_the_next_start_complete
     (aud,) = state["audiences"].values()
     assert len(aud["rows"]) == 60_000
     ledger.close()
+
+
+def test_cron_schedule_runs_inside_serve(tmp_path: Path) -> None:
+    r = Running(write_config(tmp_path, schedule="* * * * * *"))  # every second (croniter's seconds field)
+    try:
+        deadline = time.time() + 20
+        while not any(x["trigger"] == "schedule" and x["status"] == "success" for x in r.runs()):
+            assert time.time() < deadline, r.runs()
+            time.sleep(0.2)
+    finally:
+        r.stop()
+
+
+def test_two_server_processes_never_sync_the_same_pair_at_once(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, n=20_000)
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "CONNECTOR_CONFIG": str(cfg), "CONNECTOR_WEBHOOK_DEBOUNCE_SECONDS": "0"}
+    procs = [subprocess.Popen([sys.executable, "-m", "connector.cli", "serve", "--port", str(p)], env=env,
+                              stderr=subprocess.DEVNULL) for p in ports]  # fmt: skip
+    try:
+        for p in ports:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=1)
+                    break
+                except httpx.TransportError:
+                    assert time.time() < deadline
+                    time.sleep(0.1)
+        for _ in range(2):
+            for p in ports:
+                stamp = str(int(time.time()))
+                body = json.dumps({"event_id": f"{p}-{time.time()}"}).encode()
+                resp = httpx.post(f"http://127.0.0.1:{p}/webhooks/segments/vip", content=body, headers={
+                    "X-Connector-Timestamp": stamp, "X-Connector-Signature": sign(SECRET, stamp, body)})  # fmt: skip
+                assert resp.status_code == 202
+            time.sleep(0.3)
+        ledger = SqlLedger(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
+        deadline = time.time() + 120
+        while True:
+            runs = ledger.list_runs()
+            if len(runs) >= 2 and all(r.status not in ("queued", "running") for r in runs):
+                break
+            assert time.time() < deadline, [(r.status, r.trigger) for r in runs]
+            time.sleep(0.2)
+        spans = sorted((r.started_at, r.ended_at) for r in runs if r.ended_at)
+        assert len(spans) >= 2
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end is not None and end <= start, "two servers synced the same pair at once"
+        ledger.close()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
