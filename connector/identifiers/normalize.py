@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -367,36 +367,23 @@ class Normalizer:
                 p[key] = hash_once(n)
                 if key == "FN":
                     p["FI"] = hash_once(n[0])
-        z = _clean(raw.get("zip"))
-        if z:
-            nz = z.lower() if self._hashed(z) else normalize_zip(z, country, "meta")
-            if nz is None:
-                out.errors["zip"] = ZIP_INVALID
-            else:
-                p["ZIP"] = hash_once(nz)
         if country:
             p["COUNTRY"] = hash_once(country.lower())
-        ct = _clean(raw.get("city"))
-        if ct:
-            nct = normalize_city(ct)
-            if nct is None:
-                out.errors["city"] = CITY_INVALID
-            else:
-                p["CT"] = hash_once(nct)
-        st = _clean(raw.get("state"))
-        if st:
-            nst = normalize_state(st, country)
-            if nst is None:
-                out.errors["state"] = STATE_INVALID
-            else:
-                p["ST"] = hash_once(nst)
-        g = _clean(raw.get("gender"))
-        if g:
-            ng = normalize_gender(g)
-            if ng is None:
-                out.errors["gender"] = GENDER_INVALID
-            else:
-                p["GEN"] = hash_once(ng)
+        z = _clean(raw.get("zip"))
+        rules: tuple[tuple[str, str, Callable[[str], str | None], str], ...] = (
+            ("zip", "ZIP", lambda v: v.lower() if self._hashed(v) else normalize_zip(v, country, "meta"), ZIP_INVALID),
+            ("city", "CT", normalize_city, CITY_INVALID),
+            ("state", "ST", lambda v: normalize_state(v, country), STATE_INVALID),
+            ("gender", "GEN", normalize_gender, GENDER_INVALID),
+        )
+        for fld, key, rule, reason in rules:
+            v = z if fld == "zip" else _clean(raw.get(fld))
+            if v:
+                nv = rule(v)
+                if nv is None:
+                    out.errors[fld] = reason
+                else:
+                    p[key] = hash_once(nv)
         dob = _clean(raw.get("date_of_birth"))
         if dob:
             nd = normalize_dob(dob, region)

@@ -49,3 +49,26 @@ class Emulator:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state()), encoding="utf-8")
         tmp.replace(self.state_file)
+
+
+class HttpEmulator(Emulator):
+    """An emulator served by the shared loopback HTTP server; subclasses implement `handle`."""
+
+    def _serve(self, port: int) -> None:
+        from connector.sandbox.server import LoopbackHttpServer
+
+        self._server = LoopbackHttpServer(self.handle, port=port)
+
+    def handle(self, req: Any) -> Any:
+        raise NotImplementedError
+
+    def _start_server(self) -> str:
+        self._server.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def _stop_server(self) -> None:
+        self._server.stop()

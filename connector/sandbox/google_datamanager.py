@@ -24,9 +24,9 @@ from typing import Any
 from google.ads import datamanager_v1 as dm
 from google.protobuf import json_format
 
-from connector.sandbox.base import Emulator
+from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
-from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse, LoopbackHttpServer
+from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
 
 MAX_MEMBERS = 10_000
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -63,7 +63,7 @@ def _member_row(m: dm.AudienceMember) -> frozenset[tuple[str, str]]:
     return frozenset(row)
 
 
-class DataManagerEmulator(Emulator):
+class DataManagerEmulator(HttpEmulator):
     def __init__(self, *, state_file: Path | None = None, faults: FaultKnobs | None = None,
                  processing_delay_seconds: float = 0.0, auth_token: str | None = None, port: int = 0) -> None:  # fmt: skip
         self.state_file = state_file
@@ -76,21 +76,10 @@ class DataManagerEmulator(Emulator):
         self.request_log: list[dict[str, Any]] = []
         self.write_calls = 0
         self._lock = threading.RLock()
-        self._server = LoopbackHttpServer(self.handle, port=port)
+        self._serve(port)
         self._load()
 
     # ------------------------------------------------------------------ lifecycle
-
-    def _start_server(self) -> str:
-        self._server.start()
-        return self.url
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def _stop_server(self) -> None:
-        self._server.stop()
 
     def _load(self) -> None:
         data = self._read_state() or {}

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from connector.sandbox.base import Emulator
+from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
-from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse, LoopbackHttpServer
+from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
 
 MAX_ROWS = 10_000
 REPLACE_WINDOW_SECONDS = 90 * 60
@@ -60,7 +60,7 @@ class GraphError(Exception):
         return HttpResponse(self.status, {"error": err}, headers=self.headers)
 
 
-class MetaGraphEmulator(Emulator):
+class MetaGraphEmulator(HttpEmulator):
     """`start()` serves on 127.0.0.1 (a free port unless given) and returns the base URL."""
 
     def __init__(self, *, state_file: Path | None = None, expected_token: str | None = "sandbox-token",  # noqa: S107
@@ -76,21 +76,10 @@ class MetaGraphEmulator(Emulator):
         self.request_log: list[dict[str, Any]] = []
         self.write_calls = 0
         self._lock = threading.RLock()
-        self._server = LoopbackHttpServer(self.handle, port=port)
+        self._serve(port)
         self._load()
 
     # ------------------------------------------------------------------ lifecycle
-
-    def _start_server(self) -> str:
-        self._server.start()
-        return self.url
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def _stop_server(self) -> None:
-        self._server.stop()
 
     def _load(self) -> None:
         data = self._read_state() or {}

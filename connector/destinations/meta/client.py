@@ -119,13 +119,13 @@ def map_graph_error(status: int, body: Any, headers: httpx.Headers, what: str, a
 class GraphClient:
     """Minimal Graph API client with the token in a header, timeouts, status checks, retries."""
 
-    def __init__(self, *, graph_url: str, api_version: str, access_token: SecretStr, ad_account_id: str,
+    def __init__(self, *, graph_url: str, api_version: str, token: SecretStr, ad_account_id: str,
                  timeout: float, policy: RetryPolicy, stats: RetryStats | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.ad_account_id = ad_account_id
         self._policy = policy
         self._stats = stats
-        self._token = access_token
+        self._token = token
         self._http = httpx.Client(
             base_url=f"{graph_url.rstrip('/')}/{api_version}",
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),

@@ -72,7 +72,7 @@ class MetaDestination:
                 "__ACCESS_TOKEN, or sandbox = true)"
             )
         policy = policy_from(config)
-        client = GraphClient(graph_url=graph_url, api_version=config.api_version, access_token=token,
+        client = GraphClient(graph_url=graph_url, api_version=config.api_version, token=token,
                              ad_account_id=config.ad_account_id, timeout=config.timeout_seconds,
                              policy=policy, stats=stats)  # fmt: skip
         return cls(name, config, client, policy=policy, emulator=emulator)

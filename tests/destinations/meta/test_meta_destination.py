@@ -36,7 +36,7 @@ def emu() -> Iterator[MetaGraphEmulator]:
 def make(emu: MetaGraphEmulator, waits: Waits | None = None, max_wait: float = 600) -> MetaDestination:
     cfg = MetaDestinationConfig(type="meta", ad_account_id="act_42", access_token=SecretStr(TOKEN), graph_url=emu.url)
     policy = RetryPolicy(max_attempts=8, backoff_base_seconds=0.0, backoff_max_seconds=max_wait, sleep=waits or Waits())
-    client = GraphClient(graph_url=emu.url, api_version="v26.0", access_token=SecretStr(TOKEN), ad_account_id="42",
+    client = GraphClient(graph_url=emu.url, api_version="v26.0", token=SecretStr(TOKEN), ad_account_id="42",
                          timeout=10, policy=policy, stats=RetryStats())  # fmt: skip
     return MetaDestination("m", cfg, client, policy=policy)
 
@@ -142,7 +142,7 @@ def test_error_mapping_by_code() -> None:
 
 def test_5xx_or_non_json_body_is_never_success(tmp_path: Path) -> None:
     answers = iter([httpx.Response(502, text="<html>bad gateway</html>"), httpx.Response(200, text="OK")])
-    client = GraphClient(graph_url="http://127.0.0.1:9", api_version="v26.0", access_token=SecretStr(TOKEN),
+    client = GraphClient(graph_url="http://127.0.0.1:9", api_version="v26.0", token=SecretStr(TOKEN),
                          ad_account_id="42", timeout=5, policy=RetryPolicy(max_attempts=1),
                          transport=httpx.MockTransport(lambda _r: next(answers)))  # fmt: skip
     with pytest.raises(RetriableError, match="HTTP 502"):
