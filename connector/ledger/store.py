@@ -40,6 +40,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
     bindparam,
     create_engine,
     delete,
@@ -49,6 +50,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
@@ -329,6 +331,31 @@ class SqlLedger:
 
     # ------------------------------------------------------------------ planning
 
+    @staticmethod
+    def _key_in(conn: Any, keys: Sequence[str]) -> Any:
+        """`member_key IN keys` as one bound value (a JSON array on SQLite, an array on PostgreSQL):
+        one statement for a whole batch, without thousands of bound parameters."""
+        if conn.dialect.name == "sqlite":
+            each = func.json_each(bindparam("keys_json", json.dumps(list(keys)))).table_valued("value")
+            return members.c.member_key.in_(select(each.c.value))
+        if conn.dialect.name == "postgresql":
+            return members.c.member_key == any_(bindparam("keys_arr", list(keys), type_=ARRAY(String)))
+        return members.c.member_key.in_(list(keys))
+
+    def _executemany_insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
+        """Bulk insert straight through the driver's executemany (SQLAlchemy's per-row parameter
+        processing dominated cold runs); timestamps go through the column types' bind processors."""
+        stmt = insert(members).compile(dialect=conn.dialect, column_keys=list(rows[0]))
+        procs = {c.name: c.type.bind_processor(conn.dialect) for c in members.columns}
+        ts_cols = [k for k in rows[0] if procs.get(k) is not None]
+        if ts_cols:
+            rows = [{**r, **{k: procs[k](r[k]) for k in ts_cols}} for r in rows]  # type: ignore[misc]
+        if stmt.positional:
+            order = stmt.positiontup or []
+            conn.exec_driver_sql(str(stmt), [tuple(r[k] for k in order) for r in rows])
+        else:
+            conn.exec_driver_sql(str(stmt), rows)
+
     def _pair(self, segment: str, destination: str) -> Any:
         return and_(members.c.segment == segment, members.c.destination == destination)
 
@@ -436,7 +463,7 @@ class SqlLedger:
                         changed,
                     )
                 if new_rows:
-                    conn.execute(insert(members), new_rows)
+                    self._executemany_insert(conn, new_rows)
             for rchunk in remove_keys:
                 if rchunk:
                     conn.execute(
@@ -588,12 +615,11 @@ class SqlLedger:
             if ok:
                 conn.execute(
                     update(members)
-                    .where(self._pair(segment, destination), members.c.member_key == bindparam("k"))
+                    .where(self._pair(segment, destination), self._key_in(conn, ok))
                     .values(
                         state=state, request_id=request_id, reason=None, updated_at=ts,
                         accepted_at=ts, expires_at=expires,
-                    ),
-                    [{"k": k} for k in ok],
+                    )
                 )
             for k, why in rejected.items():
                 conn.execute(
