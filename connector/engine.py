@@ -416,14 +416,13 @@ class Engine:
             karr = np.array(key_bytes, dtype="S16")
             farr = np.array(fps, dtype=np.uint64)
             dup = np.zeros(n, dtype=bool)
-            first = plans[0] if plans else None
-            if first is not None:
-                _, found0 = first.index.lookup(karr)
+            # Duplicates are a property of the source. Keys every pair's ledger knows are checked
+            # against that pair's `seen` marks (no extra memory); all other keys go in one set.
+            found_all = np.ones(n, dtype=bool)
+            for plan in plans:
+                found_all &= plan.index.lookup(karr)[1]
             for i in range(n):
-                if not valid_row[i]:
-                    continue
-                # duplicates are a property of the source: detect once, against the first index
-                if first is not None and found0[i]:
+                if not valid_row[i] or found_all[i]:
                     continue
                 kb = key_bytes[i]
                 if kb in seen_new:

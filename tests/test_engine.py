@@ -253,3 +253,21 @@ def test_google_members_are_resent_before_their_membership_expires(harness: Harn
     assert res["google"].write_calls == 1 and harness.destinations["google"].write_calls == before + 1
     assert res["meta"].write_calls == 0
     assert harness.sync(rows)["google"].write_calls == 0  # re-sent once, with a new expiry
+
+
+def test_duplicate_keys_with_a_destination_added_later(make_harness) -> None:  # type: ignore[no-untyped-def]
+    from conftest import write_csv
+
+    from connector.engine import SyncOptions
+
+    h = make_harness()
+    rows = [person(i) for i in range(5)]
+    write_csv(h.csv, rows)
+    with h.engine() as engine:  # only meta first: google's ledger knows nobody yet
+        engine.sync(None, SyncOptions(destinations=frozenset({"meta"})))
+    write_csv(h.csv, [*rows, person(2)])
+    res = h.sync()
+    assert res["google"].status == "success", res["google"].error
+    assert res["google"].counts.invalid_reasons["duplicate_key"] == 1
+    assert res["meta"].counts.invalid_reasons["duplicate_key"] == 1
+    assert len(h.audience("google")) == 5
