@@ -10,6 +10,11 @@ from typing import Any, Self
 
 class Emulator:
     state_file: Path | None = None
+    # request logs keep the start of each body: enough to scan for leaks, bounded on million-member runs
+    log_body_bytes: int = 64 * 1024
+
+    def _log_body(self, body: bytes) -> str:
+        return body[: self.log_body_bytes].decode("utf-8", "replace")
 
     def _start_server(self) -> str:
         raise NotImplementedError

@@ -102,7 +102,7 @@ class DataManagerEmulator(HttpEmulator):
     def handle(self, req: HttpRequest) -> HttpResponse:
         write = req.method in ("POST", "PATCH", "DELETE")
         self.request_log.append({"method": req.method, "path": req.path, "query": dict(req.query),
-                                 "headers": dict(req.headers), "body": req.body.decode("utf-8", "replace")})  # fmt: skip
+                                 "headers": dict(req.headers), "body": self._log_body(req.body)})  # fmt: skip
         self.faults.delay()
         try:
             if self.auth_token is not None and req.headers.get("authorization") != f"Bearer {self.auth_token}":

@@ -122,7 +122,7 @@ class MetaGraphEmulator(HttpEmulator):
         write = req.method == "POST"
         self.request_log.append({
             "method": req.method, "path": req.path, "query_keys": sorted(req.query), "token_in_url": token_in_url,
-            "body": req.body.decode("utf-8", "replace"), "headers": dict(req.headers),
+            "body": self._log_body(req.body), "headers": dict(req.headers),
         })  # fmt: skip
         self.faults.delay()
         headers = self._usage_headers(0)
