@@ -726,10 +726,4 @@ class Engine:
         )  # fmt: skip
 
 
-def sync(settings: ConnectorSettings, segments: Sequence[str] | None = None, **options: Any) -> list[RunResult]:
-    """Convenience: one engine, one sync, closed afterwards."""
-    with Engine(settings) as engine:
-        return engine.sync(segments, SyncOptions(**options))
-
-
-__all__ = ["Engine", "RunResult", "SourceError", "SyncOptions", "sync"]
+__all__ = ["Engine", "RunResult", "SourceError", "SyncOptions"]

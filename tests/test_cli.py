@@ -72,3 +72,12 @@ def test_source_failure_exits_1(harness: Harness) -> None:
     code, out, _err = invoke("sync", "--config", str(harness.dir / "connector.toml"), "--dry-run", "--json")
     assert code == 1
     assert all(r["status"] == "failed" for r in json.loads(out)["runs"])
+
+
+def test_public_api_plan_sends_nothing(harness: Harness) -> None:
+    import connector
+
+    write_csv(harness.csv, [person(i) for i in range(3)])
+    settings = connector.load_settings(harness.dir / "connector.toml")
+    runs = connector.plan(settings, ["vip"], destinations=frozenset({"meta"}))
+    assert [r.status for r in runs] == ["dry_run"] and runs[0].counts.adds == 3
