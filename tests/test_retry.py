@@ -22,8 +22,8 @@ def test_retries_only_retriable_and_counts() -> None:
     for exc in (FatalError("no"), QuotaExhaustedError("quota")):
         n = {"c": 0}
 
-        def fail(e: Exception = exc) -> None:
-            n["c"] += 1
+        def fail(e: Exception = exc, counter: dict[str, int] = n) -> None:
+            counter["c"] += 1
             raise e
 
         with pytest.raises(type(exc)):
