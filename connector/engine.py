@@ -323,16 +323,16 @@ class Engine:
         results = []
         for plan in plans:
             t0 = time.monotonic()
+            stats = self.stats.setdefault(plan.name, RetryStats())
+            retries_before, waited_before = stats.retries, stats.throttle_wait_seconds
             with log_context(run_id=str(run_ids[plan.name]), segment=name, destination=plan.name):
                 res = self._run_pair(name, seg, plan, opts)
             res.run_id = run_ids[plan.name]
             res.seconds = (time.monotonic() - t0) + (t0 - started) / max(1, len(plans))
-            stats = self.stats.get(plan.name)
-            if stats:
-                res.retries = stats.retries
-                res.throttle_wait_seconds = stats.throttle_wait_seconds
-            status_for_db = res.status
-            self.ledger.finish_run(res.run_id, status_for_db, res.as_dict(), res.error)
+            # the stats live as long as the engine (a server's); a run reports its own share
+            res.retries = stats.retries - retries_before
+            res.throttle_wait_seconds = stats.throttle_wait_seconds - waited_before
+            self.ledger.finish_run(res.run_id, res.status, res.as_dict(), res.error)
             results.append(res)
         return results
 
