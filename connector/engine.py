@@ -437,7 +437,9 @@ class Engine:
         for plan in plans:
             plan.counts.source_rows = total
             if seg.mode == "mirror":
-                plan.counts.removes = int((~plan.seen).sum())
+                # members on the platform who left; ledger rows never (or no longer) on it are cleaned up
+                # too, but they are not removals from the audience (nor what the guardrail weighs)
+                plan.counts.removes = int((~plan.seen & plan.index.on_platform).sum())
             if plan.spill:
                 plan.spill.flush()
 

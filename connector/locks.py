@@ -55,6 +55,30 @@ def holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def holder_is_dead(holder: str) -> bool:
+    """True only when the holder ran on this host and its process no longer exists. A holder on another
+    host, or a pid that is alive (perhaps reused), is treated as alive: its lease decides."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # a zombie (killed, not yet reaped by its parent) still answers kill(pid, 0)
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 class Coordinator:
     def __init__(self, ledger: SqlLedger, *, lease_seconds: float = 60.0, holder: str | None = None) -> None:
         self.ledger = ledger
@@ -86,7 +110,19 @@ class Coordinator:
                 return None
             row = conn.execute(select(locks.c.holder).where(locks.c.segment == segment,
                                                              locks.c.destination == destination)).first()  # fmt: skip
-            return str(row[0]) if row else "unknown"
+            holder = str(row[0]) if row else "unknown"
+            if row and holder_is_dead(holder):
+                # the holder ran on this machine and its process is gone (killed): no need to wait for the lease
+                taken = conn.execute(
+                    update(locks)
+                    .where(locks.c.segment == segment, locks.c.destination == destination, locks.c.holder == holder)
+                    .values(holder=self.holder, expires_at=ts + self.lease)
+                ).rowcount  # fmt: skip
+                if taken:
+                    log.warning("%s -> %s: lock holder %s is no longer running; taking over", segment, destination,
+                                holder)  # fmt: skip
+                    return None
+            return holder
 
     def renew(self, pairs: list[tuple[str, str]]) -> None:
         with self.engine.begin() as conn:

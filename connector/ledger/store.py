@@ -132,6 +132,28 @@ _REMOVAL = members.c.state.in_(("remove_planned", "planned")) & (
 )
 
 
+# States whose payload is, or may be, on the platform: a `planned` payload may have been sent by a
+# run that died before recording the answer.
+MAYBE_ON_PLATFORM = (*ON_PLATFORM, "remove_planned", "planned")
+
+
+def owed_payloads(prev: str | None) -> list[str]:
+    """The payloads a member still owes removals for: `prev_payload` holds one payload (a JSON
+    object) or, after several interrupted changes, a JSON list of them."""
+    if prev is None:
+        return []
+    if prev.startswith("["):
+        return [str(x) for x in json.loads(prev)]
+    return [prev]
+
+
+def encode_owed(payloads: list[str]) -> str | None:
+    unique = list(dict.fromkeys(payloads))
+    if not unique:
+        return None
+    return unique[0] if len(unique) == 1 else json.dumps(unique)
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -442,14 +464,12 @@ class SqlLedger:
                         })  # fmt: skip
                         continue
                     payload, state, prev = old
-                    if state in ON_PLATFORM or state == "remove_planned":
-                        prev_payload = prev if payload == m.payload else payload
-                    else:
-                        # never (fully) on the platform: nothing old to remove, except a removal
-                        # still owed from an earlier interrupted change
-                        prev_payload = prev
-                    if prev_payload == m.payload or not keep_removals:
-                        prev_payload = None
+                    owed = owed_payloads(prev)  # removals still owed from an earlier interrupted change
+                    if state in MAYBE_ON_PLATFORM:
+                        # on the platform, or may be: a `planned` payload was perhaps sent by a run that
+                        # died before it could record the answer. Removing a non-member is harmless.
+                        owed.append(payload)
+                    prev_payload = encode_owed([x for x in owed if x != m.payload]) if keep_removals else None
                     changed.append({
                         "k": m.key, "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
                         "prev_payload": prev_payload, "consent": m.consent,
@@ -540,16 +560,25 @@ class SqlLedger:
             last = rows[-1][0]
 
     def iter_removals(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
-        """Payloads to remove: members that left, and old payloads of changed members."""
+        """Payloads to remove: members that left, and old payloads of changed members; at most
+        `batch` payloads per list."""
         cond = _REMOVAL
+        out: list[PendingMember] = []
         for rows in self._iter_pending(
             segment, destination, cond, batch,
             (members.c.payload, members.c.consent, members.c.prev_payload, members.c.state),
         ):  # fmt: skip
-            yield [
-                PendingMember(k, prev if prev is not None else p, c, prev)
-                for k, p, c, prev, st in rows
-            ]
+            for k, p, c, prev, st in rows:
+                payloads = owed_payloads(prev)
+                if st == "remove_planned" and p not in payloads:
+                    payloads.append(p)
+                # a member's payloads stay in one batch: its removal is committed once, for all of them
+                if out and len(out) + len(payloads) > batch:
+                    yield out
+                    out = []
+                out.extend(PendingMember(k, x, c, prev) for x in payloads)
+        if out:
+            yield out
 
     def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         cond = members.c.state.in_(TO_ADD) & members.c.prev_payload.is_(None)

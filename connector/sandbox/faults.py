@@ -6,6 +6,7 @@ Knobs are plain attributes so a test can change them between calls. Decisions co
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -24,6 +25,8 @@ class FaultKnobs:
     `drop_rate`: probability that the connection is closed without an answer, after (with
     `drop_after_apply`) or before the change is applied: both happen in real life.
     `fail_writes_only`: faults only on write calls (reads stay clean) when True.
+    `reject_rate`: share of hashed values the platform refuses as invalid (Meta `invalid_entry_samples`).
+    The choice depends on the value and the seed only, so the platform refuses the same value every time.
     """
 
     error_rates: dict[str, float] = field(default_factory=dict)
@@ -33,6 +36,7 @@ class FaultKnobs:
     drop_rate: float = 0.0
     drop_after_apply: bool = False
     fail_writes_only: bool = True
+    reject_rate: float = 0.0
     seed: int = 0
     injected: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +86,17 @@ class FaultKnobs:
             return False
         if self._roll(self.drop_rate):
             self._count("drop")
+            return True
+        return False
+
+    def rejects(self, value: str, *, count: bool = True) -> bool:
+        """Whether the platform refuses this (hashed) value; stable across calls and restarts."""
+        if self.reject_rate <= 0 or not value:
+            return False
+        digest = hashlib.sha256(f"{self.seed}:{value}".encode()).digest()
+        if int.from_bytes(digest[:4], "big") / 2**32 < self.reject_rate:
+            if count:
+                self._count("reject")
             return True
         return False
 

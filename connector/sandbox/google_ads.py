@@ -45,6 +45,7 @@ from connector.sandbox.tls import localhost_certificate
 API = "google.ads.googleads.v26.services"
 FAILURE_KEY = "google.ads.googleads.v26.errors.googleadsfailure-bin"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SANDBOX_DEVELOPER_TOKEN = "sandbox-developer-token"  # noqa: S105 - the emulator's fixed token, not a secret
 MAX_IDENTIFIERS_PER_REQUEST = 100_000
 MAX_IDENTIFIERS_PER_USER = 20
 JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
@@ -97,7 +98,7 @@ def user_row(ud: cod.UserData) -> frozenset[tuple[str, str]]:
 
 
 class GoogleAdsEmulator(Emulator):
-    def __init__(self, *, state_file: Path | None = None, developer_token: str | None = "sandbox-developer-token",  # noqa: S107
+    def __init__(self, *, state_file: Path | None = None, developer_token: str | None = SANDBOX_DEVELOPER_TOKEN,
                  allowlisted: bool = True, faults: FaultKnobs | None = None, processing_delay_seconds: float = 0.0,
                  seed_sizes: Callable[[str], int | None] | None = None) -> None:  # fmt: skip
         self.state_file = state_file

@@ -325,7 +325,7 @@ class MetaGraphEmulator(HttpEmulator):
                 invalid += 1
                 continue
             bad = next((v for k, v in zip(schema, row, strict=True) if k in HASHED_KEYS and v
-                        and not _HEX64.match(v)), None)  # fmt: skip
+                        and (not _HEX64.match(v) or self.faults.rejects(v))), None)  # fmt: skip
             if bad is not None or not any(row):
                 invalid += 1
                 if len(samples) < 100:

@@ -5,6 +5,7 @@ share. Each emulator supplies one `handle(request) -> response` function.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +93,14 @@ class LoopbackHttpServer:
             do_DELETE = _serve
             do_PATCH = _serve
 
-        self._server = ThreadingHTTPServer((host, port), _RequestHandler)
+        class _Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # a client that went away mid-request (killed, timed out) is normal life for a platform
+                if isinstance(sys.exc_info()[1], ConnectionError):
+                    return
+                super().handle_error(request, client_address)
+
+        self._server = _Server((host, port), _RequestHandler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

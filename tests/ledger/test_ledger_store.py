@@ -86,3 +86,34 @@ def test_removal_and_runs(ledger: SqlLedger) -> None:
     runs = [r for r in ledger.list_runs(100) if r.segment == s]
     assert runs[0].status == "success" and runs[0].counts == {"adds": 2}
     assert ledger.last_success(s, "d") is not None
+
+
+def test_payloads_a_killed_run_may_have_sent_are_removed_when_the_member_changes_or_leaves(ledger: SqlLedger) -> None:
+    """A run plans P1 and dies after sending it (nothing recorded); the member changes to P2, the next
+    run dies the same way; then it changes to P3. P1 and P2 may both be on the platform: both are
+    removed before P3 is added. When it then leaves, P3 is removed with whatever is still owed."""
+    s = seg()
+    p1, p2, p3 = (f'{{"EMAIL":"{c * 64}"}}' for c in "123")
+    ledger.apply_plan(s, "d", iter([[staged(1, p1)]]), iter([]))
+    ledger.apply_plan(s, "d", iter([[staged(1, p2, fp=2)]]), iter([]))
+    ledger.apply_plan(s, "d", iter([[staged(1, p3, fp=3)]]), iter([]))
+    removals = [m.payload for batch in ledger.iter_removals(s, "d", 10) for m in batch]
+    assert sorted(removals) == [p1, p2]
+    assert list(ledger.iter_additions(s, "d", 10)) == []  # the add waits for the removals
+    ledger.apply_plan(s, "d", iter([]), iter([[f"{1:032x}"]]))  # the member left before anything was acked
+    removals = [m.payload for batch in ledger.iter_removals(s, "d", 10) for m in batch]
+    assert sorted(removals) == [p1, p2, p3]
+    ledger.commit_removals(s, "d", [f"{1:032x}"])
+    assert list(ledger.iter_removals(s, "d", 10)) == [] and ledger.pending_counts(s, "d") == (0, 0)
+
+
+def test_removal_batches_keep_a_members_payloads_together_and_never_exceed_the_limit(ledger: SqlLedger) -> None:
+    s = seg()
+    for version in range(3):  # three interrupted changes: two payloads owed per member
+        ledger.apply_plan(s, "d", iter([[staged(i, f'{{"EMAIL":"{i * 10 + version:064x}"}}', fp=version)
+                                         for i in range(7)]]), iter([]))  # fmt: skip
+    batches = [[(m.key, m.payload) for m in b] for b in ledger.iter_removals(s, "d", 3)]
+    assert all(len(b) <= 3 for b in batches)
+    assert sum(len(b) for b in batches) == 14
+    for b in batches:  # a member's owed payloads never straddle two batches
+        assert all(sum(k == key for k, _ in b) == 2 for key, _ in b)

@@ -99,9 +99,18 @@ class GoogleDestination:
     def from_config(cls, name: str, config: GoogleDestinationConfig, state_dir: Path, *,
                     stats: RetryStats | None = None) -> GoogleDestination:  # fmt: skip
         emulator = ads_emulator = None
+        credentials: Credentials
         endpoint, ads_endpoint = config.datamanager_endpoint, config.google_ads_endpoint
         developer_token = config.developer_token.get_secret_value() if config.developer_token else None
-        if config.sandbox:
+        if config.sandbox and (endpoint or ads_endpoint):
+            # emulators already running elsewhere (another process, e.g. a test harness): no account
+            from connector.sandbox.google_ads import SANDBOX_DEVELOPER_TOKEN
+
+            developer_token = developer_token or SANDBOX_DEVELOPER_TOKEN
+            credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+            log.warning("destination %s is a SANDBOX: running Google emulators (Data Manager %s, Google Ads %s)",
+                        name, endpoint, ads_endpoint)  # fmt: skip
+        elif config.sandbox:
             from connector.sandbox.google_ads import start_google_ads_emulator
             from connector.sandbox.google_datamanager import start_datamanager_emulator
 
@@ -116,7 +125,7 @@ class GoogleDestination:
             ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.json", seed_sizes=seed_size)
             endpoint, ads_endpoint = dm_emu.url, ads_emulator.endpoint
             developer_token = ads_emulator.developer_token
-            credentials: Credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+            credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
             log.warning("destination %s is a SANDBOX: Google emulators (Data Manager %s, Google Ads %s), no real "
                         "Google account", name, endpoint, ads_endpoint)  # fmt: skip
         else:

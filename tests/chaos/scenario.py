@@ -1,0 +1,334 @@
+"""One chaos scenario: a segment evolves over several steps and is synced by real `connector sync`
+processes into the three emulators (Meta Graph, Google Data Manager, Google Ads offline jobs), which
+run in this process with their fault knobs on. At random points the sync process is killed with
+SIGKILL and started again. After the last step and at most two clean runs, every audience must equal
+the segment's hashed members exactly, and the ledger must agree with every emulator.
+
+Everything random comes from the scenario's seed, so a failing seed can be replayed:
+`python benchmarks/chaos.py --seeds 1 --first SEED -v`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connector.identifiers.normalize import Normalizer
+from connector.ledger.store import SqlLedger
+from connector.sandbox.faults import FaultKnobs
+from connector.sandbox.google_ads import GoogleAdsEmulator
+from connector.sandbox.google_datamanager import DataManagerEmulator
+from connector.sandbox.meta_graph import MetaGraphEmulator
+from connector.sandbox.tls import ROOTS_ENV, localhost_certificate
+
+TOKEN = "chaos-meta-token-5f1e9c"
+FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
+IDS = ["email", "phone", "first_name", "last_name", "zip", "country"]
+DESTINATIONS = ("meta", "google_dm", "google_jobs")
+FIRST = ["Mary", "José", "Zoë", "Li", "Ahmed", "Åsa", "Chloé", "Björn"]
+LAST = ["Smith", "García", "Müller", "O'Neil", "Nguyen", "Dubois", "Rossi"]
+
+
+@dataclass
+class Outcome:
+    seed: int
+    steps: int = 0
+    runs: int = 0
+    kills: int = 0
+    source_failures: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(self.faults.values())
+
+
+class Segment:
+    """The segment as the shop sees it: rows keyed by customer id, mutated step by step."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.next_id = 0
+        self.rows: dict[str, dict[str, str]] = {}
+        for _ in range(rng.randint(40, 160)):
+            self.add()
+
+    def person(self, i: int) -> dict[str, str]:
+        r = self.rng
+        email = f"{r.choice(['', ' ', 'Mr.'])}{r.choice(FIRST)}.{i}@{r.choice(['Example.com', 'gmail.com', 'shop.co.uk'])}"
+        phone = r.choice([f"+1 415 555 {i % 10000:04d}", f"(415) 555-{i % 10000:04d}", f"+44 20 7946 {i % 10000:04d}"])
+        if r.random() < 0.08:  # garbage a shop really has: some identifiers are unusable
+            email, phone = r.choice(["n/a", "", "@@", "x@"]), r.choice(["", "123", "call me"])
+        return {"customer_id": f"C{i}", "email": email.strip(), "phone": phone, "first_name": r.choice(FIRST),
+                "last_name": r.choice(LAST), "zip": r.choice(["94107", "10001", "SW1A 1AA"]),
+                "country": r.choice(["US", "US", "GB"]), "consent": "denied" if r.random() < 0.1 else "granted"}  # fmt: skip
+
+    def add(self) -> None:
+        row = self.person(self.next_id)
+        self.rows[row["customer_id"]] = row
+        self.next_id += 1
+
+    def evolve(self) -> str:
+        r = self.rng
+        keys = list(self.rows)
+        removed = r.sample(keys, k=int(len(keys) * r.uniform(0, 0.15)))
+        for k in removed:
+            del self.rows[k]
+        added = int(len(keys) * r.uniform(0, 0.25))
+        for _ in range(added):
+            self.add()
+        changed = flipped = 0
+        for row in self.rows.values():
+            x = r.random()
+            if x < 0.08:
+                row["email"] = f"{r.choice(FIRST)}.new{self.next_id}.{changed}@example.org"
+                changed += 1
+            elif x < 0.12:
+                row["phone"] = f"+1 212 555 {r.randint(0, 9999):04d}"
+                changed += 1
+            elif x < 0.18:
+                row["consent"] = "denied" if row["consent"] == "granted" else "granted"
+                flipped += 1
+        return f"-{len(removed)} +{added} ~{changed} consent flips {flipped}"
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(self.rows.values())
+        tmp.replace(path)
+
+    def expected(self, platform: str, meta_faults: FaultKnobs | None = None) -> dict[str, frozenset[tuple[str, str]]]:
+        """customer id -> the hashed member the platform should hold."""
+        n = Normalizer(platform, IDS, "US")  # type: ignore[arg-type]
+        out: dict[str, frozenset[tuple[str, str]]] = {}
+        for key, row in self.rows.items():
+            if platform == "google" and row["consent"] == "denied":
+                continue
+            payload = n.normalize({k: row[k] for k in IDS}).payload
+            if not payload:
+                continue
+            if meta_faults is not None and any(meta_faults.rejects(v, count=False) for k, v in payload.items() if k != "EXTERN_ID"):
+                continue  # Meta refuses this value every time: reported in invalid_entry_samples, never added
+            out[key] = frozenset(payload.items())
+        return out
+
+
+class Emulators:
+    def __init__(self, rng: random.Random, seed: int, faults_on: bool = True) -> None:
+        def knobs(errors: dict[str, float], **kw: Any) -> FaultKnobs:
+            if not faults_on:
+                return FaultKnobs(seed=seed)
+            return FaultKnobs(error_rates=errors, throttle_rate=rng.uniform(0, 0.1), throttle_retry_after=0.05,
+                              latency_seconds=rng.uniform(0.0, 0.08), drop_rate=rng.uniform(0, 0.1),
+                              drop_after_apply=rng.random() < 0.5, seed=seed, **kw)  # fmt: skip
+
+        self.meta = MetaGraphEmulator(expected_token=TOKEN,
+                                      faults=knobs({"2": rng.uniform(0, 0.15)}, reject_rate=rng.choice([0, 0.05])))  # fmt: skip
+        self.dm = DataManagerEmulator(faults=knobs({"UNAVAILABLE": rng.uniform(0, 0.2), "ABORTED": rng.uniform(0, 0.05)}),
+                                      processing_delay_seconds=rng.choice([0.0, 0.3]))  # fmt: skip
+
+        def seed_size(list_id: str) -> int | None:
+            entry = self.dm.lists.get(list_id)
+            return None if entry is None else len(entry["members"])
+
+        self.ads = GoogleAdsEmulator(faults=knobs({"CONCURRENT_MODIFICATION": rng.uniform(0, 0.1),
+                                                   "TRANSIENT_ERROR": rng.uniform(0, 0.1)}),
+                                     processing_delay_seconds=rng.choice([0.0, 0.3]), seed_sizes=seed_size)  # fmt: skip
+
+    @contextmanager
+    def running(self) -> Iterator[Emulators]:
+        with ExitStack() as stack:
+            for emu in (self.meta, self.dm, self.ads):
+                stack.enter_context(emu)
+            yield self
+
+    def faults(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, emu in (("meta", self.meta), ("dm", self.dm), ("ads", self.ads)):
+            for what, n in emu.faults.injected.items():
+                out[f"{name}:{what}"] = n
+        return out
+
+    def audience(self, dest: str, audience_id: str) -> set[frozenset[tuple[str, str]]]:
+        if dest == "meta":
+            return self.meta.member_dicts(audience_id)
+        emu = self.dm if dest == "google_dm" else self.ads
+        return {frozenset((k, v) for k, v in row if v) for row in emu.members(audience_id)}
+
+
+def write_config(workdir: Path, emus: Emulators) -> Path:
+    cfg = workdir / "connector.toml"
+    retry = "max_attempts = 12\nbackoff_max_seconds = 0.2\ntimeout_seconds = 10"
+    cfg.write_text(f"""state_dir = "state"
+max_remove_share = 0.5
+[destinations.meta]
+type = "meta"
+ad_account_id = "act_77"
+graph_url = "{emus.meta.url}"
+{retry}
+[destinations.google_dm]
+type = "google"
+customer_id = "1234567890"
+sandbox = true
+datamanager_endpoint = "{emus.dm.url}"
+{retry}
+[destinations.google_jobs]
+type = "google"
+customer_id = "1234567890"
+upload_api = "google_ads"
+sandbox = true
+google_ads_endpoint = "{emus.ads.endpoint}"
+{retry}
+[segments.chaos]
+source = {{ type = "csv", path = "members.csv" }}
+key = "customer_id"
+identifiers = {{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", zip = "zip", country = "country" }}
+consent = {{ ad_user_data_column = "consent" }}
+destinations = {list(DESTINATIONS)!r}
+""".replace("'", '"'), encoding="utf-8")  # fmt: skip
+    return cfg
+
+
+class Syncer:
+    """Starts `connector sync` processes and kills them with SIGKILL when told to."""
+
+    def __init__(self, workdir: Path, cfg: Path) -> None:
+        self.workdir, self.cfg = workdir, cfg
+        self.env = {**os.environ, "CONNECTOR_DESTINATIONS__META__ACCESS_TOKEN": TOKEN,
+                    ROOTS_ENV: os.environ[ROOTS_ENV], "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.n = 0
+
+    def run(self, kill_after: float | None, timeout: float = 120) -> tuple[int | None, dict[str, Any] | None, str]:
+        """(exit code or None when killed, the --json document, stderr)."""
+        self.n += 1
+        out, err = self.workdir / f"run{self.n}.out", self.workdir / f"run{self.n}.err"
+        with out.open("wb") as fo, err.open("wb") as fe:
+            proc = subprocess.Popen([sys.executable, "-m", "connector", "sync", "--config", str(self.cfg), "--json"],
+                                    stdout=fo, stderr=fe, env=self.env, cwd=self.workdir)  # fmt: skip
+            try:
+                proc.wait(timeout=kill_after if kill_after is not None else timeout)
+            except subprocess.TimeoutExpired:
+                if kill_after is None:
+                    proc.kill()
+                    proc.wait()
+                    raise AssertionError(f"sync did not finish in {timeout} s: {err.read_text()[-2000:]}") from None
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None, None, err.read_text(errors="replace")
+        text = out.read_text()
+        return proc.returncode, (json.loads(text) if text.strip() else None), err.read_text(errors="replace")
+
+
+def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -> None:
+    ledger = SqlLedger(f"sqlite:///{workdir / 'state' / 'ledger.db'}")
+    try:
+        for dest in DESTINATIONS:
+            platform = "meta" if dest == "meta" else "google"
+            expected = seg.expected(platform, emus.meta.faults if dest == "meta" else None)
+            record = ledger.get_audience("chaos", dest)
+            if record is None or not record.audience_id:
+                if expected:
+                    out.mismatches.append(f"{dest}: no audience recorded in the ledger")
+                continue
+            have = emus.audience(dest, record.audience_id)
+            want = set(expected.values())
+            if have != want:
+                out.mismatches.append(f"{dest}: platform has {len(have)}, segment {len(want)}: "
+                                      f"{len(have - want)} extra, {len(want - have)} missing")  # fmt: skip
+            present: set[frozenset[tuple[str, str]]] = set()
+            for batch in ledger.iter_present("chaos", dest, 10_000):
+                present |= {frozenset((k, v) for k, v in json.loads(m.payload).items() if v) for m in batch}
+            if present != have:
+                out.mismatches.append(f"{dest}: ledger says {len(present)} on the platform, platform has {len(have)}")
+            adds, removes = ledger.pending_counts("chaos", dest)
+            if adds or removes:
+                out.mismatches.append(f"{dest}: ledger still has {adds} adds / {removes} removes pending")
+    finally:
+        ledger.close()
+
+
+def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float = 0.5, verbose: bool = False) -> Outcome:
+    started = time.monotonic()
+    localhost_certificate()  # the gRPC emulator's certificate; its file is the sync processes' trusted root
+    rng = random.Random(seed)
+    out = Outcome(seed=seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    seg = Segment(rng)
+    emus = Emulators(rng, seed)
+
+    def note(msg: str) -> None:
+        out.log.append(msg)
+        if verbose:
+            print(f"[seed {seed}] {msg}", file=sys.stderr)
+
+    with emus.running():
+        syncer = Syncer(workdir, write_config(workdir, emus))
+        csv_path = workdir / "members.csv"
+        for step in range(steps):
+            out.steps += 1
+            what = "initial" if step == 0 else seg.evolve()
+            if step and rng.random() < 0.2:  # the export is briefly missing: the run fails, nothing changes
+                csv_path.unlink(missing_ok=True)
+                code, doc, err = syncer.run(None)
+                out.runs += 1
+                out.source_failures += 1
+                note(f"step {step}: source missing -> exit {code}")
+                if code != 1 or "members.csv" not in err:
+                    out.mismatches.append(f"step {step}: a missing source gave exit {code}: {err[-500:]}")
+            seg.write(csv_path)
+            note(f"step {step}: {what}, {len(seg.rows)} rows")
+            for _attempt in range(3):
+                kill_after = rng.uniform(0.6, 3.0) if rng.random() < kill_rate else None
+                code, doc, err = syncer.run(kill_after)
+                out.runs += 1
+                if code is None:
+                    out.kills += 1
+                    note(f"step {step}: killed after {kill_after:.2f} s")
+                    if rng.random() < 0.5:
+                        break  # the segment changes again before anyone restarts the sync
+                    continue
+                note(f"step {step}: exit {code} " + " ".join(f"{r['destination']}:{r['status']}+{r['adds']}-{r['removes']}"
+                                                            for r in (doc or {}).get("runs", [])))  # fmt: skip
+                if code != 0:
+                    note(f"stderr: {err[-800:]}")
+                break
+        # at most two clean runs (faults stay on; no kills)
+        for clean in range(2):
+            code, doc, err = syncer.run(None)
+            out.runs += 1
+            runs = (doc or {}).get("runs", [])
+            note(f"clean run {clean + 1}: exit {code} " + " ".join(
+                f"{r['destination']}:{r['status']}+{r['adds']}-{r['removes']}" for r in runs))  # fmt: skip
+            if code != 0:
+                note(f"stderr: {err[-1500:]}")
+        if code != 0:
+            out.mismatches.append(f"the last clean run failed (exit {code}): {err[-600:]}")
+        elif any(r["adds"] or r["removes"] for r in runs):
+            out.mismatches.append(f"the second clean run still changed something: {runs}")
+        check(seg, emus, workdir, out)
+    out.faults = emus.faults()
+    out.seconds = time.monotonic() - started
+    return out
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    faults = sum(o.faults_injected for o in outcomes)
+    return (f"chaos: {len(outcomes)} scenarios, {sum(o.runs for o in outcomes)} sync processes, {faults} faults injected, "
+            f"{sum(o.kills for o in outcomes)} kills, {sum(o.source_failures for o in outcomes)} source failures, "
+            f"{sum(len(o.mismatches) for o in outcomes)} mismatches")  # fmt: skip

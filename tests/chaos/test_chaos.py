@@ -1,0 +1,24 @@
+"""The chaos convergence suite, CI subset: a few seeds of tests/chaos/scenario.py. Each scenario runs
+real `connector sync` processes, SIGKILLs some of them, and checks that every emulator audience and
+the ledger end up equal to the segment. `python benchmarks/chaos.py --seeds 200` runs the full suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scenario import run_scenario, summary
+
+SEEDS = [int(s) for s in os.environ.get("CONNECTOR_CHAOS_SEEDS", "1,2,3,4,5").split(",") if s.strip()]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_audiences_converge_after_faults_and_kills(seed: int, tmp_path: Path) -> None:
+    out = run_scenario(seed, tmp_path)
+    print(summary([out]))
+    assert out.runs >= out.steps + 2
+    assert out.mismatches == [], "\n".join([*out.mismatches, *out.log])

@@ -1,0 +1,54 @@
+"""Pair locks: a holder killed with SIGKILL on this machine frees its pairs at once; a live holder
+(or one on another machine) keeps them until its lease ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from connector.ledger.store import SqlLedger
+from connector.locks import Coordinator, holder_is_dead
+
+HOLD = """
+import sys, time
+from connector.ledger.store import SqlLedger
+from connector.locks import Coordinator
+c = Coordinator(SqlLedger(sys.argv[1]), lease_seconds=600)
+assert c.try_acquire("vip", "meta") is None
+print(c.holder, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_frees_its_pair_without_waiting_for_the_lease(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    holder = proc.stdout.readline().strip()
+    ledger = SqlLedger(url)
+    coord = Coordinator(ledger, lease_seconds=600)
+    try:
+        assert coord.try_acquire("vip", "meta") == holder  # alive: its 600 s lease holds
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while not holder_is_dead(holder):  # a zombie until reaped, then gone: dead either way
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert coord.try_acquire("vip", "meta") is None
+        assert coord.holders()[("vip", "meta")][0] == coord.holder
+    finally:
+        proc.kill()
+        proc.wait()
+        ledger.close()
+
+
+def test_holders_elsewhere_or_alive_are_never_declared_dead() -> None:
+    assert not holder_is_dead(f"{socket.gethostname()}:{os.getpid()}:abcd")
+    assert not holder_is_dead(f"another-host:{os.getpid() + 1}:abcd")
+    assert not holder_is_dead("dead")  # no pid: only its lease can free it
+    assert not holder_is_dead(f"{socket.gethostname()}:1:abcd")  # pid 1 is alive
