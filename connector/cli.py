@@ -1,6 +1,7 @@
 """`connector` command line: validate, sync, status, runs.
 
-Exit codes: 0 success, 1 a sync failed (or was stopped by a guardrail), 2 bad config or usage.
+Exit codes: 0 success, 1 a sync failed (or was stopped by a guardrail), 2 bad config or usage (also a
+configuration mistake found while syncing, such as a missing secret).
 `--json` prints exactly one JSON document on stdout; progress and logs go to stderr.
 """
 
@@ -181,6 +182,8 @@ def sync(
                 out.print(f"  [yellow]warning[/yellow] {r.segment} -> {r.destination}: {r.warning}")
         for r in failed:
             err.print(f"[red]{r.status}:[/red] {r.error}", highlight=False)
+    if any(r.error_kind == "config" for r in failed):
+        raise typer.Exit(2)  # a configuration mistake (a missing secret...): fix the config, not the data
     if failed:
         raise typer.Exit(1)
 

@@ -39,6 +39,7 @@ from connector.destinations.base import (
 )
 from connector.diff import PlanCounts, check_guardrails, classify
 from connector.errors import (
+    ConfigError,
     ConnectorError,
     DestinationError,
     FatalError,
@@ -105,6 +106,7 @@ class RunResult:
     write_calls: int = 0
     full_refresh: bool = False
     error: str | None = None
+    error_kind: str | None = None  # "config" when the run failed on a configuration mistake
     warning: str | None = None
     retries: int = 0
     throttle_wait_seconds: float = 0.0
@@ -131,6 +133,7 @@ class RunResult:
             "seconds": round(self.seconds, 3),
             "run_id": self.run_id,
             "error": self.error,
+            "error_kind": self.error_kind,
             "warning": self.warning,
         }
         return d
@@ -268,8 +271,6 @@ class Engine:
         names = list(segments) if segments else list(self.settings.segments)
         unknown = [n for n in names if n not in self.settings.segments]
         if unknown:
-            from connector.errors import ConfigError
-
             raise ConfigError(
                 f"unknown segment(s): {', '.join(unknown)} "
                 f"(configured: {', '.join(self.settings.segments) or 'none'})"
@@ -311,7 +312,8 @@ class Engine:
                     plan.spill.close()
             for d in dest_names:
                 cfg = self.settings.destinations[d]
-                res = RunResult(name, d, cfg.type, "failed", error=str(exc), sandbox=cfg.sandbox)
+                res = RunResult(name, d, cfg.type, "failed", error=str(exc), sandbox=cfg.sandbox,
+                                error_kind="config" if isinstance(exc, ConfigError) else None)  # fmt: skip
                 res.run_id = run_ids.get(d)
                 res.seconds = time.monotonic() - started
                 if res.run_id is not None:
@@ -460,11 +462,16 @@ class Engine:
         cls = classify(plan.index, karr, farr)
         # a duplicate of a key the ledger knows: the second occurrence is a duplicate
         if len(plan.index):
-            found_idx = cls.pos[cls.found & valid_row]
-            already = plan.seen[found_idx]
-            if already.any():
+            rows_found = np.flatnonzero(cls.found & valid_row)
+            pos = cls.pos[rows_found]
+            repeated = plan.seen[pos]  # seen in an earlier batch
+            _, first = np.unique(pos, return_index=True)
+            again = np.ones(len(pos), dtype=bool)
+            again[first] = False  # or earlier in this batch: the first occurrence wins
+            repeated |= again
+            if repeated.any():
                 dup = dup.copy()
-                dup[np.flatnonzero(cls.found & valid_row)[already]] = True
+                dup[rows_found[repeated]] = True
         counts.invalid += int((~valid_row).sum())
         if (~valid_row).any():
             counts.invalid_reasons["key_missing"] += int((~valid_row).sum())
@@ -565,6 +572,8 @@ class Engine:
             res.status, res.error = "failed", f"{pair}: {exc}"
         except DestinationError as exc:
             res.status, res.error = "failed", f"{pair}: gave up after retries: {exc}"
+        except ConfigError as exc:
+            res.status, res.error, res.error_kind = "failed", f"{pair}: {exc}", "config"
         except ConnectorError as exc:
             res.status, res.error = "failed", f"{pair}: {exc}"
         finally:

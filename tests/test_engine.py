@@ -271,3 +271,18 @@ def test_duplicate_keys_with_a_destination_added_later(make_harness) -> None:  #
     assert res["google"].counts.invalid_reasons["duplicate_key"] == 1
     assert res["meta"].counts.invalid_reasons["duplicate_key"] == 1
     assert len(h.audience("google")) == 5
+
+
+def test_two_members_sending_the_same_payload_keep_it_until_both_leave(harness: Harness) -> None:
+    """Two customers with every identifier in common are one user to the platform: when one leaves,
+    removing the shared payload would take the other out too."""
+    twins = [person(1, email="family@example.com", phone="+14155550100"),
+             person(2, email="family@example.com", phone="+14155550100")]  # fmt: skip
+    harness.sync([*twins, person(3)])
+    assert len(harness.audience("meta")) == 2
+    res = harness.sync([twins[0], person(3)], force=True)  # 1 of 3 is over the 20% guardrail
+    assert res["meta"].counts.removes == 1 and res["meta"].status == "success"
+    assert len(harness.audience("meta")) == 2 and len(harness.audience("google")) == 2  # the twin stays
+    assert harness.sync([twins[0], person(3)])["meta"].write_calls == 0
+    harness.sync([person(3)], force=True)
+    assert len(harness.audience("meta")) == 1 and len(harness.audience("google")) == 1

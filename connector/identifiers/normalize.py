@@ -112,8 +112,10 @@ def _clean(value: str | None) -> str:
 
 
 def normalize_email(value: str, platform: PlatformName) -> str | None:
+    if len(value) > 320:  # RFC 5321 limits: 64 (local part) + 1 + 255 (domain)
+        return None
     e = value.strip().lower()
-    if not _EMAIL_RE.match(e):
+    if len(e) > 254 or len(e.partition("@")[0]) > 64 or not _EMAIL_RE.match(e):
         return None
     if platform == "google":
         local, _, domain = e.rpartition("@")

@@ -16,6 +16,7 @@ of that old payload is acknowledged; then the new payload is added.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -47,6 +48,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -55,7 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: members.payload_hash
 
 # States that count as "on the platform, or will be once confirmed".
 ON_PLATFORM = ("accepted", "confirmed")
@@ -90,6 +92,8 @@ members = Table(
     Column("member_key", String(64), primary_key=True),
     Column("fingerprint", BigInteger, nullable=False),
     Column("payload", Text, nullable=False),
+    # 64-bit hash of `payload`: finds other members that send the very same payload
+    Column("payload_hash", BigInteger),
     Column("prev_payload", Text),
     Column("consent", String(8), nullable=False, default=""),
     Column("state", String(20), nullable=False),
@@ -100,6 +104,7 @@ members = Table(
     Column("expires_at", DateTime(timezone=True)),
     # pending work is found by state without scanning the whole audience
     Index("ix_members_state", "segment", "destination", "state", "member_key"),
+    Index("ix_members_payload", "segment", "destination", "payload_hash"),
 )
 
 runs = Table(
@@ -135,6 +140,11 @@ _REMOVAL = members.c.state.in_(("remove_planned", "planned")) & (
 # States whose payload is, or may be, on the platform: a `planned` payload may have been sent by a
 # run that died before recording the answer.
 MAYBE_ON_PLATFORM = (*ON_PLATFORM, "remove_planned", "planned")
+
+
+def payload_hash(payload: str) -> int:
+    """A signed 64-bit hash of a payload, for the `payload_hash` index."""
+    return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def owed_payloads(prev: str | None) -> list[str]:
@@ -286,6 +296,28 @@ class SqlLedger:
                 raise LedgerError(
                     f"the ledger was written by a newer connector (schema {row[0]} > {SCHEMA_VERSION})"
                 )
+            elif int(row[0]) < 2:
+                self._migrate_to_2(conn)
+                conn.execute(update(meta_table).where(meta_table.c.key == "schema").values(value="2"))
+
+    @staticmethod
+    def _migrate_to_2(conn: Any) -> None:
+        """Schema 1 -> 2: add and fill members.payload_hash, and its index."""
+        columns = {c["name"] for c in inspect(conn).get_columns("members")}
+        if "payload_hash" not in columns:
+            conn.exec_driver_sql("ALTER TABLE members ADD COLUMN payload_hash BIGINT")
+        ix = next(i for i in members.indexes if i.name == "ix_members_payload")
+        ix.create(conn, checkfirst=True)
+        pk = (members.c.segment, members.c.destination, members.c.member_key)
+        todo = conn.execute(select(*pk, members.c.payload).where(members.c.payload_hash.is_(None))).all()
+        for i in range(0, len(todo), 10_000):
+            conn.execute(
+                update(members)
+                .where(members.c.segment == bindparam("s"), members.c.destination == bindparam("d"),
+                       members.c.member_key == bindparam("k"))
+                .values(payload_hash=bindparam("h")),
+                [{"s": s, "d": d, "k": k, "h": payload_hash(p)} for s, d, k, p in todo[i : i + 10_000]],
+            )  # fmt: skip
 
     def close(self) -> None:
         self.engine.dispose()
@@ -459,6 +491,7 @@ class SqlLedger:
                         new_rows.append({
                             "segment": segment, "destination": destination, "member_key": m.key,
                             "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
+                            "payload_hash": payload_hash(m.payload),
                             "prev_payload": None, "consent": m.consent, "state": "planned",
                             "updated_at": ts,
                         })  # fmt: skip
@@ -472,6 +505,7 @@ class SqlLedger:
                     prev_payload = encode_owed([x for x in owed if x != m.payload]) if keep_removals else None
                     changed.append({
                         "k": m.key, "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
+                        "payload_hash": payload_hash(m.payload),
                         "prev_payload": prev_payload, "consent": m.consent,
                     })  # fmt: skip
                 if changed:
@@ -568,17 +602,48 @@ class SqlLedger:
             segment, destination, cond, batch,
             (members.c.payload, members.c.consent, members.c.prev_payload, members.c.state),
         ):  # fmt: skip
+            owed: list[tuple[str, str, str | None, list[str]]] = []
             for k, p, c, prev, st in rows:
                 payloads = owed_payloads(prev)
                 if st == "remove_planned" and p not in payloads:
                     payloads.append(p)
+                owed.append((k, c, prev, payloads))
+            # a payload another member still holds on the platform (two customers sharing every
+            # identifier are one user to the platform) must stay: only this member's claim goes
+            shared = self._held_by_others(segment, destination, {x for *_, ps in owed for x in ps})
+            settled = []
+            for k, c, prev, payloads in owed:
+                payloads = [x for x in payloads if x not in shared]
+                if not payloads:
+                    settled.append(k)
+                    continue
                 # a member's payloads stay in one batch: its removal is committed once, for all of them
                 if out and len(out) + len(payloads) > batch:
                     yield out
                     out = []
                 out.extend(PendingMember(k, x, c, prev) for x in payloads)
+            if settled:
+                self.commit_removals(segment, destination, settled)
         if out:
             yield out
+
+    def _held_by_others(self, segment: str, destination: str, payloads: set[str]) -> set[str]:
+        """The payloads among these that a member on the platform (accepted/confirmed) holds."""
+        by_hash: dict[int, set[str]] = {}
+        for p in payloads:
+            by_hash.setdefault(payload_hash(p), set()).add(p)
+        held: set[str] = set()
+        hashes = list(by_hash)
+        with self.engine.connect() as conn:
+            for i in range(0, len(hashes), 900):
+                rows = conn.execute(
+                    select(members.c.payload).where(
+                        self._pair(segment, destination), members.c.payload_hash.in_(hashes[i : i + 900]),
+                        members.c.state.in_(ON_PLATFORM),
+                    )
+                )  # fmt: skip
+                held |= {p for (p,) in rows if p in by_hash.get(payload_hash(p), ())}
+        return held
 
     def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         cond = members.c.state.in_(TO_ADD) & members.c.prev_payload.is_(None)

@@ -126,25 +126,28 @@ class GoogleAdsApi:
         return rows[0].user_list if rows else None
 
     def _create_list(self, user_list: Any, what: str) -> str:
+        """Create a list, retried on transient errors. Creating is not idempotent: an attempt that
+        failed in transit may have created the list, so every retry first looks it up by name."""
         op = self._type("UserListOperation")
         op.create = user_list
         svc = self._svc("UserListService")
-        try:
-            resp = self._call(what, lambda: svc.mutate_user_lists(customer_id=self.customer_id, operations=[op],
-                                                                  timeout=self._timeout), retry=False)  # fmt: skip
-        except RetriableError:
-            found = self.find_list(user_list.name)
-            if found:
+        attempts = 0
+
+        def attempt() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and (found := self.find_list(user_list.name)):
                 return found
-            raise
-        except FatalError as exc:
-            if exc.code != "NAME_ALREADY_USED":
-                raise
-            found = self.find_list(user_list.name)
-            if found is None:
-                raise
-            return found
-        return str(resp.results[0].resource_name.rsplit("/", 1)[-1])
+            try:
+                resp = self._call(what, lambda: svc.mutate_user_lists(customer_id=self.customer_id, operations=[op],
+                                                                      timeout=self._timeout), retry=False)  # fmt: skip
+            except FatalError as exc:
+                if exc.code != "NAME_ALREADY_USED" or (found := self.find_list(user_list.name)) is None:
+                    raise
+                return found
+            return str(resp.results[0].resource_name.rsplit("/", 1)[-1])
+
+        return self._policy.call(attempt, what=f"Google Ads {what}", stats=self._stats)
 
     def ensure_crm_list(self, name: str, known_id: str | None, membership_days: int) -> str:
         if known_id and self._list_row(known_id) is not None:
