@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import logging
 import random
 import threading
@@ -203,6 +204,8 @@ def _authenticate(settings: ConnectorSettings, request: Request, body: bytes) ->
         try:
             age = abs(time.time() - float(ts))
         except ValueError:
+            age = math.nan
+        if not math.isfinite(age):  # "nan" or "inf" would slip past a plain comparison
             return _error(401, "X-Connector-Timestamp must be a Unix timestamp"), None
         if age > MAX_SKEW_SECONDS:
             return _error(401, "stale or future timestamp (more than 5 minutes off)"), None

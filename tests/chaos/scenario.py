@@ -235,7 +235,30 @@ class Syncer:
         return proc.returncode, (json.loads(text) if text.strip() else None), err.read_text(errors="replace")
 
 
+def scan_for_leaks(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -> None:
+    """Every byte the sync processes wrote (stdout, stderr, ledger, spill files) and every request the
+    emulators received: no token, no raw email or phone."""
+    raw = {TOKEN}
+    for r in seg.rows.values():
+        if "@" in r["email"] and len(r["email"]) > 5:
+            raw |= {r["email"], r["email"].lower()}
+        if sum(c.isdigit() for c in r["phone"]) >= 10:
+            raw.add(r["phone"])
+    needles = [x.encode() for x in raw]
+    for path in workdir.rglob("*"):
+        if path.is_file() and path.name not in ("members.csv", "members.tmp", "connector.toml"):
+            data = path.read_bytes()
+            leaked = [n.decode() for n in needles if n in data]
+            if leaked:
+                out.mismatches.append(f"leak: {path.relative_to(workdir)} holds {len(leaked)} raw values/tokens")
+    wire = "\n".join(e.get("path", "") + e.get("body", "") + str(e.get("query", "")) + str(e.get("query_keys", ""))
+                     for e in [*emus.meta.request_log, *emus.dm.request_log])  # fmt: skip
+    if any(x in wire for x in raw if x != TOKEN) or TOKEN in wire:
+        out.mismatches.append("leak: a raw identifier or the token went over the wire outside the auth header")
+
+
 def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -> None:
+    scan_for_leaks(seg, emus, workdir, out)
     ledger = SqlLedger(f"sqlite:///{workdir / 'state' / 'ledger.db'}")
     try:
         for dest in DESTINATIONS:
