@@ -19,8 +19,8 @@ import contextlib
 import hashlib
 import hmac
 import json
-import math
 import logging
+import math
 import random
 import threading
 import time

@@ -50,7 +50,7 @@ def requests(rng: random.Random, n: int) -> list[tuple[str, bytes, dict[str, str
         if kind == "signed":
             captured = (body, good)
         elif kind == "bad_sig":
-            headers["X-Connector-Signature"] = "sha256=" + "%064x" % rng.getrandbits(256)
+            headers["X-Connector-Signature"] = "sha256=" + f"{rng.getrandbits(256):064x}"
         elif kind == "wrong_secret":
             headers["X-Connector-Signature"] = "sha256=" + sign(SECRET + "x", now, body)
         elif kind == "stale":
@@ -81,16 +81,16 @@ def requests(rng: random.Random, n: int) -> list[tuple[str, bytes, dict[str, str
 def test_two_thousand_requests_no_forgery_no_crash_bounded_memory(tmp_path: Path) -> None:
     with (tmp_path / "m.csv").open("w") as f:
         f.write("id,email\n" + "".join(f"C{i},user{i}@example.com\n" for i in range(SEGMENT_ROWS)))
-    (tmp_path / "connector.toml").write_text(f"""state_dir = "state"
+    (tmp_path / "connector.toml").write_text("""state_dir = "state"
 webhook_debounce_seconds = 0.2
 [destinations.meta]
 type = "meta"
 ad_account_id = "act_1"
 sandbox = true
 [segments.vip]
-source = {{ type = "csv", path = "m.csv" }}
+source = { type = "csv", path = "m.csv" }
 key = "id"
-identifiers = {{ email = "email" }}
+identifiers = { email = "email" }
 destinations = ["meta"]
 """)
     port = free_port()
