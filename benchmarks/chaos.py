@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "chaos"))
 from scenario import Outcome, run_scenario, summary
 
 
-def one(seed: int, verbose: bool) -> Outcome:
+def one(seed: int, verbose: bool, ledger_url: str | None) -> Outcome:
     with tempfile.TemporaryDirectory(prefix=f"chaos-{seed}-") as tmp:
-        return run_scenario(seed, Path(tmp), verbose=verbose)
+        return run_scenario(seed, Path(tmp), verbose=verbose, ledger_url=ledger_url)
 
 
 def main() -> int:
@@ -29,12 +29,13 @@ def main() -> int:
     ap.add_argument("--first", type=int, default=1, help="first seed")
     ap.add_argument("--workers", type=int, default=2, help="scenarios run at once")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each scenario's steps")
+    ap.add_argument("--ledger-url", help="a PostgreSQL ledger (SQLAlchemy URL) instead of SQLite files")
     args = ap.parse_args()
     seeds = range(args.first, args.first + args.seeds)
     outcomes: list[Outcome] = []
     print(f"{'seed':>6} {'runs':>5} {'kills':>5} {'faults':>6} {'seconds':>8}  mismatches", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(one, s, args.verbose) for s in seeds]
+        futures = [pool.submit(one, s, args.verbose, args.ledger_url) for s in seeds]
         for fut in as_completed(futures):
             o = fut.result()
             outcomes.append(o)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -172,10 +173,11 @@ class Emulators:
         return {frozenset((k, v) for k, v in row if v) for row in emu.members(audience_id)}
 
 
-def write_config(workdir: Path, emus: Emulators) -> Path:
+def write_config(workdir: Path, emus: Emulators, segment: str, ledger_url: str | None) -> Path:
     cfg = workdir / "connector.toml"
     retry = "max_attempts = 12\nbackoff_max_seconds = 0.2\ntimeout_seconds = 10"
     cfg.write_text(f"""state_dir = "state"
+{f'ledger_url = "{ledger_url}"' if ledger_url else ""}
 max_remove_share = 0.5
 [destinations.meta]
 type = "meta"
@@ -195,7 +197,7 @@ upload_api = "google_ads"
 sandbox = true
 google_ads_endpoint = "{emus.ads.endpoint}"
 {retry}
-[segments.chaos]
+[segments.{segment}]
 source = {{ type = "csv", path = "members.csv" }}
 key = "customer_id"
 identifiers = {{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", zip = "zip", country = "country" }}
@@ -257,14 +259,14 @@ def scan_for_leaks(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -
         out.mismatches.append("leak: a raw identifier or the token went over the wire outside the auth header")
 
 
-def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -> None:
+def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome, name: str, ledger_url: str | None) -> None:
     scan_for_leaks(seg, emus, workdir, out)
-    ledger = SqlLedger(f"sqlite:///{workdir / 'state' / 'ledger.db'}")
+    ledger = SqlLedger(ledger_url or f"sqlite:///{workdir / 'state' / 'ledger.db'}")
     try:
         for dest in DESTINATIONS:
             platform = "meta" if dest == "meta" else "google"
             expected = seg.expected(platform, emus.meta.faults if dest == "meta" else None)
-            record = ledger.get_audience("chaos", dest)
+            record = ledger.get_audience(name, dest)
             if record is None or not record.audience_id:
                 if expected:
                     out.mismatches.append(f"{dest}: no audience recorded in the ledger")
@@ -275,18 +277,20 @@ def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -> None:
                 out.mismatches.append(f"{dest}: platform has {len(have)}, segment {len(want)}: "
                                       f"{len(have - want)} extra, {len(want - have)} missing")  # fmt: skip
             present: set[frozenset[tuple[str, str]]] = set()
-            for batch in ledger.iter_present("chaos", dest, 10_000):
+            for batch in ledger.iter_present(name, dest, 10_000):
                 present |= {frozenset((k, v) for k, v in json.loads(m.payload).items() if v) for m in batch}
             if present != have:
                 out.mismatches.append(f"{dest}: ledger says {len(present)} on the platform, platform has {len(have)}")
-            adds, removes = ledger.pending_counts("chaos", dest)
+            adds, removes = ledger.pending_counts(name, dest)
             if adds or removes:
                 out.mismatches.append(f"{dest}: ledger still has {adds} adds / {removes} removes pending")
     finally:
         ledger.close()
 
 
-def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float = 0.5, verbose: bool = False) -> Outcome:
+def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float = 0.5, verbose: bool = False,
+                 ledger_url: str | None = None) -> Outcome:
+    """`ledger_url`: a PostgreSQL ledger instead of the SQLite file (shared: the segment gets a unique name)."""
     started = time.monotonic()
     localhost_certificate()  # the gRPC emulator's certificate; its file is the sync processes' trusted root
     rng = random.Random(seed)
@@ -301,7 +305,8 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
             print(f"[seed {seed}] {msg}", file=sys.stderr)
 
     with emus.running():
-        syncer = Syncer(workdir, write_config(workdir, emus))
+        name = f"chaos_{seed}_{uuid.uuid4().hex[:8]}" if ledger_url else "chaos"
+        syncer = Syncer(workdir, write_config(workdir, emus, name, ledger_url))
         csv_path = workdir / "members.csv"
         for step in range(steps):
             out.steps += 1
@@ -344,7 +349,7 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
             out.mismatches.append(f"the last clean run failed (exit {code}): {err[-600:]}")
         elif any(r["adds"] or r["removes"] for r in runs):
             out.mismatches.append(f"the second clean run still changed something: {runs}")
-        check(seg, emus, workdir, out)
+        check(seg, emus, workdir, out, name, ledger_url)
     out.faults = emus.faults()
     out.seconds = time.monotonic() - started
     return out
