@@ -4,8 +4,9 @@ run in this process with their fault knobs on. At random points the sync process
 SIGKILL and started again. After the last step and at most two clean runs, every audience must equal
 the segment's hashed members exactly, and the ledger must agree with every emulator.
 
-Everything random comes from the scenario's seed, so a failing seed can be replayed:
-`python benchmarks/chaos.py --seeds 1 --first SEED -v`.
+Everything random comes from the scenario's seed (the segment, its changes, the fault knobs, when
+kills happen), so a failing seed can be replayed: `python benchmarks/chaos.py --seeds 1 --first SEED -v`.
+Kill points are times, so what a kill interrupts also depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -353,6 +354,9 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
     out.faults = emus.faults()
     out.seconds = time.monotonic() - started
     return out
+
+
+OUTCOMES: list[Outcome] = []  # the scenarios this pytest session ran (printed at its end)
 
 
 def summary(outcomes: list[Outcome]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scenario import run_scenario, summary
+from scenario import OUTCOMES, run_scenario, summary
 
 SEEDS = [int(s) for s in os.environ.get("CONNECTOR_CHAOS_SEEDS", "1,2,3,4,5").split(",") if s.strip()]
 PG = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
@@ -20,7 +20,7 @@ PG = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_audiences_converge_after_faults_and_kills(seed: int, tmp_path: Path) -> None:
     out = run_scenario(seed, tmp_path)
-    print(summary([out]))
+    OUTCOMES.append(out)
     assert out.runs >= out.steps + 2
     assert out.mismatches == [], "\n".join([*out.mismatches, *out.log])
 
@@ -29,5 +29,5 @@ def test_audiences_converge_after_faults_and_kills(seed: int, tmp_path: Path) ->
 @pytest.mark.parametrize("seed", [101, 102])
 def test_audiences_converge_with_a_postgresql_ledger(seed: int, tmp_path: Path) -> None:
     out = run_scenario(seed, tmp_path, ledger_url=PG)
-    print(summary([out]))
+    OUTCOMES.append(out)
     assert out.mismatches == [], "\n".join([*out.mismatches, *out.log])
