@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scenario import OUTCOMES, run_scenario, summary
+from scenario import OUTCOMES, run_scenario
 
 SEEDS = [int(s) for s in os.environ.get("CONNECTOR_CHAOS_SEEDS", "1,2,3,4,5").split(",") if s.strip()]
 PG = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
