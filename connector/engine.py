@@ -312,7 +312,7 @@ class Engine:
                     plan.spill.close()
             for d in dest_names:
                 cfg = self.settings.destinations[d]
-                res = RunResult(name, d, cfg.type, "failed", error=str(exc), sandbox=cfg.sandbox,
+                res = RunResult(name, d, cfg.type, "failed", error=f"segment {name}: {exc}", sandbox=cfg.sandbox,
                                 error_kind="config" if isinstance(exc, ConfigError) else None)  # fmt: skip
                 res.run_id = run_ids.get(d)
                 res.seconds = time.monotonic() - started

@@ -175,7 +175,7 @@ def test_csv_missing_key_column_names_it_and_the_columns_found(csv_case: Case) -
     write_csv(csv_case.dir / "m.csv", [r[1:] for r in rows()], header=["email", "phone"])
     code, out, _ = csv_case.sync()
     assert code == 1
-    assert "'id'" in out and "email" in out and "m.csv" in out
+    assert "segment vip" in out and "'id'" in out and "email" in out and "m.csv" in out and "`key`" in out
     csv_case.assert_intact(restore_csv(csv_case))
 
 
@@ -226,12 +226,21 @@ def test_ten_percent_garbage_identifiers_are_counted_and_the_rest_synced(csv_cas
     assert csv_case.audience_size() == N + 40 - 10
 
 
-def test_csv_truncated_mid_quote_fails_without_removing_anyone(csv_case: Case) -> None:
+def test_csv_truncated_mid_row_fails_naming_the_file(csv_case: Case) -> None:
+    """An export cut off mid-row: the short row is a parse error, and no member is removed."""
     good = (csv_case.dir / "m.csv").read_text()
     (csv_case.dir / "m.csv").write_text(good[: len(good) // 2] + '"C999,"unterminated@example.com')
     code, out, _ = csv_case.sync()
     assert code == 1
-    assert "m.csv" in out and "unterminated" not in out
+    assert "segment vip" in out and "m.csv" in out and "parse error" in out and "unterminated" not in out
+
+
+def test_csv_cut_off_at_a_row_boundary_is_stopped_by_the_guardrail(csv_case: Case) -> None:
+    write_csv(csv_case.dir / "m.csv", rows()[:20])  # a partial export that still parses
+    code, out, _ = csv_case.sync()
+    assert code == 1
+    assert "removes 40 of 60" in out and "--force" in out
+    csv_case.assert_intact(restore_csv(csv_case))
     csv_case.assert_intact(restore_csv(csv_case))
 
 
@@ -275,7 +284,7 @@ def test_sql_errors_name_the_segment_and_hide_the_password(tmp_path: Path) -> No
     case.source = '{ type = "sql", url = "sqlite:///shop.db", query = "SELECT id, email, phone FROM customer" }'
     case.write_config()
     code, out, _ = case.sync()
-    assert code == 1 and "vip" in out and "no such table" in out
+    assert code == 1 and "segment vip" in out and "no such table" in out
     case.source = '{ type = "sql", url = "postgresql+psycopg://shop:hunter2@127.0.0.1:1/nope", query = "SELECT 1" }'
     case.write_config()
     code, out, _ = case.sync()

@@ -32,7 +32,8 @@ def _missing(source: str, wanted: Sequence[str], available: Sequence[str]) -> So
     miss = [c for c in wanted if c not in available]
     return SourceError(
         f"{source}: missing column(s) {', '.join(repr(c) for c in miss)}; "
-        f"available: {', '.join(repr(c) for c in available) or 'none'}"
+        f"available: {', '.join(repr(c) for c in available) or 'none'} "
+        "(fix the segment's `key`, `identifiers` or `consent` column names, or the export)"
     )
 
 
