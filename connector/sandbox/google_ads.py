@@ -429,6 +429,19 @@ class GoogleAdsEmulator(Emulator):
                 state = self._status(job)
                 return [gas.GoogleAdsRow(offline_user_data_job=ouj.OfflineUserDataJob(
                     resource_name=m.group(1), status=getattr(JobStatus, state)))]  # fmt: skip
+            m = re.search(r"FROM offline_user_data_job WHERE offline_user_data_job\.status = '(\w+)' "
+                          r"AND offline_user_data_job\.type = 'CUSTOMER_MATCH_USER_LIST'$", q)  # fmt: skip
+            if m:
+                out = []
+                for name, job in self.jobs.items():
+                    state = self._status(job)
+                    if state != m.group(1):
+                        continue
+                    cid = name.split("/")[1]
+                    j = ouj.OfflineUserDataJob(resource_name=name, status=getattr(JobStatus, state))
+                    j.customer_match_user_list_metadata.user_list = f"customers/{cid}/userLists/{job['list']}"
+                    out.append(gas.GoogleAdsRow(offline_user_data_job=j))
+                return out
         raise AdsAbort("INTERNAL_ERROR", "query shape not supported by the emulator")
 
     def _search(self, req: gas.SearchGoogleAdsRequest, _ctx: grpc.ServicerContext) -> Any:

@@ -312,6 +312,37 @@ class GoogleAdsApi:
         job.ran = True
         self._ran.add(job.resource_name)
 
+    def resume_pending_jobs(self, list_id: str) -> list[str]:
+        """Run the jobs on this list that a process created, filled and never ran (it was killed before
+        `finish`). Their removals are already recorded in the ledger: without this they would never
+        happen. Oldest first; a job that cannot run any more is logged and left."""
+        query = (
+            "SELECT offline_user_data_job.resource_name, offline_user_data_job.status, "
+            "offline_user_data_job.customer_match_user_list_metadata.user_list FROM offline_user_data_job "
+            "WHERE offline_user_data_job.status = 'PENDING' AND offline_user_data_job.type = 'CUSTOMER_MATCH_USER_LIST'"
+        )
+        mine = f"customers/{self.customer_id}/userLists/{list_id}"
+        open_names = {j.resource_name for j in self._open.values()}
+        names = sorted(
+            (r.offline_user_data_job.resource_name for r in self._search(query, "find jobs never run")
+             if r.offline_user_data_job.customer_match_user_list_metadata.user_list == mine
+             and r.offline_user_data_job.resource_name not in open_names),
+            key=lambda n: int(n.rsplit("/", 1)[-1]) if n.rsplit("/", 1)[-1].isdigit() else 0,
+        )  # fmt: skip
+        svc = self._svc("OfflineUserDataJobService")
+        resumed = []
+        for name in names:
+            self._wait_for_running(list_id)
+            try:
+                self._call("run offline user data job", lambda n=name: svc.run_offline_user_data_job(  # type: ignore[misc]
+                    resource_name=n, timeout=self._timeout))  # fmt: skip
+            except FatalError as exc:
+                log.warning("Google Ads: a job left by an interrupted run could not be run: %s", exc)
+                continue
+            self._ran.add(name)
+            resumed.append(name)
+        return resumed
+
     def job_outcome(self, job_resource_name: str) -> RequestOutcome:
         if "'" in job_resource_name:
             raise ValueError("not a job resource name")

@@ -175,6 +175,10 @@ class GoogleDestination:
         if self._use_ads:
             assert self.ads is not None
             lid = self.ads.ensure_crm_list(segment, known.audience_id if known else None, self.config.membership_days)
+            resumed = self.ads.resume_pending_jobs(lid)
+            if resumed:
+                log.warning("Google Ads list %s: ran %d job(s) an interrupted run had filled but not run", lid,
+                            len(resumed))  # fmt: skip
             return AudienceRef(lid, segment, {"schema": ",".join(schema), "upload_api": "google_ads"})
         if known is not None:
             if self._dm.get_list(known.audience_id) is not None:

@@ -109,3 +109,24 @@ def test_allowlist_developer_token_and_lookalike(emu: GoogleAdsEmulator) -> None
     finally:
         emu.allowlisted = True
     assert not any(TOKEN in str(entry) for entry in emu.request_log)
+
+
+def test_jobs_a_killed_process_filled_but_never_ran_are_run_by_the_next_one(emu: GoogleAdsEmulator) -> None:
+    """The ledger records staged removals when `stage` returns; a process killed before `finish` never
+    runs the job. The next process finds the job PENDING on the list and runs it, oldest first."""
+    a = api(emu)
+    lid = a.ensure_crm_list("ads-resume", None, 30)
+    a.stage(lid, [member(1), member(2), member(3)], remove=False)
+    a.run_staged(lid)
+    emu.processing_delay_seconds = 0.0
+    assert len(emu.members(lid)) == 3
+    dead = api(emu)  # stages a removal, then "dies": its job is never run
+    dead.stage(lid, [member(1)], remove=True)
+    other = api(emu).ensure_crm_list("ads-other", None, 30)
+    api(emu).stage(other, [member(9)], remove=False)  # another list's pending job: not ours to run
+    assert len(emu.members(lid)) == 3
+    nxt = api(emu)
+    resumed = nxt.resume_pending_jobs(lid)
+    assert len(resumed) == 1 and nxt.job_outcome(resumed[0]).state == "succeeded"
+    assert len(emu.members(lid)) == 2 and emu.members(other) == set()
+    assert nxt.resume_pending_jobs(lid) == []
