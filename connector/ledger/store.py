@@ -282,7 +282,14 @@ class SqlLedger:
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             create_tables(metadata, self.engine)
-            self._check_version()
+            for attempt in range(3):  # another process may be migrating the same database right now
+                try:
+                    self._check_version()
+                    break
+                except SQLAlchemyError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot open the ledger database ({type(exc).__name__})") from None
         self._lock = threading.Lock()
