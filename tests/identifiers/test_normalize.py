@@ -16,10 +16,15 @@ from connector.identifiers.normalize import (
     NO_IDENTIFIER,
     PHONE_INVALID,
     Normalizer,
+    normalize_city,
     normalize_country,
     normalize_email,
+    normalize_gender,
+    normalize_madid,
     normalize_name,
     normalize_phone,
+    normalize_state,
+    normalize_zip,
 )
 
 ALL_FIELDS = ["email", "phone", "first_name", "last_name", "zip", "country", "city", "state", "gender",
@@ -183,3 +188,33 @@ def test_name_normalization_is_idempotent(name: str) -> None:
     once = normalize_name(name)
     if once is not None:
         assert normalize_name(once) == once
+
+
+FIELD_RULES = {
+    "email_meta": lambda v: normalize_email(v, "meta"),
+    "email_google": lambda v: normalize_email(v, "google"),
+    "phone_us": lambda v: normalize_phone(v, "US"),
+    "phone_de": lambda v: normalize_phone(v, "DE"),
+    "name": normalize_name,
+    "country": normalize_country,
+    "zip_us_google": lambda v: normalize_zip(v, "US", "google"),
+    "zip_gb_meta": lambda v: normalize_zip(v, "GB", "meta"),
+    "city": normalize_city,
+    "state_us": lambda v: normalize_state(v, "US"),
+    "gender": normalize_gender,
+    "madid": normalize_madid,
+}
+unicode_text = st.one_of(
+    st.text(max_size=60),  # anything: control characters, surrogates' neighbours, combining marks, emoji
+    st.sampled_from(["+1 (415) 555-0134", "0049 30 1234567", "Mary.Smith+x@GMail.com", "SW1A 1AA", "  Zoë ", "ﬁ"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(FIELD_RULES)), unicode_text)
+def test_every_field_rule_never_raises_and_is_idempotent(rule: str, value: str) -> None:
+    f = FIELD_RULES[rule]
+    once = f(value)
+    if once is not None:
+        assert isinstance(once, str)
+        assert f(once) == once, (rule, value, once)
