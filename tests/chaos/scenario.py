@@ -49,6 +49,7 @@ class Outcome:
     runs: int = 0
     kills: int = 0
     source_failures: int = 0
+    full_refreshes: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -217,12 +218,13 @@ class Syncer:
                     ROOTS_ENV: os.environ[ROOTS_ENV], "PYTHONUNBUFFERED": "1"}  # fmt: skip
         self.n = 0
 
-    def run(self, kill_after: float | None, timeout: float = 120) -> tuple[int | None, dict[str, Any] | None, str]:
+    def run(self, kill_after: float | None, timeout: float = 120,
+            *args: str) -> tuple[int | None, dict[str, Any] | None, str]:  # fmt: skip
         """(exit code or None when killed, the --json document, stderr)."""
         self.n += 1
         out, err = self.workdir / f"run{self.n}.out", self.workdir / f"run{self.n}.err"
         with out.open("wb") as fo, err.open("wb") as fe:
-            proc = subprocess.Popen([sys.executable, "-m", "connector", "sync", "--config", str(self.cfg), "--json"],
+            proc = subprocess.Popen([sys.executable, "-m", "connector", "sync", "--config", str(self.cfg), "--json", *args],
                                     stdout=fo, stderr=fe, env=self.env, cwd=self.workdir)  # fmt: skip
             try:
                 proc.wait(timeout=kill_after if kill_after is not None else timeout)
@@ -337,6 +339,16 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
                 if code != 0:
                     note(f"stderr: {err[-800:]}")
                 break
+            if step and rng.random() < 0.15:
+                # a full refresh (replace) under faults; never killed: a Meta audience whose replace session
+                # was abandoned refuses every change for the platform's 90-minute window
+                code, doc, err = syncer.run(None, 120, "--full-refresh")
+                out.runs += 1
+                out.full_refreshes += 1
+                note(f"step {step}: full refresh -> exit {code} " + " ".join(
+                    f"{r['destination']}:{r['status']}" for r in (doc or {}).get("runs", [])))  # fmt: skip
+                if code != 0:
+                    note(f"stderr: {err[-800:]}")
         # at most two clean runs (faults stay on; no kills)
         for clean in range(2):
             code, doc, err = syncer.run(None)
@@ -363,4 +375,5 @@ def summary(outcomes: list[Outcome]) -> str:
     faults = sum(o.faults_injected for o in outcomes)
     return (f"chaos: {len(outcomes)} scenarios, {sum(o.runs for o in outcomes)} sync processes, {faults} faults injected, "
             f"{sum(o.kills for o in outcomes)} kills, {sum(o.source_failures for o in outcomes)} source failures, "
+            f"{sum(o.full_refreshes for o in outcomes)} full refreshes, "
             f"{sum(len(o.mismatches) for o in outcomes)} mismatches")  # fmt: skip
