@@ -159,3 +159,7 @@ destinations = ["meta"]
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # nothing the server wrote (its log, the ledger, the sandbox state) holds the webhook secret
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name != "connector.toml":
+            assert SECRET.encode() not in path.read_bytes(), path
