@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -51,18 +52,32 @@ webhook_events = Table(
 )  # fmt: skip
 
 
+def _pid_namespace() -> str | None:
+    """Which pid space our pids live in: this boot of this machine and this pid namespace (two
+    containers, or two machines, can share a host name; they never share this)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        ns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return None
+    return f"{boot.replace('-', '')[:12]}.{ns}"
+
+
 def holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{_pid_namespace() or '-'}"
 
 
 def holder_is_dead(holder: str) -> bool:
-    """True only when the holder ran on this host and its process no longer exists. A holder on another
-    host, or a pid that is alive (perhaps reused), is treated as alive: its lease decides."""
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
+    """True only when the holder ran in our pid space (same machine, boot and pid namespace) and its
+    process no longer exists. Any other holder, or a pid that is alive (perhaps reused), is treated as
+    alive: its lease decides."""
+    parts = holder.split(":")
+    here = _pid_namespace()
+    if len(parts) != 4 or here is None or parts[0] != socket.gethostname() or parts[3] != here:
         return False
-    pid = int(pid_text)
+    if not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
     if pid == os.getpid():
         return False
     try:

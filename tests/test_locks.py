@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from connector.ledger.store import SqlLedger
-from connector.locks import Coordinator, holder_is_dead
+from connector.locks import Coordinator, holder_id, holder_is_dead
 
 HOLD = """
 import sys, time
@@ -48,7 +48,14 @@ def test_a_killed_holder_frees_its_pair_without_waiting_for_the_lease(tmp_path: 
 
 
 def test_holders_elsewhere_or_alive_are_never_declared_dead() -> None:
-    assert not holder_is_dead(f"{socket.gethostname()}:{os.getpid()}:abcd")
-    assert not holder_is_dead(f"another-host:{os.getpid() + 1}:abcd")
+    me = holder_id().split(":")
+    gone = 2**22 + 12345  # above the default pid_max: no such process
+    assert holder_is_dead(":".join([me[0], str(gone), "abcd", me[3]]))
+    assert not holder_is_dead(":".join([me[0], str(os.getpid()), "abcd", me[3]]))  # ourselves
+    assert not holder_is_dead(":".join([me[0], "1", "abcd", me[3]]))  # pid 1 is alive
+    assert not holder_is_dead(":".join(["another-host", str(gone), "abcd", me[3]]))
+    # same host name, another pid namespace (a container with the host's name, another machine): its pids
+    # mean nothing here
+    assert not holder_is_dead(":".join([me[0], str(gone), "abcd", "0123456789ab.4026531999"]))
+    assert not holder_is_dead(f"{socket.gethostname()}:{gone}:abcd")  # an older holder format: lease decides
     assert not holder_is_dead("dead")  # no pid: only its lease can free it
-    assert not holder_is_dead(f"{socket.gethostname()}:1:abcd")  # pid 1 is alive
