@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from scenario import OUTCOMES, run_scenario
 
-SEEDS = [int(s) for s in os.environ.get("CONNECTOR_CHAOS_SEEDS", "1,2,3,4,5").split(",") if s.strip()]
+SEEDS = [int(s) for s in os.environ.get("CONNECTOR_CHAOS_SEEDS", "1,2,3,4").split(",") if s.strip()]
 PG = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
 
 
