@@ -4,6 +4,7 @@ in-memory destinations that survive across engine instances (like a real platfor
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,11 @@ def make_harness(tmp_path: Path) -> Callable[..., Harness]:
         return Harness(tmp_path, **extra)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The chaos suite's summary line (scenarios, faults injected, kills, mismatches), when it ran."""
+    scenario = sys.modules.get("scenario")  # tests/chaos/scenario.py, imported by tests/chaos/test_chaos.py
+    outcomes = getattr(scenario, "OUTCOMES", None)
+    if outcomes:
+        terminalreporter.write_line(scenario.summary(outcomes))  # type: ignore[union-attr]
