@@ -11,7 +11,10 @@ Member states (``members.state``)::
     remove_planned ──ack──> (row deleted)
 
 A member whose identifiers changed keeps its old payload in ``prev_payload`` until the removal
-of that old payload is acknowledged; then the new payload is added.
+of that old payload is acknowledged; then the new payload is added. A `planned` payload may already
+be on the platform (a run died after sending it), so a further change owes its removal too:
+``prev_payload`` then holds a JSON list of payloads. A payload another member on the platform also
+holds (``payload_hash`` finds them) is not removed.
 """
 
 from __future__ import annotations
