@@ -53,6 +53,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -60,7 +61,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
 
-SCHEMA_VERSION = 2  # 2: members.payload_hash
+SCHEMA_VERSION = 3  # 2: members.payload_hash; 3: indexes of owed removals and expiry
 
 # States that count as "on the platform, or will be once confirmed".
 ON_PLATFORM = ("accepted", "confirmed")
@@ -110,6 +111,14 @@ members = Table(
     Index("ix_members_payload", "segment", "destination", "payload_hash"),
 )
 
+# members owing removals of old payloads (few): found without walking every `planned` member
+ix_members_owed = Index(
+    "ix_members_owed", members.c.segment, members.c.destination, members.c.member_key,
+    sqlite_where=members.c.prev_payload.is_not(None), postgresql_where=members.c.prev_payload.is_not(None),
+)  # fmt: skip
+# memberships close to expiry (Google) found without reading the whole audience
+ix_members_expires = Index("ix_members_expires", members.c.segment, members.c.destination, members.c.expires_at)
+
 runs = Table(
     "runs",
     metadata,
@@ -134,10 +143,14 @@ meta_table = Table(
 )
 
 
+# Pending work, as (state, extra condition) parts: each part is one range of the state index (or of
+# the partial index of owed payloads), so finding pending members never scans the whole audience.
 # A changed member is `planned` with its old payload kept: both kinds of removal live in two states.
-_REMOVAL = members.c.state.in_(("remove_planned", "planned")) & (
-    (members.c.state == "remove_planned") | members.c.prev_payload.is_not(None)
-)
+_Parts = tuple[tuple[str, Any], ...]
+_OWED = members.c.prev_payload.is_not(None)
+_REMOVAL_PARTS: _Parts = (("remove_planned", None), ("planned", _OWED))
+_ADD_PARTS: _Parts = tuple((st, members.c.prev_payload.is_(None)) for st in TO_ADD)
+_PRESENT_PARTS: _Parts = tuple((st, None) for st in (*ON_PLATFORM, *TO_ADD))
 
 
 # States whose payload is, or may be, on the platform: a `planned` payload may have been sent by a
@@ -306,9 +319,14 @@ class SqlLedger:
                 raise LedgerError(
                     f"the ledger was written by a newer connector (schema {row[0]} > {SCHEMA_VERSION})"
                 )
-            elif int(row[0]) < 2:
-                self._migrate_to_2(conn)
-                conn.execute(update(meta_table).where(meta_table.c.key == "schema").values(value="2"))
+            elif int(row[0]) < SCHEMA_VERSION:
+                if int(row[0]) < 2:
+                    self._migrate_to_2(conn)
+                for ix in (ix_members_owed, ix_members_expires):  # 3: new indexes only
+                    ix.create(conn, checkfirst=True)
+                conn.execute(
+                    update(meta_table).where(meta_table.c.key == "schema").values(value=str(SCHEMA_VERSION))
+                )
 
     @staticmethod
     def _migrate_to_2(conn: Any) -> None:
@@ -423,32 +441,59 @@ class SqlLedger:
     def _pair(self, segment: str, destination: str) -> Any:
         return and_(members.c.segment == segment, members.c.destination == destination)
 
+    def _stream(self, conn: Any, stmt: Any, size: int = 100_000) -> Iterator[list[tuple[Any, ...]]]:
+        """Rows of a SELECT in lists of `size`, as plain driver tuples. SQLite: the driver cursor
+        itself (SQLAlchemy's per-row processing cost as much as the query on large audiences);
+        other databases: a server-side cursor, so millions of rows are never held at once."""
+        if conn.dialect.name != "sqlite":
+            result = conn.execution_options(stream_results=True, yield_per=size).execute(stmt)
+            for part in result.partitions():
+                yield [tuple(r) for r in part]
+            return
+        compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        params = compiled.construct_params()
+        args = tuple(params[k] for k in (compiled.positiontup or []))
+        cur = conn.connection.driver_connection.cursor()
+        try:
+            cur.execute(str(compiled), args)
+            while rows := cur.fetchmany(size):
+                yield rows
+        finally:
+            cur.close()
+
     def load_index(self, segment: str, destination: str) -> LedgerIndex:
         """Every member of the pair, sorted by key, as compact arrays."""
-        keys: list[bytes] = []
-        fps: list[int] = []
-        states: list[str] = []
+        key_parts: list[bytes] = []
+        fp_parts: list[npt.NDArray[np.uint64]] = []
+        state_parts: list[npt.NDArray[np.uint8]] = []
+        codes: dict[str, int] = {}
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=50_000).execute(
-                select(members.c.member_key, members.c.fingerprint, members.c.state).where(
-                    self._pair(segment, destination)
-                )
+            stmt = select(members.c.member_key, members.c.fingerprint, members.c.state).where(
+                self._pair(segment, destination)
             )
-            for part in result.partitions():
-                for k, fp, st in part:
-                    keys.append(key_bytes(k))
-                    fps.append(_fp_from_db(fp))
-                    states.append(st)
-        if not keys:
+            for rows in self._stream(conn, stmt):
+                ks, fs, sts = zip(*rows, strict=True)
+                # keys are 64 hex digits; the index keeps their first 16 bytes
+                key_parts.append(bytes.fromhex("".join([k[:32] for k in ks])))
+                fp_parts.append(np.array(fs, dtype=np.int64).view(np.uint64))
+                state_parts.append(
+                    np.fromiter((codes.setdefault(st, len(codes)) for st in sts), dtype=np.uint8, count=len(sts))
+                )
+        if not key_parts:
             return LedgerIndex.empty()
-        karr = np.array(keys, dtype="S16")
+        karr = np.frombuffer(b"".join(key_parts), dtype="S16")
         order = np.argsort(karr, kind="stable")
-        st_arr = np.array(states)
+        st_arr = np.concatenate(state_parts)[order]
+
+        def having(states: Sequence[str]) -> npt.NDArray[np.bool_]:
+            wanted = [codes[s] for s in states if s in codes]
+            return np.isin(st_arr, np.array(wanted, dtype=np.uint8))
+
         return LedgerIndex(
             keys=karr[order],
-            fingerprints=np.array(fps, dtype=np.uint64)[order],
-            stable=np.isin(st_arr, ["accepted", "confirmed", "rejected"])[order],
-            on_platform=np.isin(st_arr, list(ON_PLATFORM))[order],
+            fingerprints=np.concatenate(fp_parts)[order],
+            stable=having(("accepted", "confirmed", "rejected")),
+            on_platform=having(ON_PLATFORM),
         )
 
     def payloads(self, segment: str, destination: str, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -545,19 +590,16 @@ class SqlLedger:
 
     def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
         """(payloads to remove, members to add) waiting to be pushed."""
+        pair = self._pair(segment, destination)
         with self.engine.connect() as conn:
-            n_remove = conn.execute(
-                select(func.count()).where(
-                    self._pair(segment, destination),
-                    _REMOVAL,
-                )
-            ).scalar()
-            n_add = conn.execute(
-                select(func.count()).where(
-                    self._pair(segment, destination), members.c.state.in_(TO_ADD)
-                )
-            ).scalar()
-        return int(n_remove or 0), int(n_add or 0)
+            n_remove = sum(
+                conn.execute(self._part(select(func.count()).select_from(members).where(pair), st, extra)).scalar_one()
+                for st, extra in _REMOVAL_PARTS
+            )
+            n_add = sum(
+                conn.execute(select(func.count()).where(pair, members.c.state == st)).scalar_one() for st in TO_ADD
+            )
+        return int(n_remove), int(n_add)
 
     def mark_for_resend(self, segment: str, destination: str, before: datetime) -> int:
         """Members whose platform membership expires before `before` are planned again."""
@@ -586,18 +628,40 @@ class SqlLedger:
 
     # ------------------------------------------------------------------ pushing
 
+    @staticmethod
+    def _part(stmt: Any, state: str, extra: Any) -> Any:
+        """One part of pending work: a state, and an extra condition. Owed removals are read through
+        their partial index (SQLite would otherwise walk every `planned` member to find the few)."""
+        if extra is _OWED:
+            # only `planned` members owe old payloads (a `remove_planned` one is the other part); no
+            # equality on the state, or SQLite's planner picks the state index
+            return stmt.where(_OWED, members.c.state != "remove_planned")
+        stmt = stmt.where(members.c.state == state)
+        return stmt if extra is None else stmt.where(extra)
+
     def _iter_pending(
-        self, segment: str, destination: str, where: Any, batch: int, cols: Sequence[Any]
+        self, segment: str, destination: str, parts: _Parts, batch: int, cols: Sequence[Any]
     ) -> Iterator[list[Any]]:
+        """Pending members in key order, `batch` at a time. One sub-query per part, each an ordered
+        range of an index, merged by the database: a single `state IN (...)` query made SQLite walk
+        the primary key (for the ORDER BY) through every member of the pair."""
         last = ""
         while True:
+            subs = [
+                self._part(
+                    select(members.c.member_key, *cols).where(
+                        self._pair(segment, destination), members.c.member_key > last
+                    ),
+                    st, extra,
+                )
+                .order_by(members.c.member_key)
+                .limit(batch)
+                .subquery()
+                for st, extra in parts
+            ]  # fmt: skip
+            merged = union_all(*(select(sq) for sq in subs)).subquery()
             with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(members.c.member_key, *cols)
-                    .where(self._pair(segment, destination), where, members.c.member_key > last)
-                    .order_by(members.c.member_key)
-                    .limit(batch)
-                ).all()
+                rows = conn.execute(select(merged).order_by(merged.c.member_key).limit(batch)).all()
             if not rows:
                 return
             yield list(rows)
@@ -606,10 +670,9 @@ class SqlLedger:
     def iter_removals(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         """Payloads to remove: members that left, and old payloads of changed members; at most
         `batch` payloads per list."""
-        cond = _REMOVAL
         out: list[PendingMember] = []
         for rows in self._iter_pending(
-            segment, destination, cond, batch,
+            segment, destination, _REMOVAL_PARTS, batch,
             (members.c.payload, members.c.consent, members.c.prev_payload, members.c.state),
         ):  # fmt: skip
             owed: list[tuple[str, str, str | None, list[str]]] = []
@@ -657,17 +720,15 @@ class SqlLedger:
         return held
 
     def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
-        cond = members.c.state.in_(TO_ADD) & members.c.prev_payload.is_(None)
         for rows in self._iter_pending(
-            segment, destination, cond, batch, (members.c.payload, members.c.consent)
+            segment, destination, _ADD_PARTS, batch, (members.c.payload, members.c.consent)
         ):
             yield [PendingMember(k, p, c, None) for k, p, c in rows]
 
     def iter_present(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         """Everything that should be on the platform (for replace)."""
-        cond = members.c.state.in_((*ON_PLATFORM, *TO_ADD))
         for rows in self._iter_pending(
-            segment, destination, cond, batch, (members.c.payload, members.c.consent)
+            segment, destination, _PRESENT_PARTS, batch, (members.c.payload, members.c.consent)
         ):
             yield [PendingMember(k, p, c, None) for k, p, c in rows]
 

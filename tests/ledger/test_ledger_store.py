@@ -120,6 +120,7 @@ def test_removal_batches_keep_a_members_payloads_together_and_never_exceed_the_l
 
 
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
+    """Schema 1 -> 3: payload_hash filled, then the indexes of owed removals and expiry."""
     import sqlite3
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -128,6 +129,8 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:  # what schema 1 looked like
         conn.execute("DROP INDEX ix_members_payload")
+        conn.execute("DROP INDEX ix_members_owed")
+        conn.execute("DROP INDEX ix_members_expires")
         conn.execute("ALTER TABLE members DROP COLUMN payload_hash")
         conn.execute("UPDATE ledger_meta SET value = '1' WHERE key = 'schema'")
     store = SqlLedger(url)
@@ -141,4 +144,6 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("3",)
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"ix_members_payload", "ix_members_owed", "ix_members_expires"} <= indexes
