@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ from connector.errors import (
     QuotaExhaustedError,
     SourceError,
 )
-from connector.identifiers.hashing import fingerprint, member_key
+from connector.identifiers.hashing import fingerprints, member_keys
 from connector.identifiers.normalize import Normalizer
 from connector.ledger.store import ON_PLATFORM, LedgerIndex, PendingMember, SqlLedger, StagedMember, now
 from connector.logs import log_context
@@ -67,6 +69,9 @@ DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destin
 Progress = Callable[[str, int], None]
 # (segment, destination) -> a context manager held while the pair is planned and pushed
 PairLock = Callable[[str, str], AbstractContextManager[object]]
+
+
+_NO_KEY = "0" * 32  # index slot of a row without a key (never looked at: the row is invalid)
 
 
 class Interrupted(ConnectorError):
@@ -145,6 +150,11 @@ def encode_consent(c: Consent | None) -> str:
     return "".join("U" if v is None else ("G" if v else "D") for v in (c.ad_user_data, c.ad_personalization))
 
 
+def _consent_columns(seg: SegmentConfig) -> list[str]:
+    return [c for c in (seg.consent.ad_user_data_column, seg.consent.ad_personalization_column) if c]
+
+
+@lru_cache(maxsize=64)
 def decode_consent(s: str) -> Consent | None:
     if not s:
         return None
@@ -152,8 +162,15 @@ def decode_consent(s: str) -> Consent | None:
     return Consent(ad_user_data=vals[0], ad_personalization=vals[1])
 
 
+# what json.dumps escapes (with ensure_ascii=False): a payload without any is built directly
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
 def dump_payload(payload: Mapping[str, str]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Canonical JSON of a payload (sorted keys, no spaces): the form stored in the ledger."""
+    if _JSON_ESCAPED.search("".join((*payload, *payload.values()))):
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "{" + ",".join([f'"{k}":"{payload[k]}"' for k in sorted(payload)]) + "}"
 
 
 def to_member(p: PendingMember) -> Member:
@@ -191,7 +208,9 @@ class _Spill:
 
     def chunks(self, size: int = 10_000) -> Iterator[list[StagedMember]]:
         self.flush()
-        cur = self._db.execute("SELECT k, fp, p, c, known FROM s")
+        # in key order: the ledger's indexes then grow at one end, and the push (which reads pending
+        # members in key order) finds them next to each other on disk
+        cur = self._db.execute("SELECT k, fp, p, c, known FROM s ORDER BY k")
         while rows := cur.fetchmany(size):
             yield [StagedMember(k, fp + (1 << 64) if fp < 0 else fp, p, c, bool(kn)) for k, fp, p, c, kn in rows]
 
@@ -385,7 +404,7 @@ class Engine:
     ) -> None:
         source = open_source(seg.source, self.settings.base_dir)
         id_fields: list[tuple[str, str]] = list(seg.identifiers.items())
-        consent_cols = [c for c in (seg.consent.ad_user_data_column, seg.consent.ad_personalization_column) if c]
+        consent_cols = _consent_columns(seg)
         columns = list(dict.fromkeys([*(col for _, col in id_fields), *consent_cols, *([seg.key] if seg.key else [])]))
         seen_new: set[bytes] = set()
         total = 0
@@ -393,40 +412,25 @@ class Engine:
             n = len(batch)
             total += n
             cols = [batch.columns[c] for c in columns]
-            key_col = batch.columns[seg.key] if seg.key else None
-            keys_hex: list[str] = []
-            key_bytes: list[bytes] = []
-            fps: list[int] = []
-            valid_row = np.ones(n, dtype=bool)
-            for i in range(n):
-                values = [col[i] for col in cols]
-                if key_col is not None:
-                    kv = key_col[i]
-                    if kv is None or not kv.strip():
-                        valid_row[i] = False
-                        keys_hex.append("")
-                        key_bytes.append(b"\0" * 16)
-                        fps.append(0)
-                        continue
-                    k = member_key(kv.strip())[:32]
-                else:
-                    k = member_key("\x1f".join(v or "" for v in values[: len(id_fields)]))[:32]
-                kb = bytes.fromhex(k)
-                keys_hex.append(k)
-                key_bytes.append(kb)
-                fps.append(fingerprint(values))
-            karr = np.array(key_bytes, dtype="S16")
-            farr = np.array(fps, dtype=np.uint64)
+            if seg.key:
+                stripped = [v.strip() if v is not None else "" for v in batch.columns[seg.key]]
+                valid_row = np.array([bool(v) for v in stripped], dtype=bool)
+                keys_hex = [k if v else "" for k, v in zip(member_keys(stripped), stripped, strict=True)]
+            else:
+                valid_row = np.ones(n, dtype=bool)
+                identity = zip(*cols[: len(id_fields)], strict=True)
+                keys_hex = member_keys(["\x1f".join(v or "" for v in vals) for vals in identity])
+            karr = np.frombuffer(bytes.fromhex("".join([k or _NO_KEY for k in keys_hex])), dtype="S16")
+            farr = fingerprints(cols)
             dup = np.zeros(n, dtype=bool)
             # Duplicates are a property of the source. Keys every pair's ledger knows are checked
             # against that pair's `seen` marks (no extra memory); all other keys go in one set.
             found_all = np.ones(n, dtype=bool)
             for plan in plans:
                 found_all &= plan.index.lookup(karr)[1]
-            for i in range(n):
-                if not valid_row[i] or found_all[i]:
-                    continue
-                kb = key_bytes[i]
+            key_list = karr.tolist()
+            for i in np.flatnonzero(valid_row & ~found_all).tolist():
+                kb = key_list[i]
                 if kb in seen_new:
                     dup[i] = True
                 else:
@@ -484,11 +488,14 @@ class Engine:
         counts.unchanged += int(unchanged.sum())
         plan.seen[cls.pos[unchanged & cls.found]] = True
         changed_found: list[tuple[int, str, str]] = []  # (row, payload, consent) of known members
-        for i in np.flatnonzero(todo & ~cls.unchanged):
-            raw = {f: columns[col][i] for f, col in id_fields}
-            consent = None
-            if plan.platform == "google":
-                consent = self._consent_of(seg, {c: v[i] for c, v in columns.items()})
+        consent_cols = _consent_columns(seg)
+        fixed_consent = self._consent_of(seg, {}) if plan.platform == "google" and not consent_cols else None
+        id_columns = [(f, columns[col]) for f, col in id_fields]
+        for i in np.flatnonzero(todo & ~cls.unchanged).tolist():
+            raw = {f: col[i] for f, col in id_columns}
+            consent = fixed_consent
+            if plan.platform == "google" and consent_cols:
+                consent = self._consent_of(seg, {c: columns[c][i] for c in consent_cols})
             if consent is not None and consent.ad_user_data is False:
                 counts.consent_denied += 1
                 continue

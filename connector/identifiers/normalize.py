@@ -251,6 +251,7 @@ class Normalizer:
         self.platform: PlatformName = "meta" if platform == "meta" else "google"
         self.fields = frozenset(fields)
         self.default_region = default_region.upper()
+        self._only_email_phone = self.fields <= {"email", "phone"}
         self._schema = self._make_schema()
 
     def _make_schema(self) -> tuple[str, ...]:
@@ -354,6 +355,8 @@ class Normalizer:
         country = self._country(raw, out)
         region = country or self.default_region
         self._email_phone(raw, out, region, "EMAIL", "PHONE")
+        if self._only_email_phone:
+            return
         p = out.payload
         for fld, key in (("first_name", "FN"), ("last_name", "LN")):
             v = _clean(raw.get(fld))

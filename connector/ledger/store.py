@@ -424,19 +424,22 @@ class SqlLedger:
             return members.c.member_key == any_(bindparam("keys_arr", list(keys), type_=ARRAY(String)))
         return members.c.member_key.in_(list(keys))
 
-    def _executemany_insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
-        """Bulk insert straight through the driver's executemany (SQLAlchemy's per-row parameter
-        processing dominated cold runs); timestamps go through the column types' bind processors."""
-        stmt = insert(members).compile(dialect=conn.dialect, column_keys=list(rows[0]))
-        procs = {c.name: c.type.bind_processor(conn.dialect) for c in members.columns}
-        ts_cols = [k for k in rows[0] if procs.get(k) is not None]
-        if ts_cols:
-            rows = [{**r, **{k: procs[k](r[k]) for k in ts_cols}} for r in rows]  # type: ignore[misc]
+    _NEW_COLUMNS = ("segment", "destination", "member_key", "fingerprint", "payload", "payload_hash", "consent",
+                    "state", "updated_at")  # fmt: skip
+
+    def _insert_new(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Bulk insert of new members (tuples in `_NEW_COLUMNS` order, timestamps already bound)
+        straight through the driver's executemany: SQLAlchemy's per-row parameter processing
+        dominated cold runs."""
+        cols = self._NEW_COLUMNS
+        stmt = insert(members).compile(dialect=conn.dialect, column_keys=list(cols))
         if stmt.positional:
-            order = stmt.positiontup or []
-            conn.exec_driver_sql(str(stmt), [tuple(r[k] for k in order) for r in rows])
-        else:
+            order = [cols.index(k) for k in (stmt.positiontup or [])]
+            if order != list(range(len(cols))):
+                rows = [tuple(r[i] for i in order) for r in rows]
             conn.exec_driver_sql(str(stmt), rows)
+        else:
+            conn.exec_driver_sql(str(stmt), [dict(zip(cols, r, strict=True)) for r in rows])
 
     def _pair(self, segment: str, destination: str) -> Any:
         return and_(members.c.segment == segment, members.c.destination == destination)
@@ -525,6 +528,8 @@ class SqlLedger:
         raw row changed but whose payload did not just get their new fingerprint."""
         ts = now()
         with self.engine.begin() as conn:
+            bind_ts = members.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            ts_bound = bind_ts(ts) if bind_ts else ts
             for chunk in staged:
                 if not chunk:
                     continue
@@ -538,18 +543,15 @@ class SqlLedger:
                         ).where(self._pair(segment, destination), members.c.member_key.in_(keys[i : i + 900]))
                     ):  # fmt: skip
                         existing[k] = (p, st, prev)
-                new_rows = []
+                new_rows: list[tuple[Any, ...]] = []
                 changed: list[dict[str, Any]] = []
                 for m in chunk:
                     old = existing.get(m.key)
                     if old is None:
-                        new_rows.append({
-                            "segment": segment, "destination": destination, "member_key": m.key,
-                            "fingerprint": _fp_to_db(m.fingerprint), "payload": m.payload,
-                            "payload_hash": payload_hash(m.payload),
-                            "prev_payload": None, "consent": m.consent, "state": "planned",
-                            "updated_at": ts,
-                        })  # fmt: skip
+                        new_rows.append((
+                            segment, destination, m.key, _fp_to_db(m.fingerprint), m.payload,
+                            payload_hash(m.payload), m.consent, "planned", ts_bound,
+                        ))  # fmt: skip
                         continue
                     payload, state, prev = old
                     owed = owed_payloads(prev)  # removals still owed from an earlier interrupted change
@@ -572,7 +574,7 @@ class SqlLedger:
                         changed,
                     )
                 if new_rows:
-                    self._executemany_insert(conn, new_rows)
+                    self._insert_new(conn, new_rows)
             for rchunk in remove_keys:
                 if rchunk:
                     conn.execute(

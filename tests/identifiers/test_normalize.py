@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.identifiers.hashing import fingerprint, hash_once, is_sha256_hex, member_key, sha256_hex
+from connector.identifiers.hashing import (
+    fingerprint,
+    fingerprints,
+    hash_once,
+    is_sha256_hex,
+    member_key,
+    member_keys,
+    sha256_hex,
+)
 from connector.identifiers.normalize import (
     ADDRESS_INCOMPLETE,
     COUNTRY_INVALID,
@@ -158,6 +168,19 @@ def test_keys_and_fingerprints() -> None:
     assert member_key("C1") != member_key("C2") and is_sha256_hex(member_key("C1"))
     assert fingerprint(["a", None]) != fingerprint(["a", ""])
     assert fingerprint(["a", "b"]) == fingerprint(["a", "b"]) and fingerprint(["ab", ""]) != fingerprint(["a", "b"])
+    # ledgers keep fingerprints and keys across upgrades: both are pinned to their definition
+    joined = "a\x1f\x00\x1f\U0001f600".encode()
+    assert fingerprint(["a", None, "\U0001f600"]) == int.from_bytes(hashlib.blake2b(joined, digest_size=8).digest(), "little")
+    assert member_key("C1") == hashlib.sha256(b"connector:key:C1").hexdigest()
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), st.text(max_size=20)), st.one_of(st.none(), st.text(max_size=20))),
+                max_size=30))  # fmt: skip
+def test_batch_keys_and_fingerprints_equal_the_per_row_ones(rows: list[tuple[str | None, str | None]]) -> None:
+    columns = [[a for a, _ in rows], [b for _, b in rows]]
+    assert fingerprints(columns).tolist() == [fingerprint(list(r)) for r in rows]
+    firsts = [a or "" for a, _ in rows]
+    assert member_keys(firsts) == [member_key(v)[:32] for v in firsts]
 
 
 text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
