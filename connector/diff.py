@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from connector.errors import GuardrailError
-from connector.ledger.store import LedgerIndex
+from connector.ledger.store import LedgerIndex, find_keys, key_prefixes
 
 
 @dataclass(slots=True)
@@ -57,14 +57,52 @@ class Classified:
     unchanged: npt.NDArray[np.bool_]
 
 
-def classify(index: LedgerIndex, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64]) -> Classified:
+def classify(
+    index: LedgerIndex, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64],
+    looked_up: tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]] | None = None,
+) -> Classified:  # fmt: skip
     """A row is unchanged when the ledger has its key, with the same raw fingerprint, in a
-    settled state (accepted/confirmed/rejected): it is neither normalized nor hashed again."""
-    pos, found = index.lookup(keys)
+    settled state (accepted/confirmed/rejected): it is neither normalized nor hashed again.
+    `looked_up` is `index.lookup(keys)` when the caller already has it."""
+    pos, found = looked_up if looked_up is not None else index.lookup(keys)
     if len(index) == 0:
         return Classified(pos, found, found.copy())
     same = found & (index.fingerprints[pos] == fps) & index.stable[pos]
     return Classified(pos, found, same)
+
+
+class SeenKeys:
+    """Keys read so far in a run that no ledger knew, to spot duplicate rows in the source:
+    sorted runs of (prefix, key), merged as they grow. 24 bytes a key (a set of bytes: ~100)."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.bytes_]]] = []
+
+    def __len__(self) -> int:
+        return sum(len(p) for p, _ in self._runs)
+
+    def add(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:
+        """Adds `keys`; returns which were seen before (in an earlier batch, or earlier in this one:
+        the first occurrence is the one kept)."""
+        pre = key_prefixes(keys)
+        dup = np.zeros(len(keys), dtype=bool)
+        for run_p, run_k in self._runs:
+            dup |= find_keys(run_p, run_k, keys, pre)[1]
+        _, first = np.unique(keys, return_index=True)
+        again = np.ones(len(keys), dtype=bool)
+        again[first] = False
+        dup |= again
+        fresh = ~dup
+        order = np.argsort(pre[fresh], kind="stable")
+        if order.size:
+            self._runs.append((pre[fresh][order], keys[fresh][order]))
+        # runs stay few (about log2 of the batches): each lookup touches every run
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (bp, bk), (ap, ak) = self._runs.pop(), self._runs.pop()
+            p, k = np.concatenate([ap, bp]), np.concatenate([ak, bk])
+            order = np.argsort(p, kind="stable")
+            self._runs.append((p[order], k[order]))
+        return dup
 
 
 def check_guardrails(

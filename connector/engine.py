@@ -39,7 +39,7 @@ from connector.destinations.base import (
     LookalikeRef,
     Member,
 )
-from connector.diff import PlanCounts, check_guardrails, classify
+from connector.diff import PlanCounts, SeenKeys, check_guardrails, classify
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -51,7 +51,15 @@ from connector.errors import (
 )
 from connector.identifiers.hashing import fingerprints, member_keys
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.store import ON_PLATFORM, LedgerIndex, PendingMember, SqlLedger, StagedMember, now
+from connector.ledger.store import (
+    ON_PLATFORM,
+    LedgerIndex,
+    PendingMember,
+    SqlLedger,
+    StagedMember,
+    key_prefixes,
+    now,
+)
 from connector.logs import log_context
 from connector.retry import RetryStats
 from connector.settings import (
@@ -406,7 +414,7 @@ class Engine:
         id_fields: list[tuple[str, str]] = list(seg.identifiers.items())
         consent_cols = _consent_columns(seg)
         columns = list(dict.fromkeys([*(col for _, col in id_fields), *consent_cols, *([seg.key] if seg.key else [])]))
-        seen_new: set[bytes] = set()
+        seen_new = SeenKeys()
         total = 0
         for batch in source.read_batches(columns):
             n = len(batch)
@@ -425,19 +433,16 @@ class Engine:
             dup = np.zeros(n, dtype=bool)
             # Duplicates are a property of the source. Keys every pair's ledger knows are checked
             # against that pair's `seen` marks (no extra memory); all other keys go in one set.
+            prefixes = key_prefixes(karr)
+            looked_up = [plan.index.lookup(karr, prefixes) for plan in plans]
             found_all = np.ones(n, dtype=bool)
-            for plan in plans:
-                found_all &= plan.index.lookup(karr)[1]
-            key_list = karr.tolist()
-            for i in np.flatnonzero(valid_row & ~found_all).tolist():
-                kb = key_list[i]
-                if kb in seen_new:
-                    dup[i] = True
-                else:
-                    seen_new.add(kb)
-            for plan in plans:
+            for _, found in looked_up:
+                found_all &= found
+            candidates = np.flatnonzero(valid_row & ~found_all)
+            dup[candidates] = seen_new.add(karr[candidates])
+            for plan, lk in zip(plans, looked_up, strict=True):
                 self._classify_batch(segment, seg, plan, batch.columns, id_fields, keys_hex, karr, farr,
-                                     valid_row, dup)  # fmt: skip
+                                     valid_row, dup, lk)  # fmt: skip
             if self._progress:
                 self._progress(segment, total)
         for plan in plans:
@@ -461,9 +466,10 @@ class Engine:
         farr: np.ndarray[Any, Any],
         valid_row: np.ndarray[Any, Any],
         dup: np.ndarray[Any, Any],
+        looked_up: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
     ) -> None:
         counts = plan.counts
-        cls = classify(plan.index, karr, farr)
+        cls = classify(plan.index, karr, farr, looked_up)
         # a duplicate of a key the ledger knows: the second occurrence is a duplicate
         if len(plan.index):
             rows_found = np.flatnonzero(cls.found & valid_row)
