@@ -4,6 +4,7 @@ CONNECTOR_TEST_POSTGRES_URL is set)."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,46 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("3",)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"ix_members_payload", "ix_members_owed", "ix_members_expires"} <= indexes
+
+
+def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> None:
+    """Every query a sync with few changes makes is an index search (SQLite's planner once walked the
+    whole audience for owed removals, pending adds and expiring memberships)."""
+    from datetime import timedelta
+
+    from sqlalchemy import event
+
+    from connector.ledger.store import now
+
+    store = SqlLedger(f"sqlite:///{tmp_path / 'l.db'}")
+    try:
+        store.apply_plan("s", "d", iter([[staged(i) for i in range(50)]]), iter([]))
+        keys = [f"{i:032x}" for i in range(50)]
+        store.commit_additions("s", "d", keys[:40], state="confirmed", request_id=None, rejected={}, deferred={},
+                               ttl_days=30)  # fmt: skip
+        store.apply_plan("s", "d", iter([[staged(1, '{"EMAIL":"changed"}')]]), iter([keys[2:4]]))
+        statements: list[tuple[str, object]] = []
+
+        def record(conn: object, cursor: object, statement: str, params: object, context: object, many: bool) -> None:
+            if statement.lstrip().upper().startswith(("SELECT", "UPDATE")) and not many:
+                statements.append((statement, params))
+
+        event.listen(store.engine, "before_cursor_execute", record)
+        assert store.pending_counts("s", "d") == (3, 11)
+        assert sum(len(b) for b in store.iter_removals("s", "d", 10)) == 3
+        assert sum(len(b) for b in store.iter_additions("s", "d", 10)) == 10
+        assert sum(len(b) for b in store.iter_present("s", "d", 100)) == 48
+        assert store.mark_for_resend("s", "d", now() + timedelta(days=1)) == 0
+        event.remove(store.engine, "before_cursor_execute", record)
+        assert len(statements) >= 8
+        # walking the pair: a scan, or a search bound by nothing but the pair (the partial index of owed
+        # removals holds only those)
+        walk = re.compile(r"SCAN members|INDEX (?!ix_members_owed)\w+ \(segment=\? AND destination=\?\)$")
+        with store.engine.connect() as conn:
+            for sql, params in statements:
+                plan = [r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]  # type: ignore[arg-type]
+                assert not any(walk.search(p) for p in plan), (sql, plan)
+                if "prev_payload IS NOT NULL" in sql:
+                    assert any("ix_members_owed" in p for p in plan), (sql, plan)
+    finally:
+        store.close()
