@@ -139,17 +139,31 @@ def test_rejected_requests_trigger_nothing(running: Running) -> None:
     assert len(running.runs()) == 1
 
 
-def test_fifty_webhooks_in_one_second_make_at_most_two_runs(running: Running) -> None:
+def test_fifty_webhooks_during_a_run_make_one_more_run(tmp_path: Path) -> None:
+    """Triggers that arrive while a run is in progress coalesce into one queued run. (The run is a
+    20,000-member sync, so the webhooks arrive during it however busy the machine is; an earlier
+    version of this test timed the 50 requests instead, which failed on a loaded machine.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    started = time.time()
-    with ThreadPoolExecutor(10) as pool:
-        codes = list(pool.map(lambda i: running.post(json.dumps({"event_id": f"e{i}"}).encode()).status_code, range(50)))
-    assert codes.count(202) == 50 and time.time() - started < 1.5
-    running.wait_idle()
-    runs = running.runs()
-    assert 1 <= len(runs) <= 2, runs
-    assert all(r["status"] == "success" for r in runs)
+    r = Running(write_config(tmp_path, n=20_000))
+    try:
+        assert r.post(json.dumps({"event_id": "first"}).encode()).status_code == 202
+        deadline = time.time() + 20
+        while httpx.get(f"{r.url}/healthz").json()["running"] != "vip":
+            assert time.time() < deadline
+            time.sleep(0.02)
+        with ThreadPoolExecutor(10) as pool:
+            codes = list(pool.map(lambda i: r.post(json.dumps({"event_id": f"e{i}"}).encode()).status_code, range(50)))
+        # no run has ended yet: every webhook arrived while the first run was in progress
+        first_still_running = not [x for x in r.runs() if x["status"] not in ("running", "queued")]
+        assert codes.count(202) == 50
+        r.wait_idle(60)
+        runs = r.runs()
+        assert all(x["status"] == "success" for x in runs), runs
+        # all 50 during the first run: one more run; the first ended while they arrived: at most two more
+        assert len(runs) == 2 if first_still_running else 2 <= len(runs) <= 3, runs
+    finally:
+        r.stop()
 
 
 def test_schedule_during_a_webhook_run_does_not_overlap(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
 
+# a plan is committed in parts of about this many rows (see `apply_plan`)
+_PLAN_COMMIT_ROWS = 100_000
+
 SCHEMA_VERSION = 3  # 2: members.payload_hash; 3: indexes of owed removals and expiry
 
 # States that count as "on the platform, or will be once confirmed".
@@ -552,16 +555,31 @@ class SqlLedger:
         refresh_keys: Sequence[tuple[str, int]] = (),
         keep_removals: bool = True,
     ) -> None:
-        """Write a plan in one transaction: staged members become `planned` (keeping the old
-        payload for removal when it changed), removed members `remove_planned`, and members whose
-        raw row changed but whose payload did not just get their new fingerprint."""
+        """Write a plan: staged members become `planned` (keeping the old payload for removal when
+        it changed), removed members `remove_planned`, and members whose raw row changed but whose
+        payload did not just get their new fingerprint.
+
+        Committed every `_PLAN_COMMIT_ROWS` rows, not in one transaction (a 10M-member plan grew
+        SQLite's write-ahead log by gigabytes): a crash in between leaves some members planned and
+        others as they were, which the next run handles like any interrupted run (planned members
+        are re-planned, and a payload they may have sent is owed for removal)."""
         ts = now()
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             bind_ts = members.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
             ts_bound = bind_ts(ts) if bind_ts else ts
+            written = 0
+
+            def wrote(n: int) -> None:
+                nonlocal written
+                written += n
+                if written >= _PLAN_COMMIT_ROWS:
+                    conn.commit()
+                    written = 0
+
             for chunk in staged:
                 if not chunk:
                     continue
+                wrote(len(chunk))
                 existing: dict[str, tuple[str, str, str | None]] = {}
                 keys = [m.key for m in chunk if m.known]
                 for i in range(0, len(keys), 900):
@@ -606,6 +624,7 @@ class SqlLedger:
                     self._insert_new(conn, new_rows)
             for rchunk in remove_keys:
                 if rchunk:
+                    wrote(len(rchunk))
                     conn.execute(
                         update(members)
                         .where(self._pair(segment, destination), members.c.member_key.in_(list(rchunk)))
@@ -618,6 +637,7 @@ class SqlLedger:
                     .values(updated_at=ts),
                     [{"k": k, "fingerprint": _fp_to_db(fp)} for k, fp in refresh_keys],
                 )
+            conn.commit()
 
     def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
         """(payloads to remove, members to add) waiting to be pushed."""

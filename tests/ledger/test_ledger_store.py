@@ -120,6 +120,39 @@ def test_removal_batches_keep_a_members_payloads_together_and_never_exceed_the_l
         assert all(sum(k == key for k, _ in b) == 2 for key, _ in b)
 
 
+def test_a_plan_interrupted_while_written_is_completed_by_the_next_run(
+    ledger: SqlLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plans are committed in parts: what a crash leaves is re-planned, and nothing sent is forgotten."""
+    from connector.ledger import store as store_module
+
+    monkeypatch.setattr(store_module, "_PLAN_COMMIT_ROWS", 5)
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(i, f'{{"EMAIL":"p{i}"}}') for i in range(10)]]), iter([]))
+    ledger.commit_additions(s, "d", [f"{i:032x}" for i in range(10)], state="confirmed", request_id=None,
+                            rejected={}, deferred={}, ttl_days=None)  # fmt: skip
+    changed = [StagedMember(f"{i:032x}", 100 + i, f'{{"EMAIL":"q{i}"}}', "GG") for i in range(5)]
+    new = [StagedMember(f"{i:032x}", i, f'{{"EMAIL":"p{i}"}}', "GG", known=False) for i in range(10, 15)]
+
+    def crashing() -> Iterator[list[StagedMember]]:
+        yield changed
+        yield new
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        ledger.apply_plan(s, "d", crashing(), iter([[f"{9:032x}"]]))
+    # the first part was committed, the second and the removal were not
+    assert ledger.counts(s, "d") == {"confirmed": 5, "planned": 5}
+    assert ledger.pending_counts(s, "d") == (5, 5)
+    # the next run plans everything again (the changed members are no longer "new" to it)
+    ledger.apply_plan(s, "d", iter([changed, new]), iter([[f"{9:032x}"]]))
+    removed = sorted(p.payload for b in ledger.iter_removals(s, "d", 100) for p in b)
+    assert removed == [f'{{"EMAIL":"p{i}"}}' for i in (0, 1, 2, 3, 4, 9)]
+    ledger.commit_removals(s, "d", [f"{i:032x}" for i in (0, 1, 2, 3, 4, 9)])
+    added = sorted(p.payload for b in ledger.iter_additions(s, "d", 100) for p in b)
+    assert added == sorted([f'{{"EMAIL":"q{i}"}}' for i in range(5)] + [f'{{"EMAIL":"p{i}"}}' for i in range(10, 15)])
+
+
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     """Schema 1 -> 3: payload_hash filled, then the indexes of owed removals and expiry."""
     import sqlite3
