@@ -111,25 +111,11 @@ def _clean(value: str | None) -> str:
     return value.strip()
 
 
-# Both platforms normalize the same values one after the other, a source batch (50,000 rows) at a
-# time: the shared steps are cached for about two batches.
-_SHARED_CACHE = 1 << 17
-
-
-@lru_cache(maxsize=_SHARED_CACHE)
-def _email_common(value: str) -> str | None:
-    """Trimmed, lowercased and checked: the steps both platforms apply."""
+def normalize_email(value: str, platform: PlatformName) -> str | None:
     if len(value) > 320:  # RFC 5321 limits: 64 (local part) + 1 + 255 (domain)
         return None
     e = value.strip().lower()
     if len(e) > 254 or len(e.partition("@")[0]) > 64 or not _EMAIL_RE.match(e):
-        return None
-    return e
-
-
-def normalize_email(value: str, platform: PlatformName) -> str | None:
-    e = _email_common(value)
-    if e is None:
         return None
     if platform == "google":
         local, _, domain = e.rpartition("@")
@@ -152,7 +138,6 @@ def _parse_phone(value: str, region: str) -> str | None:
     return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
 
 
-@lru_cache(maxsize=_SHARED_CACHE)
 def normalize_phone(value: str, region: str) -> str | None:
     """E.164 with '+'. Fast paths for numbers already in E.164 shape and NANP national numbers;
     everything else goes through `phonenumbers` with the row's or the segment's region."""
