@@ -432,7 +432,7 @@ class Engine:
             farr = fingerprints(cols)
             dup = np.zeros(n, dtype=bool)
             # Duplicates are a property of the source. Keys every pair's ledger knows are checked
-            # against that pair's `seen` marks (no extra memory); all other keys go in one set.
+            # against that pair's `seen` marks (no extra memory); all other keys go in `seen_new`.
             prefixes = key_prefixes(karr)
             looked_up = [plan.index.lookup(karr, prefixes) for plan in plans]
             found_all = np.ones(n, dtype=bool)

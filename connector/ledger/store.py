@@ -316,14 +316,6 @@ def _fp_to_db(fp: int) -> int:
     return fp - (1 << 64) if fp >= (1 << 63) else fp
 
 
-def _fp_from_db(v: int) -> int:
-    return v + (1 << 64) if v < 0 else v
-
-
-def key_bytes(member_key: str) -> bytes:
-    return bytes.fromhex(member_key[:32])
-
-
 class SqlLedger:
     """The ledger on any SQLAlchemy database (SQLite file by default, PostgreSQL)."""
 
@@ -1028,7 +1020,6 @@ __all__ = [
     "SqlLedger",
     "StagedMember",
     "find_keys",
-    "key_bytes",
     "key_prefixes",
     "open_ledger",
 ]
