@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 import tempfile
 import threading
@@ -50,7 +49,8 @@ from connector.errors import (
     SourceError,
 )
 from connector.identifiers.hashing import fingerprints, member_keys
-from connector.identifiers.normalize import Normalizer
+from connector.identifiers.normalize import NormalizedBatch, Normalizer
+from connector.identifiers.pool import NormalizePool, default_workers
 from connector.ledger.store import (
     ON_PLATFORM,
     LedgerIndex,
@@ -170,17 +170,6 @@ def decode_consent(s: str) -> Consent | None:
     return Consent(ad_user_data=vals[0], ad_personalization=vals[1])
 
 
-# what json.dumps escapes (with ensure_ascii=False): a payload without any is built directly
-_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
-
-
-def dump_payload(payload: Mapping[str, str]) -> str:
-    """Canonical JSON of a payload (sorted keys, no spaces): the form stored in the ledger."""
-    if _JSON_ESCAPED.search("".join((*payload, *payload.values()))):
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "{" + ",".join([f'"{k}":"{payload[k]}"' for k in sorted(payload)]) + "}"
-
-
 def to_member(p: PendingMember) -> Member:
     return Member(key=p.key, payload=json.loads(p.payload), consent=decode_consent(p.consent))
 
@@ -238,7 +227,26 @@ class _PairPlan:
     counts: PlanCounts
     spill: _Spill | None
     refresh: list[tuple[str, int]] = field(default_factory=list)
+    # ledger positions claimed by a source row that then had no payload (invalid, consent denied)
+    dropped: list[int] = field(default_factory=list)
     result: RunResult | None = None
+
+
+@dataclass(slots=True)
+class _Normalizing:
+    """Rows of one batch and pair being normalized (maybe in a worker), waiting to be planned."""
+
+    plan: _PairPlan
+    keys: list[str]  # member key of each row
+    fps: list[int]
+    pos: list[int]  # ledger position of each row's member, -1 for a new member
+    consent: list[str]  # encoded consent of each row
+    columns: list[tuple[str, list[str | None]]]  # (identifier field, raw values) of the rows
+    result: Callable[[], NormalizedBatch] | None = None
+
+    def submit(self, pool: NormalizePool) -> None:
+        self.result = pool.submit(self.plan.platform, self.plan.normalizer.default_region, self.columns)
+        self.columns = []
 
 
 class Engine:
@@ -252,8 +260,11 @@ class Engine:
         progress: Progress | None = None,
         pair_lock: PairLock | None = None,
         stop: threading.Event | None = None,
+        normalize_pool: NormalizePool | None = None,
+        batch_rows: int = 50_000,
     ) -> None:
         self.settings = settings
+        self._batch_rows = batch_rows  # source rows read, classified and normalized together
         self._pair_lock = pair_lock
         self.stop = stop or threading.Event()
         self.ledger = ledger or SqlLedger(settings.ledger_sqlalchemy_url())
@@ -264,6 +275,9 @@ class Engine:
         self._progress = progress
         self._destinations: dict[str, Destination] = {}
         self.stats: dict[str, RetryStats] = {}
+        self._normalize = normalize_pool or NormalizePool(
+            default_workers() if settings.workers is None else settings.workers
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,6 +296,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - closing must not hide the run's own outcome
                 log.warning("closing destination %s failed", d.name)
         self._destinations.clear()
+        self._normalize.close()
         if self._own_ledger:
             self.ledger.close()
 
@@ -415,8 +430,10 @@ class Engine:
         consent_cols = _consent_columns(seg)
         columns = list(dict.fromkeys([*(col for _, col in id_fields), *consent_cols, *([seg.key] if seg.key else [])]))
         seen_new = SeenKeys()
+        inflight: list[_Normalizing] = []
+        self._normalize.drain()
         total = 0
-        for batch in source.read_batches(columns):
+        for batch in source.read_batches(columns, self._batch_rows):
             n = len(batch)
             total += n
             cols = [batch.columns[c] for c in columns]
@@ -440,12 +457,23 @@ class Engine:
                 found_all &= found
             candidates = np.flatnonzero(valid_row & ~found_all)
             dup[candidates] = seen_new.add(karr[candidates])
-            for plan, lk in zip(plans, looked_up, strict=True):
-                self._classify_batch(segment, seg, plan, batch.columns, id_fields, keys_hex, karr, farr,
-                                     valid_row, dup, lk)  # fmt: skip
+            works = [
+                self._classify_batch(seg, plan, batch.columns, id_fields, keys_hex, karr, farr, valid_row, dup, lk)
+                for plan, lk in zip(plans, looked_up, strict=True)
+            ]  # fmt: skip
+            # the previous batch was normalized (in workers) while this one was read and classified
+            for work in inflight:
+                self._plan_normalized(segment, work)
+            for work in works:
+                work.submit(self._normalize)
+            inflight = works
             if self._progress:
                 self._progress(segment, total)
+        for work in inflight:
+            self._plan_normalized(segment, work)
         for plan in plans:
+            if plan.dropped:
+                plan.seen[np.array(plan.dropped, dtype=np.int64)] = False
             plan.counts.source_rows = total
             if seg.mode == "mirror":
                 # members on the platform who left; ledger rows never (or no longer) on it are cleaned up
@@ -456,7 +484,6 @@ class Engine:
 
     def _classify_batch(
         self,
-        segment: str,
         seg: SegmentConfig,
         plan: _PairPlan,
         columns: Mapping[str, list[str | None]],
@@ -467,7 +494,8 @@ class Engine:
         valid_row: np.ndarray[Any, Any],
         dup: np.ndarray[Any, Any],
         looked_up: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    ) -> None:
+    ) -> _Normalizing:
+        """Count a batch's unchanged, duplicate and key-less rows; send the rest to normalization."""
         counts = plan.counts
         cls = classify(plan.index, karr, farr, looked_up)
         # a duplicate of a key the ledger knows: the second occurrence is a duplicate
@@ -490,52 +518,74 @@ class Engine:
             counts.invalid += ndup
             counts.invalid_reasons["duplicate_key"] += ndup
         todo = valid_row & ~dup
-        unchanged = todo & cls.unchanged
-        counts.unchanged += int(unchanged.sum())
-        plan.seen[cls.pos[unchanged & cls.found]] = True
-        changed_found: list[tuple[int, str, str]] = []  # (row, payload, consent) of known members
+        counts.unchanged += int((todo & cls.unchanged).sum())
+        # the first occurrence claims its member; one that turns out to have no payload is dropped
+        # when the whole source has been read (then the member leaves the audience)
+        plan.seen[cls.pos[todo & cls.found]] = True
+        rows = np.flatnonzero(todo & ~cls.unchanged)
+        pos = np.where(cls.found[rows], cls.pos[rows], -1)
         consent_cols = _consent_columns(seg)
-        fixed_consent = self._consent_of(seg, {}) if plan.platform == "google" and not consent_cols else None
-        id_columns = [(f, columns[col]) for f, col in id_fields]
-        for i in np.flatnonzero(todo & ~cls.unchanged).tolist():
-            raw = {f: col[i] for f, col in id_columns}
-            consent = fixed_consent
-            if plan.platform == "google" and consent_cols:
-                consent = self._consent_of(seg, {c: columns[c][i] for c in consent_cols})
-            if consent is not None and consent.ad_user_data is False:
-                counts.consent_denied += 1
-                continue
-            norm = plan.normalizer.normalize(raw)
-            for reason in norm.errors.values():
-                counts.invalid_reasons[reason] += 1
-            if not norm.payload:
+        if plan.platform == "google" and consent_cols:
+            per_row = [self._consent_of(seg, {c: columns[c][i] for c in consent_cols}) for i in rows.tolist()]
+            consents = [encode_consent(c) for c in per_row]
+            allowed = np.array([c.ad_user_data is not False for c in per_row], dtype=bool)
+        else:
+            fixed = self._consent_of(seg, {}) if plan.platform == "google" else None
+            consents = [encode_consent(fixed)] * len(rows)
+            allowed = np.full(len(rows), fixed is None or fixed.ad_user_data is not False, dtype=bool)
+        if not allowed.all():
+            counts.consent_denied += int((~allowed).sum())
+            plan.dropped.extend(pos[~allowed & (pos >= 0)].tolist())
+            rows, pos = rows[allowed], pos[allowed]
+            consents = [c for c, ok in zip(consents, allowed.tolist(), strict=True) if ok]
+        picked = rows.tolist()
+        return _Normalizing(
+            plan=plan,
+            keys=[keys_hex[i] for i in picked],
+            fps=farr[rows].tolist(),
+            pos=pos.tolist(),
+            consent=consents,
+            columns=[(f, [columns[col][i] for i in picked]) for f, col in id_fields],
+        )
+
+    def _plan_normalized(self, segment: str, work: _Normalizing) -> None:
+        """Stage the normalized rows of one batch: new members, changed members, invalid rows."""
+        plan, counts = work.plan, work.plan.counts
+        assert work.result is not None
+        payloads, reasons = work.result()
+        for reason, n in reasons.items():
+            counts.invalid_reasons[reason] += n
+        changed_found: list[int] = []  # rows of known members
+        for j, payload in enumerate(payloads):
+            if payload is None:
                 counts.invalid += 1
-                continue
-            payload = dump_payload(norm.payload)
-            c = encode_consent(consent)
-            if cls.found[i]:
-                plan.seen[cls.pos[i]] = True
-                changed_found.append((int(i), payload, c))
+                if work.pos[j] >= 0:
+                    plan.dropped.append(work.pos[j])
+            elif work.pos[j] >= 0:
+                changed_found.append(j)
             else:
                 counts.adds += 1
                 if plan.spill:
-                    plan.spill.add(keys_hex[i], int(farr[i]), payload, c, False)
-        if changed_found:
-            known = self.ledger.payloads(segment, plan.name, [keys_hex[i] for i, _, _ in changed_found])
-            for row, payload, c in changed_found:
-                old = known.get(keys_hex[row])
-                settled = old is not None and old[1] in (*ON_PLATFORM, "rejected")
-                if settled and old is not None and old[0] == payload:
-                    # raw row changed (formatting, another column) but not what is sent
-                    counts.unchanged += 1
-                    plan.refresh.append((keys_hex[row], int(farr[row])))
-                    continue
-                if old is not None and old[1] in ON_PLATFORM:
-                    counts.changes += 1
-                else:
-                    counts.resends += 1
-                if plan.spill:
-                    plan.spill.add(keys_hex[row], int(farr[row]), payload, c, True)
+                    plan.spill.add(work.keys[j], work.fps[j], payload, work.consent[j], False)
+        if not changed_found:
+            return
+        known = self.ledger.payloads(segment, plan.name, [work.keys[j] for j in changed_found])
+        for j in changed_found:
+            key, payload = work.keys[j], payloads[j]
+            old = known.get(key)
+            settled = old is not None and old[1] in (*ON_PLATFORM, "rejected")
+            if settled and old is not None and old[0] == payload:
+                # raw row changed (formatting, another column) but not what is sent
+                counts.unchanged += 1
+                plan.refresh.append((key, work.fps[j]))
+                continue
+            if old is not None and old[1] in ON_PLATFORM:
+                counts.changes += 1
+            else:
+                counts.resends += 1
+            if plan.spill:
+                assert payload is not None
+                plan.spill.add(key, work.fps[j], payload, work.consent[j], True)
 
     # ------------------------------------------------------------------ pushing
 

@@ -286,6 +286,10 @@ class ConnectorSettings(BaseSettings):
         default=1.0, ge=0.0, description="a queued sync waits this long so a burst of triggers makes one run"
     )
     timezone: str = "UTC"
+    workers: int | None = Field(
+        default=None, ge=0, le=64,
+        description="processes that normalize and hash large batches; default one per core (0: none)",
+    )  # fmt: skip
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     segments: dict[str, SegmentConfig] = Field(default_factory=dict)
     config_path: Path | None = Field(default=None, exclude=True)

@@ -18,9 +18,10 @@ GEN m/f; DOBY/DOBM/DOBD; MADID lowercase unhashed; EXTERN_ID exactly as given, u
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -409,3 +410,42 @@ class Normalizer:
                 out.errors["external_id"] = EXTERN_ID_INVALID
             else:
                 p["EXTERN_ID"] = ext
+
+
+# ----------------------------------------------------------------------------- batches
+
+# what json.dumps escapes (with ensure_ascii=False): a payload without any is built directly
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def dump_payload(payload: Mapping[str, str]) -> str:
+    """Canonical JSON of a payload (sorted keys, no spaces): the form stored in the ledger."""
+    if _JSON_ESCAPED.search("".join((*payload, *payload.values()))):
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "{" + ",".join([f'"{k}":"{payload[k]}"' for k in sorted(payload)]) + "}"
+
+
+@lru_cache(maxsize=64)
+def _normalizer(platform: str, fields: tuple[str, ...], region: str) -> Normalizer:
+    return Normalizer(platform, fields, region)
+
+
+NormalizedBatch = tuple[list[str | None], dict[str, int]]
+
+
+def normalize_many(platform: str, region: str, columns: Sequence[tuple[str, Sequence[str | None]]]) -> NormalizedBatch:
+    """Normalize the rows of these (identifier field, values) columns for one platform.
+
+    Returns each row's canonical payload JSON (None: no identifier left) and the count of every
+    reason a value was dropped. A plain function of plain data, so a worker process can run it.
+    """
+    norm = _normalizer(platform, tuple(f for f, _ in columns), region)
+    names = [f for f, _ in columns]
+    payloads: list[str | None] = []
+    reasons: dict[str, int] = {}
+    for values in zip(*(col for _, col in columns), strict=True):
+        out = norm.normalize(dict(zip(names, values, strict=True)))
+        for reason in out.errors.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        payloads.append(dump_payload(out.payload) if out.payload else None)
+    return payloads, reasons

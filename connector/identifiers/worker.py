@@ -1,0 +1,28 @@
+"""A normalization worker process (see `connector.identifiers.pool`).
+
+Reads (platform, region, columns) tasks from stdin, writes `normalize_many` results to stdout,
+one length-prefixed pickle each, until stdin closes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import IO, cast
+
+from connector.identifiers.normalize import normalize_many
+from connector.identifiers.pool import read_message, write_message
+
+
+def serve(inp: IO[bytes], out: IO[bytes]) -> None:
+    while True:
+        try:
+            task = read_message(inp)
+        except EOFError:
+            return
+        platform, region, columns = cast(tuple[str, str, Sequence[tuple[str, Sequence[str | None]]]], task)
+        write_message(out, normalize_many(platform, region, columns))
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
