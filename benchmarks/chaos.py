@@ -9,6 +9,7 @@ all three emulators with faults on). Exit code 1 when any scenario ends with a m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,6 +25,8 @@ def one(seed: int, verbose: bool, ledger_url: str | None) -> Outcome:
 
 
 def main() -> int:
+    # the sync processes compare every index snapshot they use or write with the ledger
+    os.environ.setdefault("CONNECTOR_CHECK_INDEX_SNAPSHOTS", "1")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=200, help="how many scenarios")
     ap.add_argument("--first", type=int, default=1, help="first seed")

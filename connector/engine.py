@@ -267,7 +267,7 @@ class Engine:
         self._batch_rows = batch_rows  # source rows read, classified and normalized together
         self._pair_lock = pair_lock
         self.stop = stop or threading.Event()
-        self.ledger = ledger or SqlLedger(settings.ledger_sqlalchemy_url())
+        self.ledger = ledger or SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
         self._own_ledger = ledger is None
         self._factory = destination_factory or (
             lambda name, cfg, state_dir, stats: build_destination(name, cfg, state_dir, stats)
@@ -352,6 +352,7 @@ class Engine:
             for plan in plans or []:
                 if plan.spill:
                     plan.spill.close()
+                self.ledger.save_index(name, plan.name)
             for d in dest_names:
                 cfg = self.settings.destinations[d]
                 res = RunResult(name, d, cfg.type, "failed", error=f"segment {name}: {exc}", sandbox=cfg.sandbox,
@@ -384,6 +385,7 @@ class Engine:
 
     def _prepare_pair(self, segment: str, seg: SegmentConfig, dest: str, opts: SyncOptions) -> _PairPlan:
         cfg = self.settings.destinations[dest]
+        self.ledger.open_index(segment, dest)
         if not opts.dry_run:
             self._reconcile(segment, dest)
             if isinstance(cfg, GoogleDestinationConfig):
@@ -642,6 +644,7 @@ class Engine:
         finally:
             if plan.spill:
                 plan.spill.close()
+            self.ledger.save_index(segment, plan.name)
         if res.error:
             log.error("%s", res.error)
         return res

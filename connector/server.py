@@ -53,7 +53,7 @@ class SyncService:
     def __init__(self, settings: ConnectorSettings, *, destination_factory: DestinationFactory | None = None,
                  jitter_seconds: float = 0.0, lease_seconds: float = 60.0) -> None:  # fmt: skip
         self.settings = settings
-        self.ledger = SqlLedger(settings.ledger_sqlalchemy_url())
+        self.ledger = SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
         self.coord = Coordinator(self.ledger, lease_seconds=lease_seconds)
         self.stop = threading.Event()
         self._wake = threading.Event()

@@ -330,6 +330,11 @@ class ConnectorSettings(BaseSettings):
     def state_path(self) -> Path:
         return self.resolve(self.state_dir)
 
+    @property
+    def index_path(self) -> Path:
+        """Snapshots of each pair's ledger index (a cache: deleting it costs one slower run)."""
+        return self.state_path / "index"
+
     def ledger_sqlalchemy_url(self) -> str:
         if self.ledger_url is not None:
             return self.ledger_url.get_secret_value()

@@ -4,6 +4,7 @@ in-memory destinations that survive across engine instances (like a real platfor
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.settings import ConnectorSettings, load_settings
+
+# every index snapshot the tests use or write is compared with the ledger (subprocesses inherit it)
+os.environ["CONNECTOR_CHECK_INDEX_SNAPSHOTS"] = "1"
 
 IDENTIFIERS = (
     '{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", '

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,15 +61,25 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
 
+log = logging.getLogger("connector.ledger")
+
 # a plan is committed in parts of about this many rows (see `apply_plan`)
 _PLAN_COMMIT_ROWS = 100_000
 
-SCHEMA_VERSION = 3  # 2: members.payload_hash; 3: indexes of owed removals and expiry
+SCHEMA_VERSION = 4  # 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions
+
+# a run's changes are patched into the pair's index snapshot while they touch at most this many
+# members (or a quarter of the pair); beyond that the snapshot is read again from the database
+_PATCH_MAX_KEYS = 200_000
+# CONNECTOR_CHECK_INDEX_SNAPSHOTS=1: every snapshot used or written is compared with the database
+# (the test suite and the chaos benchmark run with it)
+_CHECK_ENV = "CONNECTOR_CHECK_INDEX_SNAPSHOTS"
 
 # States that count as "on the platform, or will be once confirmed".
 ON_PLATFORM = ("accepted", "confirmed")
@@ -139,6 +153,16 @@ runs = Table(
     Column("match_rate", Float),
 )
 
+# Bumped in the same transaction as every change to a pair's members: an index snapshot (a file of
+# the pair's keys, fingerprints and state codes) is valid exactly while the version is unchanged.
+pair_versions = Table(
+    "pair_versions",
+    metadata,
+    Column("segment", String(200), primary_key=True),
+    Column("destination", String(200), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
 meta_table = Table(
     "ledger_meta",
     metadata,
@@ -146,6 +170,9 @@ meta_table = Table(
     Column("value", String(200), nullable=False),
 )
 
+
+# a member's state as the index keeps it: 2 on the platform, 1 rejected, 0 anything else
+_STATE_CODE = case((members.c.state.in_(ON_PLATFORM), 2), (members.c.state == "rejected", 1), else_=0)
 
 # Pending work, as (state, extra condition) parts: each part is one range of the state index (or of
 # the partial index of owed payloads), so finding pending members never scans the whole audience.
@@ -260,6 +287,73 @@ class LedgerIndex:
         """Positions of `keys` in the index and whether each was found."""
         return find_keys(self.prefixes, self.keys, keys, prefixes)
 
+    @classmethod
+    def from_codes(
+        cls, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint8]
+    ) -> LedgerIndex:
+        """From state codes: 2 on the platform, 1 rejected, 0 anything else."""
+        return cls(keys=keys, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2)
+
+    def codes(self) -> npt.NDArray[np.uint8]:
+        return self.stable.astype(np.uint8) + self.on_platform.astype(np.uint8)
+
+    def same_as(self, other: LedgerIndex) -> bool:
+        return (
+            len(self) == len(other)
+            and self.keys.tobytes() == other.keys.tobytes()
+            and bool(np.array_equal(self.fingerprints, other.fingerprints))
+            and bool(np.array_equal(self.codes(), other.codes()))
+        )
+
+    def patched(
+        self, dirty: npt.NDArray[np.bytes_], keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64],
+        codes: npt.NDArray[np.uint8],
+    ) -> LedgerIndex:  # fmt: skip
+        """This index with the `dirty` keys replaced by the rows now in the database (`keys`,
+        which are dirty keys still there, with their fingerprints and codes)."""
+        pos, found = self.lookup(dirty)
+        keep = np.ones(len(self), dtype=bool)
+        keep[pos[found]] = False
+        base_keys, base_fps, base_codes = self.keys[keep], self.fingerprints[keep], self.codes()[keep]
+        base_pre = self.prefixes[keep]
+        order = np.lexsort((_key_suffixes(keys), key_prefixes(keys)))  # exact 16-byte order
+        keys, fps, codes = keys[order], fps[order], codes[order]
+        pre = key_prefixes(keys)
+        at = np.searchsorted(base_pre, pre)
+        n = len(base_pre)
+        # keys sharing an 8-byte prefix with a kept key (about never): place them by all 16 bytes
+        ties = np.flatnonzero((at < n) & (base_pre[np.minimum(at, n - 1)] == pre)) if n else np.empty(0, np.intp)
+        for i in ties.tolist():
+            j, key = int(at[i]), keys[i].ljust(16, b"\0")
+            while j < n and base_pre[j] == pre[i] and base_keys[j].ljust(16, b"\0") < key:
+                j += 1
+            at[i] = j
+        return LedgerIndex.from_codes(
+            np.insert(base_keys, at, keys), np.insert(base_fps, at, fps), np.insert(base_codes, at, codes)
+        )
+
+
+def _key_suffixes(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
+    raw = np.ascontiguousarray(keys, dtype="S16").tobytes()
+    return np.frombuffer(raw, dtype=">u8")[1::2].astype(np.uint64)
+
+
+def hex_keys(keys: Sequence[str]) -> npt.NDArray[np.bytes_]:
+    """Ledger keys (hex) as the index's 16-byte keys."""
+    if not keys:
+        return np.empty(0, dtype="S16")
+    return np.frombuffer(bytes.fromhex("".join([k[:32] for k in keys])), dtype="S16")
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A pair's index as loaded, and what this process changed since (see `SqlLedger.save_index`)."""
+
+    base: LedgerIndex
+    version: int
+    own: int = 0  # versions this process added
+    dirty: set[str] | None = field(default_factory=set)  # keys changed; None: too many to patch
+
 
 @dataclass(slots=True)
 class StagedMember:
@@ -319,8 +413,14 @@ def _fp_to_db(fp: int) -> int:
 class SqlLedger:
     """The ledger on any SQLAlchemy database (SQLite file by default, PostgreSQL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, index_dir: Path | None = None) -> None:
         self.url = url
+        # where index snapshots are kept (None: every run reads its pairs' indexes from the database)
+        self.index_dir = index_dir
+        self._tracked: dict[tuple[str, str], _Tracked] = {}
+        self._check = os.environ.get(_CHECK_ENV) == "1"
+        self.index_reads = 0  # pair indexes read whole from the database (not from a snapshot)
+        self.ledger_id = ""
         try:
             if url.startswith("sqlite:///"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +442,14 @@ class SqlLedger:
 
     def _check_version(self) -> None:
         with self.engine.begin() as conn:
+            # names this database: a snapshot written for another ledger (or for a database that was
+            # deleted and created again, whose versions start over) never matches
+            row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "ledger_id")).first()
+            if row is None:
+                self.ledger_id = uuid.uuid4().hex
+                conn.execute(insert(meta_table).values(key="ledger_id", value=self.ledger_id))
+            else:
+                self.ledger_id = str(row[0])
             row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema")).first()
             if row is None:
                 conn.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
@@ -354,6 +462,8 @@ class SqlLedger:
                     self._migrate_to_2(conn)
                 for ix in (ix_members_owed, ix_members_expires):  # 3: new indexes only
                     ix.create(conn, checkfirst=True)
+                # 4: pair_versions (a new table, created above); the schema number keeps older
+                # connectors, which would change members without bumping versions, out
                 conn.execute(
                     update(meta_table).where(meta_table.c.key == "schema").values(value=str(SCHEMA_VERSION))
                 )
@@ -494,17 +604,171 @@ class SqlLedger:
         finally:
             cur.close()
 
+    # ------------------------------------------------------------------ index snapshots
+
+    def _version(self, conn: Any, segment: str, destination: str) -> int:
+        v = conn.execute(
+            select(pair_versions.c.version).where(
+                pair_versions.c.segment == segment, pair_versions.c.destination == destination
+            )
+        ).scalar()
+        return int(v or 0)
+
+    def _touch(self, conn: Any, segment: str, destination: str, keys: Iterable[str] | None) -> None:
+        """Record, in the transaction that changes them, that these members of the pair changed
+        (None: any number of them). Every change to `members` goes through here."""
+        values = {"segment": segment, "destination": destination, "version": 1}
+        name = conn.dialect.name
+        if name in ("sqlite", "postgresql"):
+            ins = (sqlite.insert if name == "sqlite" else postgresql.insert)(pair_versions).values(**values)
+            conn.execute(ins.on_conflict_do_update(
+                index_elements=[pair_versions.c.segment, pair_versions.c.destination],
+                set_={"version": pair_versions.c.version + 1},
+            ))  # fmt: skip
+        elif not conn.execute(
+            update(pair_versions)
+            .where(pair_versions.c.segment == segment, pair_versions.c.destination == destination)
+            .values(version=pair_versions.c.version + 1)
+        ).rowcount:
+            conn.execute(insert(pair_versions).values(**values))
+        t = self._tracked.get((segment, destination))
+        if t is None:
+            return
+        t.own += 1
+        if t.dirty is not None:
+            if keys is None:
+                t.dirty = None
+            else:
+                t.dirty.update(keys)
+                if len(t.dirty) > max(_PATCH_MAX_KEYS, len(t.base) // 4):
+                    t.dirty = None
+
+    def _snapshot_path(self, segment: str, destination: str) -> Path | None:
+        if self.index_dir is None:
+            return None
+        name = hashlib.sha256(f"{self.ledger_id}\x1f{segment}\x1f{destination}".encode()).hexdigest()[:32]
+        return self.index_dir / f"{name}.npz"
+
+    def _read_snapshot(self, segment: str, destination: str, version: int) -> LedgerIndex | None:
+        path = self._snapshot_path(segment, destination)
+        if path is None or not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["version"][0]) != version:
+                    return None
+                keys, fps, codes = z["keys"], z["fingerprints"], z["codes"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None  # unreadable or half-written by a crashed process: read the database
+        if keys.dtype != np.dtype("S16") or fps.dtype != np.uint64 or not len(keys) == len(fps) == len(codes):
+            return None
+        return LedgerIndex.from_codes(keys, fps, codes.astype(np.uint8))
+
+    def _write_snapshot(self, segment: str, destination: str, version: int, index: LedgerIndex) -> None:
+        path = self._snapshot_path(segment, destination)
+        if path is None:
+            return
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                np.savez(f, version=np.array([version], dtype=np.int64), keys=index.keys,
+                         fingerprints=index.fingerprints, codes=index.codes())  # fmt: skip
+            os.replace(tmp, path)
+        except OSError as exc:  # a cache: the ledger itself is intact
+            log.warning("could not write the index snapshot of %s -> %s (%s)", segment, destination, exc.strerror)
+            tmp.unlink(missing_ok=True)
+
+    def _checked(self, segment: str, destination: str, index: LedgerIndex, what: str) -> None:
+        if self._check and not index.same_as(self._read_index(segment, destination, checking=True)):
+            raise LedgerError(f"index snapshot of {segment} -> {destination} differs from the ledger ({what})")
+
+    def open_index(self, segment: str, destination: str) -> None:
+        """Start following the pair's changes from its snapshot, before a run changes anything
+        (reconciling earlier requests, planning re-sends): `load_index` then patches them in."""
+        self._current(segment, destination)
+
     def load_index(self, segment: str, destination: str) -> LedgerIndex:
-        """Every member of the pair, sorted by key, as compact arrays. Read in key order through the
-        primary key (rows were written in key order, so this reads the table front to back), with the
-        state reduced to a small number in SQL: 2 on the platform, 1 rejected, 0 anything else."""
+        """Every member of the pair, sorted by key, as compact arrays: from the pair's snapshot
+        (with this process's changes since patched in) when nobody else changed the pair since the
+        snapshot was written, else from the database (and a new snapshot is written)."""
+        index = self._current(segment, destination)
+        if index is not None:
+            return index
+        with self.engine.connect() as conn:
+            version = self._version(conn, segment, destination)
+        index = self._read_index(segment, destination)
+        with self.engine.connect() as conn:
+            stable = self._version(conn, segment, destination) == version
+        if stable:
+            self._write_snapshot(segment, destination, version, index)
+            self._tracked[(segment, destination)] = _Tracked(index, version)
+        else:  # changed while it was read: no snapshot
+            self._tracked.pop((segment, destination), None)
+        return index
+
+    def save_index(self, segment: str, destination: str) -> None:
+        """After a run: bring the pair's snapshot up to date (patched when the run changed few
+        members, else read again) and stop following the pair."""
+        if self.index_dir is not None and (segment, destination) in self._tracked:
+            if self._current(segment, destination) is None:
+                self.load_index(segment, destination)
+        self._tracked.pop((segment, destination), None)
+
+    def _current(self, segment: str, destination: str) -> LedgerIndex | None:
+        """The pair's index as it is now, without reading the whole pair, or None."""
+        if self.index_dir is None:
+            return None
+        pair = (segment, destination)
+        with self.engine.connect() as conn:
+            version = self._version(conn, segment, destination)
+        t = self._tracked.get(pair)
+        if t is None or (t.version != version and (t.dirty is None or version != t.version + t.own)):
+            # nothing followed, or changed by someone else (or too much): the snapshot, if current
+            self._tracked.pop(pair, None)
+            snap = self._read_snapshot(segment, destination, version)
+            if snap is None:
+                return None
+            self._checked(segment, destination, snap, "read")
+            self._tracked[pair] = _Tracked(snap, version)
+            return snap
+        if t.version == version:
+            return t.base
+        assert t.dirty is not None
+        dirty = sorted(t.dirty)
+        rows: list[tuple[Any, ...]] = []
+        with self.engine.connect() as conn:
+            for i in range(0, len(dirty), 10_000):
+                chunk = dirty[i : i + 10_000]
+                rows.extend(conn.execute(
+                    select(members.c.member_key, members.c.fingerprint, _STATE_CODE)
+                    .where(self._pair(segment, destination), self._key_in(conn, chunk))
+                ).all())  # fmt: skip
+            if self._version(conn, segment, destination) != version:
+                self._tracked.pop(pair, None)  # changed while read
+                return None
+        index = t.base.patched(
+            hex_keys(dirty),
+            hex_keys([r[0] for r in rows]),
+            np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64),
+            np.array([r[2] for r in rows], dtype=np.uint8),
+        )
+        self._checked(segment, destination, index, "patched")
+        self._write_snapshot(segment, destination, version, index)
+        self._tracked[pair] = _Tracked(index, version)
+        return index
+
+    def _read_index(self, segment: str, destination: str, checking: bool = False) -> LedgerIndex:
+        """The pair's index from the database: read in key order through the primary key (rows were
+        written in key order, so this reads the table front to back), with the state reduced to a
+        small number in SQL."""
+        self.index_reads += 0 if checking else 1
         key_parts: list[bytes] = []
         fp_parts: list[npt.NDArray[np.uint64]] = []
         code_parts: list[npt.NDArray[np.uint8]] = []
-        code = case((members.c.state.in_(ON_PLATFORM), 2), (members.c.state == "rejected", 1), else_=0)
         with self.engine.connect() as conn:
             stmt = (
-                select(members.c.member_key, members.c.fingerprint, code)
+                select(members.c.member_key, members.c.fingerprint, _STATE_CODE)
                 .where(self._pair(segment, destination))
                 .order_by(members.c.member_key)
             )
@@ -521,7 +785,7 @@ class SqlLedger:
         if not bool(np.all(karr[1:] >= karr[:-1])):  # a database collation that orders hex differently
             order = np.argsort(karr, kind="stable")
             karr, fps, codes = karr[order], fps[order], codes[order]
-        return LedgerIndex(keys=karr, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2)
+        return LedgerIndex.from_codes(karr, fps, codes)
 
     def payloads(self, segment: str, destination: str, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
         """member_key -> (payload, state) for the given keys."""
@@ -614,6 +878,7 @@ class SqlLedger:
                     )
                 if new_rows:
                     self._insert_new(conn, new_rows)
+                self._touch(conn, segment, destination, [m.key for m in chunk])
             for rchunk in remove_keys:
                 if rchunk:
                     wrote(len(rchunk))
@@ -622,6 +887,7 @@ class SqlLedger:
                         .where(self._pair(segment, destination), members.c.member_key.in_(list(rchunk)))
                         .values(state="remove_planned", updated_at=ts)
                     )
+                    self._touch(conn, segment, destination, rchunk)
             if refresh_keys:
                 conn.execute(
                     update(members)
@@ -629,6 +895,7 @@ class SqlLedger:
                     .values(updated_at=ts),
                     [{"k": k, "fingerprint": _fp_to_db(fp)} for k, fp in refresh_keys],
                 )
+                self._touch(conn, segment, destination, [k for k, _ in refresh_keys])
             conn.commit()
 
     def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
@@ -646,19 +913,19 @@ class SqlLedger:
 
     def mark_for_resend(self, segment: str, destination: str, before: datetime) -> int:
         """Members whose platform membership expires before `before` are planned again."""
+        due = (
+            self._pair(segment, destination),
+            members.c.state.in_(ON_PLATFORM),
+            members.c.expires_at.is_not(None),
+            members.c.expires_at < before,
+        )
         with self.engine.begin() as conn:
-            return int(
-                conn.execute(
-                    update(members)
-                    .where(
-                        self._pair(segment, destination),
-                        members.c.state.in_(ON_PLATFORM),
-                        members.c.expires_at.is_not(None),
-                        members.c.expires_at < before,
-                    )
-                    .values(state="planned", updated_at=now())
-                ).rowcount
-            )
+            keys = conn.execute(select(members.c.member_key).where(*due)).scalars().all()
+            if not keys:
+                return 0
+            n = int(conn.execute(update(members).where(*due).values(state="planned", updated_at=now())).rowcount)
+            self._touch(conn, segment, destination, keys)
+            return n
 
     def plan_full_refresh(self, segment: str, destination: str) -> None:
         """Everything that should be on the platform is planned again (replace)."""
@@ -668,6 +935,7 @@ class SqlLedger:
                 .where(self._pair(segment, destination), members.c.state.in_((*ON_PLATFORM, *TO_ADD)))
                 .values(state="planned", updated_at=now())
             )
+            self._touch(conn, segment, destination, None)
 
     # ------------------------------------------------------------------ pushing
 
@@ -793,6 +1061,7 @@ class SqlLedger:
                     .where(self._pair(segment, destination), members.c.member_key.in_(chunk))
                     .values(prev_payload=None, updated_at=ts)
                 )
+                self._touch(conn, segment, destination, chunk)
 
     def defer(self, segment: str, destination: str, reasons: dict[str, str]) -> None:
         ts = now()
@@ -803,6 +1072,7 @@ class SqlLedger:
                     .where(self._pair(segment, destination), members.c.member_key == k)
                     .values(reason=why[:200], updated_at=ts)
                 )
+            self._touch(conn, segment, destination, reasons)
 
     def commit_additions(
         self,
@@ -842,6 +1112,7 @@ class SqlLedger:
                     .where(self._pair(segment, destination), members.c.member_key == k)
                     .values(state="deferred", reason=why[:200], updated_at=ts)
                 )
+            self._touch(conn, segment, destination, keys)
 
     def commit_replace(self, segment: str, destination: str, state: str, request_id: str | None,
                        ttl_days: int | None) -> None:  # fmt: skip
@@ -867,6 +1138,7 @@ class SqlLedger:
                 .where(audiences.c.segment == segment, audiences.c.destination == destination)
                 .values(last_replace_at=ts, updated_at=ts)
             )
+            self._touch(conn, segment, destination, None)
 
     def pending_requests(self, segment: str, destination: str) -> list[str]:
         with self.engine.connect() as conn:
@@ -904,6 +1176,8 @@ class SqlLedger:
                     .where(self._pair(segment, destination), members.c.member_key == k)
                     .values(state="rejected", reason=why[:200], updated_at=ts)
                 )
+            # accepted -> confirmed keeps a member's index entry; any other outcome changes it
+            self._touch(conn, segment, destination, rejected if state in ON_PLATFORM else None)
 
     # ------------------------------------------------------------------ reporting
 

@@ -9,9 +9,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import Harness, person, write_csv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from connector.ledger.store import SqlLedger, StagedMember
+from connector.engine import Engine, SyncOptions
+from connector.ledger.store import LedgerIndex, SqlLedger, StagedMember
 
 
 def _urls() -> list[object]:
@@ -154,7 +159,7 @@ def test_a_plan_interrupted_while_written_is_completed_by_the_next_run(
 
 
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
-    """Schema 1 -> 3: payload_hash filled, then the indexes of owed removals and expiry."""
+    """Schema 1 -> 4: payload_hash filled, the indexes of owed removals and expiry, pair versions."""
     import sqlite3
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -166,6 +171,8 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         conn.execute("DROP INDEX ix_members_owed")
         conn.execute("DROP INDEX ix_members_expires")
         conn.execute("ALTER TABLE members DROP COLUMN payload_hash")
+        conn.execute("DROP TABLE pair_versions")
+        conn.execute("DELETE FROM ledger_meta WHERE key = 'ledger_id'")
         conn.execute("UPDATE ledger_meta SET value = '1' WHERE key = 'schema'")
     store = SqlLedger(url)
     try:
@@ -178,9 +185,10 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("4",)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"ix_members_payload", "ix_members_owed", "ix_members_expires"} <= indexes
+        assert conn.execute("SELECT version FROM pair_versions WHERE segment = 's'").fetchone() == (1,)
 
 
 def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> None:
@@ -224,3 +232,146 @@ def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> N
                     assert any("ix_members_owed" in p for p in plan), (sql, plan)
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------------------- index snapshots
+# The whole suite runs with CONNECTOR_CHECK_INDEX_SNAPSHOTS=1 (conftest): every snapshot any test uses
+# or writes is also compared with the ledger itself. These tests check when snapshots are used.
+
+
+def keys(ids: range | list[int]) -> list[str]:
+    return [f"{i:032x}" for i in ids]
+
+
+def confirm(store: SqlLedger, s: str, ids: range | list[int], **kw: object) -> None:
+    store.apply_plan(s, "d", iter([[staged(i) for i in ids]]), iter([]))
+    args: dict[str, object] = {"state": "confirmed", "request_id": None, "rejected": {}, "deferred": {},
+                               "ttl_days": None, **kw}  # fmt: skip
+    store.commit_additions(s, "d", keys(ids), **args)  # type: ignore[arg-type]
+
+
+def synced(url: str, tmp_path: Path, s: str, n: int, **kw: object) -> SqlLedger:
+    """A ledger with snapshots after one run that confirmed members 0..n-1 of pair (s, d)."""
+    store = SqlLedger(url, index_dir=tmp_path / "index")
+    store.open_index(s, "d")
+    assert len(store.load_index(s, "d")) == 0
+    confirm(store, s, range(n), **kw)
+    store.save_index(s, "d")
+    return store
+
+
+def truth(store: SqlLedger, s: str) -> LedgerIndex:
+    plain = SqlLedger(store.url)  # no snapshots: read from the database
+    try:
+        return plain.load_index(s, "d")
+    finally:
+        plain.close()
+
+
+def test_a_run_patches_its_changes_into_the_snapshot_and_the_next_process_reads_it(
+    ledger: SqlLedger,
+    tmp_path: Path,
+) -> None:
+    s = seg()
+    a = synced(ledger.url, tmp_path, s, 40, rejected={keys([3])[0]: "bad"})
+    assert a.index_reads == 1  # the empty pair; then 40 changed members read back by key and patched in
+
+    b = SqlLedger(ledger.url, index_dir=tmp_path / "index")  # the next run, another process
+    b.open_index(s, "d")
+    idx = b.load_index(s, "d")
+    assert b.index_reads == 0 and idx.same_as(truth(b, s))
+    assert int(idx.on_platform.sum()) == 39 and int(idx.stable.sum()) == 40
+    b.apply_plan(s, "d", iter([[staged(i, fp=1000 + i) for i in range(40, 45)]]), iter([keys(range(5))]))
+    b.commit_removals(s, "d", keys(range(5)))
+    b.save_index(s, "d")
+    assert b.index_reads == 0
+
+    a.open_index(s, "d")
+    idx = a.load_index(s, "d")
+    assert a.index_reads == 1 and idx.same_as(truth(a, s))
+    assert len(idx) == 40 and int(idx.on_platform.sum()) == 35  # 0-4 removed (3 was rejected), 40-44 planned
+    a.close()
+    b.close()
+
+
+def test_a_change_made_without_following_the_pair_makes_the_snapshot_stale(
+    ledger: SqlLedger,
+    tmp_path: Path,
+) -> None:
+    s = seg()
+    a = synced(ledger.url, tmp_path, s, 20)
+    # another process (no snapshot directory of its own) changes the pair
+    other = SqlLedger(ledger.url)
+    other.apply_plan(s, "d", iter([]), iter([keys([7])]))
+    other.commit_removals(s, "d", keys([7]))
+    other.resolve_request(s, "d", "r1", "planned", "failed", {keys([8])[0]: "bad"})
+    other.close()
+    reads = a.index_reads
+    idx = a.load_index(s, "d")
+    assert a.index_reads == reads + 1 and idx.same_as(truth(a, s)) and len(idx) == 19
+    a.close()
+
+
+def test_a_damaged_snapshot_is_ignored(ledger: SqlLedger, tmp_path: Path) -> None:
+    s = seg()
+    a = synced(ledger.url, tmp_path, s, 10)
+    (snapshot,) = (tmp_path / "index").glob("*.npz")
+    snapshot.write_bytes(snapshot.read_bytes()[:100])  # a crash mid-write on a filesystem without rename
+    reads = a.index_reads
+    idx = a.load_index(s, "d")
+    assert a.index_reads == reads + 1 and len(idx) == 10 and idx.same_as(truth(a, s))
+    a.close()
+
+
+def test_a_warm_sync_reads_no_index_from_the_database(harness: Harness) -> None:
+    rows = [person(i) for i in range(30)]
+    harness.sync(rows)
+    changed = [person(5, email="new5@example.com") if r["customer_id"] == "C5" else r for r in rows[2:]]
+    write_csv(harness.csv, [*changed, person(30)])
+    settings_ = harness.settings
+    store = SqlLedger(settings_.ledger_sqlalchemy_url(), index_dir=settings_.index_path)
+    with Engine(settings_, ledger=store, destination_factory=harness.factory) as engine:
+        res = {r.destination: r for r in engine.sync(None, SyncOptions(force=True))}
+    assert store.index_reads == 0
+    c = res["meta"].counts
+    assert (c.removes, c.adds, c.changes) == (2, 1, 1)
+    store.close()
+
+
+def _keys_from(ints: list[int]) -> np.ndarray:  # type: ignore[type-arg]
+    # 16-byte keys; small ints share their first 8 bytes (all zero), and many end in NUL bytes
+    return np.array([i.to_bytes(16, "big") for i in ints], dtype="S16")
+
+
+key_ints = st.one_of(st.integers(0, 2**16), st.integers(0, 2**128 - 1), st.integers(0, 255).map(lambda i: i << 64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.lists(key_ints, unique=True, max_size=40),
+    dirty=st.lists(key_ints, unique=True, max_size=20),
+    data=st.data(),
+)
+def test_a_patched_index_is_the_index_built_from_scratch(base: list[int], dirty: list[int], data: st.DataObject) -> None:
+    codes = {k: data.draw(st.integers(0, 2)) for k in base}
+    fps = {k: data.draw(st.integers(0, 2**64 - 1)) for k in base}
+    base.sort()
+    index = LedgerIndex.from_codes(
+        _keys_from(base), np.array([fps[k] for k in base], dtype=np.uint64),
+        np.array([codes[k] for k in base], dtype=np.uint8),
+    )  # fmt: skip
+    # each dirty key is now gone, or there with a new fingerprint and state
+    now = {k: (data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2))) for k in dirty if data.draw(st.booleans())}
+    rows = list(now)  # in no particular order
+    patched = index.patched(
+        _keys_from(dirty), _keys_from(rows), np.array([now[k][0] for k in rows], dtype=np.uint64),
+        np.array([now[k][1] for k in rows], dtype=np.uint8),
+    )  # fmt: skip
+    final = {k: (fps[k], codes[k]) for k in base if k not in dirty} | now
+    order = sorted(final)
+    expected = LedgerIndex.from_codes(
+        _keys_from(order), np.array([final[k][0] for k in order], dtype=np.uint64),
+        np.array([final[k][1] for k in order], dtype=np.uint8),
+    )  # fmt: skip
+    assert patched.same_as(expected)
+    assert all(bool(f) for f in patched.lookup(_keys_from(order))[1]) if order else True
