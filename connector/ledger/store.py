@@ -80,6 +80,7 @@ _PATCH_MAX_KEYS = 200_000
 # CONNECTOR_CHECK_INDEX_SNAPSHOTS=1: every snapshot used or written is compared with the database
 # (the test suite and the chaos benchmark run with it)
 _CHECK_ENV = "CONNECTOR_CHECK_INDEX_SNAPSHOTS"
+_TOUCHED = "connector_touched_pairs"  # Connection.info: pairs whose version this transaction bumped
 
 # States that count as "on the platform, or will be once confirmed".
 ON_PLATFORM = ("accepted", "confirmed")
@@ -427,6 +428,8 @@ class SqlLedger:
             self.engine: Engine = create_engine(url, future=True)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "commit", self._committed)
+            event.listen(self.engine, "rollback", self._rolled_back)
             create_tables(metadata, self.engine)
             for attempt in range(3):  # another process may be migrating the same database right now
                 try:
@@ -634,6 +637,7 @@ class SqlLedger:
         t = self._tracked.get((segment, destination))
         if t is None:
             return
+        conn.info.setdefault(_TOUCHED, set()).add((segment, destination))
         t.own += 1
         if t.dirty is not None:
             if keys is None:
@@ -642,6 +646,18 @@ class SqlLedger:
                 t.dirty.update(keys)
                 if len(t.dirty) > max(_PATCH_MAX_KEYS, len(t.base) // 4):
                     t.dirty = None
+
+    def _committed(self, conn: Any) -> None:
+        conn.info.pop(_TOUCHED, None)
+
+    def _rolled_back(self, conn: Any) -> None:
+        """A transaction that bumped versions was rolled back: its bumps are counted in `own` but
+        never happened, so own changes no longer explain the version: read those pairs again."""
+        for pair in conn.info.pop(_TOUCHED, ()):
+            t = self._tracked.get(pair)
+            if t is not None:
+                t.dirty = None
+                t.own = -(1 << 62)  # never matches a version
 
     def _snapshot_path(self, segment: str, destination: str) -> Path | None:
         if self.index_dir is None:

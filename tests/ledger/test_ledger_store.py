@@ -312,6 +312,25 @@ def test_a_change_made_without_following_the_pair_makes_the_snapshot_stale(
     a.close()
 
 
+def test_a_rolled_back_change_does_not_hide_another_processs_change(ledger: SqlLedger, tmp_path: Path) -> None:
+    """A transaction that bumped the version and then rolled back, plus one change by another process,
+    would add up to the version the run expects: the run must not patch, but read the pair again."""
+    s = seg()
+    a = synced(ledger.url, tmp_path, s, 10)
+    a.open_index(s, "d")
+    a.load_index(s, "d")
+    clash = StagedMember(keys([3])[0], 3, '{"EMAIL":"x"}', "GG", known=False)  # already there: insert fails
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        a.apply_plan(s, "d", iter([[staged(100)], [clash]]), iter([]))
+    other = SqlLedger(ledger.url)
+    other.apply_plan(s, "d", iter([]), iter([keys([7])]))  # one transaction, one version
+    other.close()
+    reads = a.index_reads
+    idx = a.load_index(s, "d")
+    assert a.index_reads == reads + 1 and idx.same_as(truth(a, s)) and not bool(idx.on_platform[7])
+    a.close()
+
+
 def test_a_damaged_snapshot_is_ignored(ledger: SqlLedger, tmp_path: Path) -> None:
     s = seg()
     a = synced(ledger.url, tmp_path, s, 10)
