@@ -379,6 +379,8 @@ class Engine:
             res.throttle_wait_seconds = stats.throttle_wait_seconds - waited_before
             self.ledger.finish_run(res.run_id, res.status, res.as_dict(), res.error)
             results.append(res)
+            # done with this pair: its index (~34 bytes a member) is not held while the next one runs
+            plan.index, plan.seen = LedgerIndex.empty(), np.zeros(0, dtype=bool)
         return results
 
     # ------------------------------------------------------------------ planning

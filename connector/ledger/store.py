@@ -226,8 +226,12 @@ def _aware(value: datetime | None) -> datetime | None:
 def key_prefixes(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
     """The first 8 bytes of each 16-byte key as a number: numbers sort as the keys do, and
     searching numbers is several times faster than searching 16-byte strings."""
-    raw = np.ascontiguousarray(keys, dtype="S16").tobytes()
-    return np.frombuffer(raw, dtype=">u8")[::2].astype(np.uint64)
+    return _halves(keys)[::2].astype(np.uint64)
+
+
+def _halves(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[Any]:
+    """Each 16-byte key as two big-endian 8-byte numbers, without copying the keys."""
+    return np.ascontiguousarray(keys, dtype="S16").view(">u8")
 
 
 def find_keys(
@@ -311,32 +315,52 @@ class LedgerIndex:
         codes: npt.NDArray[np.uint8],
     ) -> LedgerIndex:  # fmt: skip
         """This index with the `dirty` keys replaced by the rows now in the database (`keys`,
-        which are dirty keys still there, with their fingerprints and codes)."""
-        pos, found = self.lookup(dirty)
-        keep = np.ones(len(self), dtype=bool)
-        keep[pos[found]] = False
-        base_keys, base_fps, base_codes = self.keys[keep], self.fingerprints[keep], self.codes()[keep]
-        base_pre = self.prefixes[keep]
+        which are dirty keys still there, with their fingerprints and codes).
+
+        Members still there are updated in place (this index is then returned); only members who
+        joined or left make new arrays, built one at a time so a 10M-member index is not copied
+        several times over at once."""
         order = np.lexsort((_key_suffixes(keys), key_prefixes(keys)))  # exact 16-byte order
         keys, fps, codes = keys[order], fps[order], codes[order]
         pre = key_prefixes(keys)
-        at = np.searchsorted(base_pre, pre)
-        n = len(base_pre)
-        # keys sharing an 8-byte prefix with a kept key (about never): place them by all 16 bytes
-        ties = np.flatnonzero((at < n) & (base_pre[np.minimum(at, n - 1)] == pre)) if n else np.empty(0, np.intp)
-        for i in ties.tolist():
-            j, key = int(at[i]), keys[i].ljust(16, b"\0")
-            while j < n and base_pre[j] == pre[i] and base_keys[j].ljust(16, b"\0") < key:
-                j += 1
-            at[i] = j
-        return LedgerIndex.from_codes(
-            np.insert(base_keys, at, keys), np.insert(base_fps, at, fps), np.insert(base_codes, at, codes)
+        pos, known = self.lookup(keys, pre)
+        self.fingerprints = np.require(self.fingerprints, requirements="W")
+        self.stable, self.on_platform = np.require(self.stable, requirements="W"), np.require(
+            self.on_platform, requirements="W"
         )
+        self.fingerprints[pos[known]] = fps[known]
+        self.stable[pos[known]] = codes[known] >= 1
+        self.on_platform[pos[known]] = codes[known] == 2
+        dpos, dfound = self.lookup(dirty)
+        _, still = find_keys(pre, keys, dirty)
+        gone = np.unique(dpos[dfound & ~still])
+        joined = ~known
+        if not len(gone) and not joined.any():
+            return self
+        keep = np.ones(len(self), dtype=bool)
+        keep[gone] = False
+        keys, fps, codes, pre = keys[joined], fps[joined], codes[joined], pre[joined]
+        kept_pre = self.prefixes[keep]
+        at = np.searchsorted(kept_pre, pre)
+        n = len(kept_pre)
+        # keys sharing an 8-byte prefix with a kept key (about never): place them by all 16 bytes
+        ties = np.flatnonzero((at < n) & (kept_pre[np.minimum(at, n - 1)] == pre)) if n else np.empty(0, np.intp)
+        if len(ties):
+            kept = np.flatnonzero(keep)
+            for i in ties.tolist():
+                j, key = int(at[i]), keys[i].ljust(16, b"\0")
+                while j < n and kept_pre[j] == pre[i] and self.keys[kept[j]].ljust(16, b"\0") < key:
+                    j += 1
+                at[i] = j
+        del kept_pre
+        new_keys = np.insert(self.keys[keep], at, keys)
+        new_fps = np.insert(self.fingerprints[keep], at, fps)
+        new_codes = np.insert(self.codes()[keep], at, codes)
+        return LedgerIndex.from_codes(new_keys, new_fps, new_codes)
 
 
 def _key_suffixes(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
-    raw = np.ascontiguousarray(keys, dtype="S16").tobytes()
-    return np.frombuffer(raw, dtype=">u8")[1::2].astype(np.uint64)
+    return _halves(keys)[1::2].astype(np.uint64)
 
 
 def hex_keys(keys: Sequence[str]) -> npt.NDArray[np.bytes_]:
