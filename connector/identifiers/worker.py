@@ -1,11 +1,14 @@
 """A normalization worker process (see `connector.identifiers.pool`).
 
 Reads (platform, region, columns) tasks from stdin, writes `normalize_many` results to stdout,
-one length-prefixed pickle each, until stdin closes.
+one length-prefixed pickle each, until stdin closes (the parent exited or closed the pool). Ctrl-C
+in a terminal reaches the whole process group: the worker ignores it and lets the parent decide
+(a server finishes the batch in flight on SIGINT).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from typing import IO, cast
@@ -25,4 +28,5 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -53,6 +53,18 @@ def test_a_killed_worker_costs_no_rows() -> None:
         pool.close()
 
 
+def test_ctrl_c_in_the_terminal_leaves_the_workers_to_their_parent() -> None:
+    pool = NormalizePool(1, min_rows=1)
+    try:
+        pool.submit("meta", "US", COLUMNS)()  # the worker is up (and ignores SIGINT by now)
+        wait = pool.submit("meta", "US", COLUMNS)
+        os.kill(pool.worker_pids()[0], signal.SIGINT)
+        assert wait() == normalize_many("meta", "US", COLUMNS)
+        assert len(pool.worker_pids()) == 1 and pool.batches_in_workers == 2  # not given up on
+    finally:
+        pool.close()
+
+
 def test_a_sync_in_workers_plans_and_sends_like_one_without(tmp_path: Path) -> None:
     rows = [person(i) for i in range(40)]
     rows += [person(3, email="again@example.com")]  # duplicate key: the first row wins
