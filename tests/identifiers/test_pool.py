@@ -79,6 +79,7 @@ def test_a_sync_in_workers_plans_and_sends_like_one_without(tmp_path: Path) -> N
             write_csv(h.csv, source)
             with Engine(h.settings, destination_factory=h.factory, normalize_pool=pool, batch_rows=7) as engine:
                 results = {r.destination: r.as_dict() for r in engine.sync(None, SyncOptions(force=True))}
+                assert pool.worker_pids() == []  # stopped when the sync ended
         assert (pool.batches_in_workers > 0) == (workers > 0)
         outcomes.append(({d: {k: v for k, v in r.items() if k not in ("seconds", "run_id", "audience_id")}
                           for d, r in results.items()},
