@@ -31,6 +31,8 @@ MIN_POOL_ROWS = 5_000
 
 Columns = Sequence[tuple[str, Sequence[str | None]]]
 _HEADER = 8  # bytes of the little-endian length before each pickle
+# a worker that died, or was stopped (its pipe closed: ValueError) while its answer was awaited
+_LOST = (EOFError, OSError, ValueError, pickle.UnpicklingError)
 
 
 def default_workers() -> int:
@@ -84,6 +86,8 @@ class _Worker:
 
     def stop(self) -> None:
         try:
+            if self.busy:  # its answer is not wanted any more (and would fill the pipe)
+                self.proc.kill()
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
             self.proc.wait(timeout=5)
@@ -105,7 +109,7 @@ class _Result:
         if self._done is None:
             try:
                 self._done = self._worker.receive()
-            except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            except _LOST as exc:
                 self._pool._give_up(exc)
                 self._done = normalize_many(*self._task)
             self._task = ("", "", ())
@@ -160,7 +164,7 @@ class NormalizePool:
             if w.busy:
                 try:
                     w.receive()
-                except (EOFError, OSError, pickle.UnpicklingError) as exc:
+                except _LOST as exc:
                     self._give_up(exc)
 
     def _give_up(self, exc: BaseException) -> None:

@@ -681,7 +681,6 @@ class SqlLedger:
             t = self._tracked.get(pair)
             if t is not None:
                 t.dirty = None
-                t.own = -(1 << 62)  # never matches a version
 
     def _snapshot_path(self, segment: str, destination: str) -> Path | None:
         if self.index_dir is None:

@@ -53,6 +53,19 @@ def test_a_killed_worker_costs_no_rows() -> None:
         pool.close()
 
 
+def test_a_killed_worker_costs_no_rows_of_the_batch_another_worker_holds() -> None:
+    pool = NormalizePool(2, min_rows=1)
+    try:
+        waits = [pool.submit(platform, "US", COLUMNS) for platform in ("meta", "google")]
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        # the pool gives up on workers when it finds the first one dead: the second one's batch too is
+        # then redone in place
+        assert [w() for w in waits] == [normalize_many(p, "US", COLUMNS) for p in ("meta", "google")]
+        assert pool.worker_pids() == []
+    finally:
+        pool.close()
+
+
 def test_ctrl_c_in_the_terminal_leaves_the_workers_to_their_parent() -> None:
     pool = NormalizePool(1, min_rows=1)
     try:
