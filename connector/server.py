@@ -62,6 +62,8 @@ class SyncService:
         self.jitter = jitter_seconds
         self.counters: Counter[tuple[str, ...]] = Counter()
         self.current: str | None = None
+        # held while a queued sync is taken and marked current: `state()` never sees it in neither
+        self._taking = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
@@ -94,13 +96,15 @@ class SyncService:
 
     def _worker(self) -> None:
         while not self.stop.is_set():
-            item = self.coord.pop(self.settings.webhook_debounce_seconds)
+            with self._taking:
+                item = self.coord.pop(self.settings.webhook_debounce_seconds)
+                if item is not None:
+                    self.current = item[0]
             if item is None:
                 self._wake.wait(0.2)
                 self._wake.clear()
                 continue
             segment, destinations, trigger, run_ids = item
-            self.current = segment
             try:
                 opts = SyncOptions(trigger=trigger, destinations=frozenset(destinations) if destinations else None,
                                    run_ids=run_ids)  # fmt: skip
@@ -114,6 +118,11 @@ class SyncService:
             if any(r.status == "interrupted" for r in results):
                 # shutting down mid-sync: the rest is sent after the next start
                 self.trigger(segment, destinations, trigger)
+
+    def state(self) -> tuple[str | None, list[str]]:
+        """(segment running, segments queued), read together."""
+        with self._taking:
+            return self.current, self.coord.pending()
 
     def _record(self, results: list[RunResult]) -> None:
         with self._lock:
@@ -259,7 +268,8 @@ def create_app(settings: ConnectorSettings, service: SyncService | None = None, 
                              "run_id": min(run_ids.values()) if run_ids else None}, status_code=202)  # fmt: skip
 
     async def healthz(_request: Request) -> Response:
-        return JSONResponse({"status": "ok", "running": svc.current, "queued": svc.coord.pending()})
+        running, queued_ = svc.state()
+        return JSONResponse({"status": "ok", "running": running, "queued": queued_})
 
     async def runs(request: Request) -> Response:
         limit = min(int(request.query_params.get("limit", "50") or 50), 500)
