@@ -48,7 +48,7 @@ from connector.errors import (
     QuotaExhaustedError,
     SourceError,
 )
-from connector.identifiers.hashing import fingerprints, member_keys
+from connector.identifiers.hashing import fingerprints, hex_of_keys, member_key_array
 from connector.identifiers.normalize import NormalizedBatch, Normalizer
 from connector.identifiers.pool import NormalizePool, default_workers
 from connector.ledger.store import (
@@ -77,9 +77,6 @@ DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destin
 Progress = Callable[[str, int], None]
 # (segment, destination) -> a context manager held while the pair is planned and pushed
 PairLock = Callable[[str, str], AbstractContextManager[object]]
-
-
-_NO_KEY = "0" * 32  # index slot of a row without a key (never looked at: the row is invalid)
 
 
 class Interrupted(ConnectorError):
@@ -448,12 +445,11 @@ class Engine:
             if seg.key:
                 stripped = [v.strip() if v is not None else "" for v in batch.columns[seg.key]]
                 valid_row = np.array([bool(v) for v in stripped], dtype=bool)
-                keys_hex = [k if v else "" for k, v in zip(member_keys(stripped), stripped, strict=True)]
+                karr = member_key_array(stripped)  # a row without a key is invalid: its slot is never used
             else:
                 valid_row = np.ones(n, dtype=bool)
                 identity = zip(*cols[: len(id_fields)], strict=True)
-                keys_hex = member_keys(["\x1f".join(v or "" for v in vals) for vals in identity])
-            karr = np.frombuffer(bytes.fromhex("".join([k or _NO_KEY for k in keys_hex])), dtype="S16")
+                karr = member_key_array(["\x1f".join(v or "" for v in vals) for vals in identity])
             farr = fingerprints(cols)
             dup = np.zeros(n, dtype=bool)
             # Duplicates are a property of the source. Keys every pair's ledger knows are checked
@@ -466,7 +462,7 @@ class Engine:
             candidates = np.flatnonzero(valid_row & ~found_all)
             dup[candidates] = seen_new.add(karr[candidates])
             works = [
-                self._classify_batch(seg, plan, batch.columns, id_fields, keys_hex, karr, farr, valid_row, dup, lk)
+                self._classify_batch(seg, plan, batch.columns, id_fields, karr, farr, valid_row, dup, lk)
                 for plan, lk in zip(plans, looked_up, strict=True)
             ]  # fmt: skip
             # the previous batch was normalized (in workers) while this one was read and classified
@@ -496,7 +492,6 @@ class Engine:
         plan: _PairPlan,
         columns: Mapping[str, list[str | None]],
         id_fields: list[tuple[str, str]],
-        keys_hex: list[str],
         karr: np.ndarray[Any, Any],
         farr: np.ndarray[Any, Any],
         valid_row: np.ndarray[Any, Any],
@@ -549,7 +544,7 @@ class Engine:
         picked = rows.tolist()
         return _Normalizing(
             plan=plan,
-            keys=[keys_hex[i] for i in picked],
+            keys=hex_of_keys(karr[rows]),
             fps=farr[rows].tolist(),
             pos=pos.tolist(),
             consent=consents,

@@ -39,15 +39,37 @@ def fingerprint(values: Sequence[str | None]) -> int:
     return int(fingerprints([[v] for v in values])[0])
 
 
+def member_key_array(values: Sequence[str]) -> npt.NDArray[np.bytes_]:
+    """The ledger's 128-bit keys (the first 16 bytes of `member_key`) of many values, as one array of
+    16-byte strings: no hex text is made for rows that only need looking up."""
+    base = hashlib.sha256(_KEY_NS)
+    out: list[bytes] = []
+    add = out.append
+    for v in values:
+        h = base.copy()
+        h.update(v.encode("utf-8"))
+        add(h.digest()[:16])
+    return np.frombuffer(b"".join(out), dtype="S16")
+
+
+def hex_of_keys(keys: npt.NDArray[np.bytes_]) -> list[str]:
+    """16-byte keys as the ledger's hex text (a key's trailing NUL bytes kept)."""
+    text = np.ascontiguousarray(keys).tobytes().hex()
+    return [text[i : i + 32] for i in range(0, len(text), 32)]
+
+
 def member_keys(values: Sequence[str]) -> list[str]:
     """`member_key(v)[:32]` (the ledger's 128-bit key, hex) of many values at once."""
-    return [k[:32] for k in map(member_key, values)]
+    return hex_of_keys(member_key_array(values))
 
 
 def fingerprints(columns: Sequence[Sequence[str | None]]) -> npt.NDArray[np.uint64]:
     """`fingerprint` of every row of these columns (rows are the columns' positions)."""
     filled = [[_NONE if v is None else v for v in col] for col in columns]
     b2 = hashlib.blake2b
-    rows = map(_SEP.join, zip(*filled, strict=True))
-    digests = b"".join([b2(j.encode("utf-8", "surrogatepass"), digest_size=8).digest() for j in rows])
+    try:
+        encoded = list(map(str.encode, map(_SEP.join, zip(*filled, strict=True))))
+    except UnicodeEncodeError:  # a lone surrogate (JSON sources can carry one): kept as it is
+        encoded = [j.encode("utf-8", "surrogatepass") for j in map(_SEP.join, zip(*filled, strict=True))]
+    digests = b"".join([b2(j, digest_size=8).digest() for j in encoded])
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)

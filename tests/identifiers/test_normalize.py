@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,8 +13,10 @@ from connector.identifiers.hashing import (
     fingerprint,
     fingerprints,
     hash_once,
+    hex_of_keys,
     is_sha256_hex,
     member_key,
+    member_key_array,
     member_keys,
     sha256_hex,
 )
@@ -181,6 +184,19 @@ def test_batch_keys_and_fingerprints_equal_the_per_row_ones(rows: list[tuple[str
     assert fingerprints(columns).tolist() == [fingerprint(list(r)) for r in rows]
     firsts = [a or "" for a, _ in rows]
     assert member_keys(firsts) == [member_key(v)[:32] for v in firsts]
+    assert member_key_array(firsts).tobytes().hex() == "".join(member_key(v)[:32] for v in firsts)
+
+
+def test_hex_of_keys_keeps_trailing_nul_bytes() -> None:
+    keys = np.frombuffer(bytes.fromhex("01" + "00" * 15 + "ff" * 16), dtype="S16")
+    assert hex_of_keys(keys) == ["01" + "00" * 15, "ff" * 16]
+    assert hex_of_keys(keys[[1, 0]]) == ["ff" * 16, "01" + "00" * 15]
+
+
+def test_fingerprints_of_lone_surrogates() -> None:
+    # JSON sources can carry a lone surrogate: it is fingerprinted as it is, not an error
+    assert fingerprints([["a\ud800", "b"]]).tolist() == [fingerprint(["a\ud800"]), fingerprint(["b"])]
+    assert fingerprint(["a\ud800"]) != fingerprint(["a\ud801"])
 
 
 text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
