@@ -621,7 +621,7 @@ class Engine:
             if full:
                 res.write_calls += self._replace(segment, plan.name, dest, audience, ttl)
             else:
-                res.write_calls += self._push(segment, plan.name, dest, audience, ttl, res)
+                res.write_calls += self._push(segment, plan.name, dest, audience, ttl, res, plan.index)
             self._reconcile(segment, plan.name)
             self._lookalike(segment, seg, plan, dest, audience, res)
             self._read_status(segment, plan.name, dest, audience)
@@ -684,13 +684,13 @@ class Engine:
             yield BatchSession(session_id=sid, seq=seq, last=True, estimated_total=n_items)
 
     def _push(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef,
-              ttl: int | None, res: RunResult) -> int:  # fmt: skip
+              ttl: int | None, res: RunResult, index: LedgerIndex) -> int:  # fmt: skip
         size = dest.capabilities.max_batch_size
         n_remove, n_add = self.ledger.pending_counts(segment, dest_name)
         calls = 0
         if n_remove:
             sessions = self._sessions(n_remove, size)
-            for batch in self.ledger.iter_removals(segment, dest_name, size):
+            for batch in self.ledger.iter_removals(segment, dest_name, size, index):
                 self._check_stop()
                 out = dest.remove_members(audience, [to_member(p) for p in batch], next(sessions))
                 calls += 1

@@ -17,6 +17,7 @@ def test_classify_finds_unchanged_only_when_settled_and_same_fingerprint() -> No
         fingerprints=np.array([1, 2, 3], dtype=np.uint64),
         stable=np.array([True, True, False]),
         on_platform=np.array([True, True, False]),
+        payload_hashes=np.zeros(3, dtype=np.int64),
     )
     batch = np.array([b"b" * 16, b"a" * 16, b"c" * 16, b"d" * 16], dtype="S16")
     fps = np.array([2, 9, 3, 4], dtype=np.uint64)
@@ -44,7 +45,7 @@ def test_seen_keys_and_index_lookup_agree_with_a_set(batches: list[list[bytes]],
         assert dup.tolist() == want
     assert len(seen) == len(expected)
     keys = np.array(sorted(set(ledger)), dtype="S16")
-    index = LedgerIndex(keys, np.zeros(len(keys), dtype=np.uint64), np.ones(len(keys), bool), np.ones(len(keys), bool))
+    index = LedgerIndex.from_codes(keys, np.zeros(len(keys), dtype=np.uint64), np.full(len(keys), 2, np.uint8))
     probe = [k for b in batches for k in b]
     pos, found = index.lookup(np.array(probe, dtype="S16"))
     assert found.tolist() == [k in set(ledger) for k in probe]

@@ -14,7 +14,7 @@ A member whose identifiers changed keeps its old payload in ``prev_payload`` unt
 of that old payload is acknowledged; then the new payload is added. A `planned` payload may already
 be on the platform (a run died after sending it), so a further change owes its removal too:
 ``prev_payload`` then holds a JSON list of payloads. A payload another member on the platform also
-holds (``payload_hash`` finds them) is not removed.
+holds is not removed (the pair's index keeps each member's ``payload_hash`` to find them).
 """
 
 from __future__ import annotations
@@ -66,13 +66,15 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 
 from connector.errors import LedgerError
+from connector.identifiers.hashing import hex_of_keys
 
 log = logging.getLogger("connector.ledger")
 
 # a plan is committed in parts of about this many rows (see `apply_plan`)
 _PLAN_COMMIT_ROWS = 100_000
 
-SCHEMA_VERSION = 4  # 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions
+# 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions; 5: no payload_hash index
+SCHEMA_VERSION = 5
 
 # a run's changes are patched into the pair's index snapshot while they touch at most this many
 # members (or a quarter of the pair); beyond that the snapshot is read again from the database
@@ -127,7 +129,8 @@ members = Table(
     Column("expires_at", DateTime(timezone=True)),
     # pending work is found by state without scanning the whole audience
     Index("ix_members_state", "segment", "destination", "state", "member_key"),
-    Index("ix_members_payload", "segment", "destination", "payload_hash"),
+    # (no index on payload_hash: its entries went in at random places, the costliest part of writing
+    # a large plan; members sharing a payload are found through the pair's in-memory index instead)
 )
 
 # members owing removals of old payloads (few): found without walking every `planned` member
@@ -174,6 +177,7 @@ meta_table = Table(
 
 # a member's state as the index keeps it: 2 on the platform, 1 rejected, 0 anything else
 _STATE_CODE = case((members.c.state.in_(ON_PLATFORM), 2), (members.c.state == "rejected", 1), else_=0)
+_PAYLOAD_HASH = func.coalesce(members.c.payload_hash, 0)
 
 # Pending work, as (state, extra condition) parts: each part is one range of the state index (or of
 # the partial index of owed payloads), so finding pending members never scans the whole audience.
@@ -262,14 +266,17 @@ def find_keys(
 @dataclass(slots=True)
 class LedgerIndex:
     """Compact in-memory view of a pair's members for planning: sorted 16-byte keys (and their
-    8-byte prefixes, for searching) with fingerprints and a code for the state. About 34 bytes a
-    member (10M members: ~340 MB)."""
+    8-byte prefixes, for searching) with fingerprints, a code for the state and the payload's hash.
+    About 42 bytes a member (10M members: ~420 MB)."""
 
     keys: npt.NDArray[np.bytes_]
     fingerprints: npt.NDArray[np.uint64]
     stable: npt.NDArray[np.bool_]  # accepted/confirmed/rejected: nothing to do if unchanged
     on_platform: npt.NDArray[np.bool_]
+    payload_hashes: npt.NDArray[np.int64]  # `payload_hash` of each member's payload
     prefixes: npt.NDArray[np.uint64] = field(init=False)
+    # payload hashes sorted, with their members' positions: made when first searched
+    _by_payload: tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.prefixes = key_prefixes(self.keys)
@@ -281,6 +288,7 @@ class LedgerIndex:
             np.empty(0, dtype=np.uint64),
             np.empty(0, dtype=bool),
             np.empty(0, dtype=bool),
+            np.empty(0, dtype=np.int64),
         )
 
     def __len__(self) -> int:
@@ -292,12 +300,27 @@ class LedgerIndex:
         """Positions of `keys` in the index and whether each was found."""
         return find_keys(self.prefixes, self.keys, keys, prefixes)
 
+    def holding(self, hashes: Iterable[int]) -> npt.NDArray[np.intp]:
+        """Positions of the members whose payload hash is one of `hashes` (sorted)."""
+        if self._by_payload is None:
+            by_hash = np.argsort(self.payload_hashes, kind="stable")
+            self._by_payload = (self.payload_hashes[by_hash], by_hash.astype(np.int32))
+            del by_hash
+        sorted_hashes, order = self._by_payload
+        wanted = np.unique(np.fromiter(hashes, dtype=np.int64))
+        lo = np.searchsorted(sorted_hashes, wanted, side="left")
+        hi = np.searchsorted(sorted_hashes, wanted, side="right")
+        spans = [order[a:b] for a, b in zip(lo.tolist(), hi.tolist(), strict=True) if b > a]
+        return np.sort(np.concatenate(spans)).astype(np.intp) if spans else np.empty(0, dtype=np.intp)
+
     @classmethod
     def from_codes(
-        cls, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint8]
-    ) -> LedgerIndex:
+        cls, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint8],
+        payload_hashes: npt.NDArray[np.int64] | None = None,
+    ) -> LedgerIndex:  # fmt: skip
         """From state codes: 2 on the platform, 1 rejected, 0 anything else."""
-        return cls(keys=keys, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2)
+        ph = np.zeros(len(keys), dtype=np.int64) if payload_hashes is None else payload_hashes
+        return cls(keys=keys, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2, payload_hashes=ph)
 
     def codes(self) -> npt.NDArray[np.uint8]:
         return self.stable.astype(np.uint8) + self.on_platform.astype(np.uint8)
@@ -308,22 +331,26 @@ class LedgerIndex:
             and self.keys.tobytes() == other.keys.tobytes()
             and bool(np.array_equal(self.fingerprints, other.fingerprints))
             and bool(np.array_equal(self.codes(), other.codes()))
+            and bool(np.array_equal(self.payload_hashes, other.payload_hashes))
         )
 
     def patched(
         self, dirty: npt.NDArray[np.bytes_], keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64],
-        codes: npt.NDArray[np.uint8],
+        codes: npt.NDArray[np.uint8], payload_hashes: npt.NDArray[np.int64],
     ) -> LedgerIndex:  # fmt: skip
         """This index with the `dirty` keys replaced by the rows now in the database (`keys`,
-        which are dirty keys still there, with their fingerprints and codes).
+        which are dirty keys still there, with their fingerprints, codes and payload hashes).
 
         Members still there are updated in place (this index is then returned); only members who
         joined or left make new arrays, built one at a time so a 10M-member index is not copied
         several times over at once."""
         order = np.lexsort((_key_suffixes(keys), key_prefixes(keys)))  # exact 16-byte order
-        keys, fps, codes = keys[order], fps[order], codes[order]
+        keys, fps, codes, phs = keys[order], fps[order], codes[order], payload_hashes[order]
         pre = key_prefixes(keys)
         pos, known = self.lookup(keys, pre)
+        self._by_payload = None
+        self.payload_hashes = np.require(self.payload_hashes, requirements="W")
+        self.payload_hashes[pos[known]] = phs[known]
         self.fingerprints = np.require(self.fingerprints, requirements="W")
         self.stable, self.on_platform = np.require(self.stable, requirements="W"), np.require(
             self.on_platform, requirements="W"
@@ -339,7 +366,7 @@ class LedgerIndex:
             return self
         keep = np.ones(len(self), dtype=bool)
         keep[gone] = False
-        keys, fps, codes, pre = keys[joined], fps[joined], codes[joined], pre[joined]
+        keys, fps, codes, phs, pre = keys[joined], fps[joined], codes[joined], phs[joined], pre[joined]
         kept_pre = self.prefixes[keep]
         at = np.searchsorted(kept_pre, pre)
         n = len(kept_pre)
@@ -356,7 +383,8 @@ class LedgerIndex:
         new_keys = np.insert(self.keys[keep], at, keys)
         new_fps = np.insert(self.fingerprints[keep], at, fps)
         new_codes = np.insert(self.codes()[keep], at, codes)
-        return LedgerIndex.from_codes(new_keys, new_fps, new_codes)
+        new_phs = np.insert(self.payload_hashes[keep], at, phs)
+        return LedgerIndex.from_codes(new_keys, new_fps, new_codes, new_phs)
 
 
 def _key_suffixes(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
@@ -491,18 +519,18 @@ class SqlLedger:
                     ix.create(conn, checkfirst=True)
                 # 4: pair_versions (a new table, created above); the schema number keeps older
                 # connectors, which would change members without bumping versions, out
+                # 5: the payload_hash index goes (older connectors relied on it: kept out too)
+                conn.exec_driver_sql("DROP INDEX IF EXISTS ix_members_payload")
                 conn.execute(
                     update(meta_table).where(meta_table.c.key == "schema").values(value=str(SCHEMA_VERSION))
                 )
 
     @staticmethod
     def _migrate_to_2(conn: Any) -> None:
-        """Schema 1 -> 2: add and fill members.payload_hash, and its index."""
+        """Schema 1 -> 2: add and fill members.payload_hash."""
         columns = {c["name"] for c in inspect(conn).get_columns("members")}
         if "payload_hash" not in columns:
             conn.exec_driver_sql("ALTER TABLE members ADD COLUMN payload_hash BIGINT")
-        ix = next(i for i in members.indexes if i.name == "ix_members_payload")
-        ix.create(conn, checkfirst=True)
         pk = (members.c.segment, members.c.destination, members.c.member_key)
         todo = conn.execute(select(*pk, members.c.payload).where(members.c.payload_hash.is_(None))).all()
         for i in range(0, len(todo), 10_000):
@@ -696,12 +724,14 @@ class SqlLedger:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["version"][0]) != version:
                     return None
-                keys, fps, codes = z["keys"], z["fingerprints"], z["codes"]
+                keys, fps, codes, phs = z["keys"], z["fingerprints"], z["codes"], z["payload_hashes"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            return None  # unreadable or half-written by a crashed process: read the database
-        if keys.dtype != np.dtype("S16") or fps.dtype != np.uint64 or not len(keys) == len(fps) == len(codes):
+            return None  # unreadable, half-written by a crashed process, or older: read the database
+        if keys.dtype != np.dtype("S16") or fps.dtype != np.uint64 or phs.dtype != np.int64:
             return None
-        return LedgerIndex.from_codes(keys, fps, codes.astype(np.uint8))
+        if not len(keys) == len(fps) == len(codes) == len(phs):
+            return None
+        return LedgerIndex.from_codes(keys, fps, codes.astype(np.uint8), phs)
 
     def _write_snapshot(self, segment: str, destination: str, version: int, index: LedgerIndex) -> None:
         path = self._snapshot_path(segment, destination)
@@ -712,7 +742,8 @@ class SqlLedger:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tmp.open("wb") as f:
                 np.savez(f, version=np.array([version], dtype=np.int64), keys=index.keys,
-                         fingerprints=index.fingerprints, codes=index.codes())  # fmt: skip
+                         fingerprints=index.fingerprints, codes=index.codes(),
+                         payload_hashes=index.payload_hashes)  # fmt: skip
             os.replace(tmp, path)
         except OSError as exc:  # a cache: the ledger itself is intact
             log.warning("could not write the index snapshot of %s -> %s (%s)", segment, destination, exc.strerror)
@@ -780,7 +811,7 @@ class SqlLedger:
             for i in range(0, len(dirty), 10_000):
                 chunk = dirty[i : i + 10_000]
                 rows.extend(conn.execute(
-                    select(members.c.member_key, members.c.fingerprint, _STATE_CODE)
+                    select(members.c.member_key, members.c.fingerprint, _STATE_CODE, _PAYLOAD_HASH)
                     .where(self._pair(segment, destination), self._key_in(conn, chunk))
                 ).all())  # fmt: skip
             if self._version(conn, segment, destination) != version:
@@ -791,6 +822,7 @@ class SqlLedger:
             hex_keys([r[0] for r in rows]),
             np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64),
             np.array([r[2] for r in rows], dtype=np.uint8),
+            np.array([r[3] for r in rows], dtype=np.int64),
         )
         self._checked(segment, destination, index, "patched")
         self._write_snapshot(segment, destination, version, index)
@@ -805,26 +837,28 @@ class SqlLedger:
         key_parts: list[bytes] = []
         fp_parts: list[npt.NDArray[np.uint64]] = []
         code_parts: list[npt.NDArray[np.uint8]] = []
+        ph_parts: list[npt.NDArray[np.int64]] = []
         with self.engine.connect() as conn:
             stmt = (
-                select(members.c.member_key, members.c.fingerprint, _STATE_CODE)
+                select(members.c.member_key, members.c.fingerprint, _STATE_CODE, _PAYLOAD_HASH)
                 .where(self._pair(segment, destination))
                 .order_by(members.c.member_key)
             )
             for rows in self._stream(conn, stmt):
-                ks, fs, cs = zip(*rows, strict=True)
+                ks, fs, cs, phs = zip(*rows, strict=True)
                 # keys are 64 hex digits; the index keeps their first 16 bytes
                 key_parts.append(bytes.fromhex("".join([k[:32] for k in ks])))
                 fp_parts.append(np.array(fs, dtype=np.int64).view(np.uint64))
                 code_parts.append(np.array(cs, dtype=np.uint8))
+                ph_parts.append(np.array(phs, dtype=np.int64))
         if not key_parts:
             return LedgerIndex.empty()
         karr = np.frombuffer(b"".join(key_parts), dtype="S16")
-        fps, codes = np.concatenate(fp_parts), np.concatenate(code_parts)
+        fps, codes, ph = np.concatenate(fp_parts), np.concatenate(code_parts), np.concatenate(ph_parts)
         if not bool(np.all(karr[1:] >= karr[:-1])):  # a database collation that orders hex differently
             order = np.argsort(karr, kind="stable")
-            karr, fps, codes = karr[order], fps[order], codes[order]
-        return LedgerIndex.from_codes(karr, fps, codes)
+            karr, fps, codes, ph = karr[order], fps[order], codes[order], ph[order]
+        return LedgerIndex.from_codes(karr, fps, codes, ph)
 
     def payloads(self, segment: str, destination: str, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
         """member_key -> (payload, state) for the given keys."""
@@ -1017,9 +1051,12 @@ class SqlLedger:
             yield list(rows)
             last = rows[-1][0]
 
-    def iter_removals(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
+    def iter_removals(
+        self, segment: str, destination: str, batch: int, index: LedgerIndex | None = None
+    ) -> Iterator[list[PendingMember]]:
         """Payloads to remove: members that left, and old payloads of changed members; at most
-        `batch` payloads per list."""
+        `batch` payloads per list. `index`: the pair's index loaded before this run planned (by
+        default the pair's index now), which finds the members that may share a payload."""
         out: list[PendingMember] = []
         for rows in self._iter_pending(
             segment, destination, _REMOVAL_PARTS, batch,
@@ -1033,7 +1070,7 @@ class SqlLedger:
                 owed.append((k, c, prev, payloads))
             # a payload another member still holds on the platform (two customers sharing every
             # identifier are one user to the platform) must stay: only this member's claim goes
-            shared = self._held_by_others(segment, destination, {x for *_, ps in owed for x in ps})
+            shared = self._held_by_others(segment, destination, {x for *_, ps in owed for x in ps}, index)
             settled = []
             for k, c, prev, payloads in owed:
                 payloads = [x for x in payloads if x not in shared]
@@ -1050,23 +1087,30 @@ class SqlLedger:
         if out:
             yield out
 
-    def _held_by_others(self, segment: str, destination: str, payloads: set[str]) -> set[str]:
-        """The payloads among these that a member on the platform (accepted/confirmed) holds."""
-        by_hash: dict[int, set[str]] = {}
-        for p in payloads:
-            by_hash.setdefault(payload_hash(p), set()).add(p)
+    def _held_by_others(
+        self, segment: str, destination: str, payloads: set[str], index: LedgerIndex | None = None
+    ) -> set[str]:
+        """The payloads among these that a member on the platform (accepted/confirmed) holds.
+
+        The index (of the pair before this run planned, or now) gives the members whose payload
+        hash matches one of these, which are then read. A member that holds a payload on the
+        platform now held it when the run started: a run's plan only takes members off the
+        platform (planned, remove_planned), and its removals are sent before its additions."""
+        if not payloads:
+            return set()
+        if index is None:
+            index = self.load_index(segment, destination)
+        positions = index.holding(payload_hash(p) for p in payloads)
+        keys = hex_of_keys(index.keys[positions])
         held: set[str] = set()
-        hashes = list(by_hash)
         with self.engine.connect() as conn:
-            for i in range(0, len(hashes), 900):
-                # the state is checked here, not in SQL: with it, SQLite's planner prefers the state index
-                # and scans every member on the platform for each query
+            for i in range(0, len(keys), 10_000):
                 rows = conn.execute(
                     select(members.c.payload, members.c.state).where(
-                        self._pair(segment, destination), members.c.payload_hash.in_(hashes[i : i + 900]),
+                        self._pair(segment, destination), self._key_in(conn, keys[i : i + 10_000])
                     )
-                )  # fmt: skip
-                held |= {p for p, st in rows if st in ON_PLATFORM and p in by_hash.get(payload_hash(p), ())}
+                )
+                held |= {p for p, st in rows if st in ON_PLATFORM and p in payloads}
         return held
 
     def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:

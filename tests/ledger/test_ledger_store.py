@@ -159,7 +159,8 @@ def test_a_plan_interrupted_while_written_is_completed_by_the_next_run(
 
 
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
-    """Schema 1 -> 4: payload_hash filled, the indexes of owed removals and expiry, pair versions."""
+    """Schema 1 -> 5: payload_hash filled, the indexes of owed removals and expiry, pair versions; no
+    payload_hash index (schema 2 to 4 had one)."""
     import sqlite3
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -167,7 +168,6 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     store.apply_plan("s", "d", iter([[staged(i) for i in range(3)]]), iter([]))
     store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:  # what schema 1 looked like
-        conn.execute("DROP INDEX ix_members_payload")
         conn.execute("DROP INDEX ix_members_owed")
         conn.execute("DROP INDEX ix_members_expires")
         conn.execute("ALTER TABLE members DROP COLUMN payload_hash")
@@ -185,10 +185,24 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("4",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("5",)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"ix_members_payload", "ix_members_owed", "ix_members_expires"} <= indexes
+        assert {"ix_members_owed", "ix_members_expires"} <= indexes and "ix_members_payload" not in indexes
         assert conn.execute("SELECT version FROM pair_versions WHERE segment = 's'").fetchone() == (1,)
+
+
+def test_a_schema_4_ledger_loses_its_payload_index(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'v4.db'}"
+    SqlLedger(url).close()
+    with sqlite3.connect(tmp_path / "v4.db") as conn:  # what schema 4 had
+        conn.execute("CREATE INDEX ix_members_payload ON members (segment, destination, payload_hash)")
+        conn.execute("UPDATE ledger_meta SET value = '4' WHERE key = 'schema'")
+    SqlLedger(url).close()
+    with sqlite3.connect(tmp_path / "v4.db") as conn:
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("5",)
+        assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ix_members_payload'").fetchall()
 
 
 def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> None:
@@ -213,9 +227,10 @@ def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> N
             if statement.lstrip().upper().startswith(("SELECT", "UPDATE")) and not many:
                 statements.append((statement, params))
 
+        index = store.load_index("s", "d")  # a sync has its pairs' indexes (it read them to plan)
         event.listen(store.engine, "before_cursor_execute", record)
         assert store.pending_counts("s", "d") == (3, 11)
-        assert sum(len(b) for b in store.iter_removals("s", "d", 10)) == 3
+        assert sum(len(b) for b in store.iter_removals("s", "d", 10, index)) == 3
         assert sum(len(b) for b in store.iter_additions("s", "d", 10)) == 10
         assert sum(len(b) for b in store.iter_present("s", "d", 100)) == 48
         assert store.mark_for_resend("s", "d", now() + timedelta(days=1)) == 0
@@ -374,23 +389,31 @@ key_ints = st.one_of(st.integers(0, 2**16), st.integers(0, 2**128 - 1), st.integ
 def test_a_patched_index_is_the_index_built_from_scratch(base: list[int], dirty: list[int], data: st.DataObject) -> None:
     codes = {k: data.draw(st.integers(0, 2)) for k in base}
     fps = {k: data.draw(st.integers(0, 2**64 - 1)) for k in base}
+    phs = {k: data.draw(st.integers(-(2**63), 2**63 - 1)) for k in base}
     base.sort()
     index = LedgerIndex.from_codes(
         _keys_from(base), np.array([fps[k] for k in base], dtype=np.uint64),
-        np.array([codes[k] for k in base], dtype=np.uint8),
+        np.array([codes[k] for k in base], dtype=np.uint8), np.array([phs[k] for k in base], dtype=np.int64),
     )  # fmt: skip
-    # each dirty key is now gone, or there with a new fingerprint and state
-    now = {k: (data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2))) for k in dirty if data.draw(st.booleans())}
+    # each dirty key is now gone, or there with a new fingerprint, state and payload
+    now = {
+        k: (data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2)), data.draw(st.integers(-5, 5)))
+        for k in dirty if data.draw(st.booleans())
+    }  # fmt: skip
     rows = list(now)  # in no particular order
     patched = index.patched(
         _keys_from(dirty), _keys_from(rows), np.array([now[k][0] for k in rows], dtype=np.uint64),
-        np.array([now[k][1] for k in rows], dtype=np.uint8),
+        np.array([now[k][1] for k in rows], dtype=np.uint8), np.array([now[k][2] for k in rows], dtype=np.int64),
     )  # fmt: skip
-    final = {k: (fps[k], codes[k]) for k in base if k not in dirty} | now
+    final = {k: (fps[k], codes[k], phs[k]) for k in base if k not in dirty} | now
     order = sorted(final)
     expected = LedgerIndex.from_codes(
         _keys_from(order), np.array([final[k][0] for k in order], dtype=np.uint64),
-        np.array([final[k][1] for k in order], dtype=np.uint8),
+        np.array([final[k][1] for k in order], dtype=np.uint8), np.array([final[k][2] for k in order], dtype=np.int64),
     )  # fmt: skip
     assert patched.same_as(expected)
+    # members by payload hash, found through the patched index (small hashes: some shared)
+    wanted = {data.draw(st.integers(-5, 5)) for _ in range(3)}
+    found = patched.keys[patched.holding(wanted)].tolist()
+    assert found == [k for k in expected.keys.tolist() if final[int.from_bytes(k.ljust(16, b"\0"), "big")][2] in wanted]
     assert all(bool(f) for f in patched.lookup(_keys_from(order))[1]) if order else True
