@@ -357,6 +357,20 @@ def test_a_damaged_snapshot_is_ignored(ledger: SqlLedger, tmp_path: Path) -> Non
     a.close()
 
 
+def test_a_snapshot_written_before_payload_hashes_is_read_again(ledger: SqlLedger, tmp_path: Path) -> None:
+    s = seg()
+    a = synced(ledger.url, tmp_path, s, 10)
+    (snapshot,) = (tmp_path / "index").glob("*.npz")
+    with np.load(snapshot) as z:
+        old = {k: z[k] for k in ("version", "keys", "fingerprints", "codes")}  # schema 4's snapshot
+    with snapshot.open("wb") as f:
+        np.savez(f, **old)
+    reads = a.index_reads
+    idx = a.load_index(s, "d")
+    assert a.index_reads == reads + 1 and idx.same_as(truth(a, s)) and bool(idx.payload_hashes.all())
+    a.close()
+
+
 def test_a_warm_sync_reads_no_index_from_the_database(harness: Harness) -> None:
     rows = [person(i) for i in range(30)]
     harness.sync(rows)
