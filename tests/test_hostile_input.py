@@ -70,6 +70,11 @@ class Api:
             return good[: len(good) // 2], "application/json", 200
         if self.mode == "no_list":
             return b'{"data": {"oops": 1}}', "application/json", 200
+        if self.mode == "surrogates":  # JSON escapes of lone surrogates: valid JSON, not valid Unicode
+            data = [dict(zip(FIELDS, r, strict=True)) for r in rows()]
+            data[3]["email"] = "user3\ud800@example.com"
+            data.append({"id": "X\ud800", "email": "x@example.com", "phone": "+1 415 555 9999"})
+            return json.dumps({"data": data, "next": None}).encode(), "application/json", 200
         return good, "application/json", 200
 
 
@@ -300,20 +305,46 @@ def test_sql_errors_name_the_segment_and_hide_the_password(tmp_path: Path) -> No
 # ----------------------------------------------------------------------------- HTTP
 
 
+def synced_http_case(tmp_path: Path, api: Api) -> Case:
+    """A segment read from `api`, synced once while it answers well."""
+    case = Case(tmp_path, f'{{ type = "http", url = "{api.url}", records_path = "data", next_url_path = "next", '
+                          'timeout_seconds = 5 }')  # fmt: skip
+    code, out, _ = case.sync()
+    assert code == 0, out
+    return case
+
+
 @pytest.mark.parametrize(("mode", "message"), [("500", "500"), ("html", "JSON"), ("truncated", "JSON"),
                                                ("no_list", "list")])  # fmt: skip
 def test_http_source_bad_answers_fail_the_run_and_keep_the_audience(tmp_path: Path, mode: str, message: str) -> None:
     api = Api()
     try:
-        case = Case(tmp_path, f'{{ type = "http", url = "{api.url}", records_path = "data", next_url_path = "next", '
-                              'timeout_seconds = 5 }')  # fmt: skip
-        code, out, _ = case.sync()
-        assert code == 0, out
+        case = synced_http_case(tmp_path, api)
         api.mode = mode
         code, out, _ = case.sync()
         assert code == 1, out
         assert message in out and "vip" in out, out
         case.assert_intact(lambda: setattr(api, "mode", "ok"))
+    finally:
+        api.server.shutdown()
+
+
+def test_http_source_lone_surrogates_are_values_not_errors(tmp_path: Path) -> None:
+    api = Api()
+    try:
+        case = synced_http_case(tmp_path, api)
+        api.mode = "surrogates"
+        code, out, doc = case.sync()
+        assert code == 0 and doc is not None, out
+        (run,) = doc["runs"]  # type: ignore[index]
+        # the new key is a member of its own; the broken email is dropped, member 3 keeps its phone
+        assert (run["new_members"], run["identifier_changes"], run["left_segment"]) == (1, 1, 0), run
+        assert run["invalid_reasons"] == {"email_invalid": 1}, run
+        assert case.audience_size() == N + 1
+        code, out, doc = case.sync()
+        assert code == 0 and doc is not None, out
+        (run,) = doc["runs"]  # type: ignore[index]
+        assert (run["adds"], run["removes"], run["unchanged"]) == (0, 0, N + 1), run
     finally:
         api.server.shutdown()
 

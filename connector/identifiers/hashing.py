@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +29,19 @@ def hash_once(normalized: str) -> str:
     return sha256_hex(normalized)
 
 
+def _utf8(values: Iterable[str]) -> list[bytes]:
+    """UTF-8 bytes of each value; a lone surrogate (JSON sources can carry one) is kept as it is, so
+    such a value is still a value of its own, not an error that stops the run."""
+    values = list(values)
+    try:
+        return list(map(str.encode, values))
+    except UnicodeEncodeError:
+        return [v.encode("utf-8", "surrogatepass") for v in values]
+
+
 def member_key(value: str) -> str:
     """Opaque, stable ledger key for a member (the raw key is never stored)."""
-    return hashlib.sha256(_KEY_NS + value.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_KEY_NS + _utf8([value])[0]).hexdigest()
 
 
 def fingerprint(values: Sequence[str | None]) -> int:
@@ -45,9 +55,9 @@ def member_key_array(values: Sequence[str]) -> npt.NDArray[np.bytes_]:
     base = hashlib.sha256(_KEY_NS)
     out: list[bytes] = []
     add = out.append
-    for v in values:
+    for v in _utf8(values):
         h = base.copy()
-        h.update(v.encode("utf-8"))
+        h.update(v)
         add(h.digest()[:16])
     return np.frombuffer(b"".join(out), dtype="S16")
 
@@ -67,9 +77,6 @@ def fingerprints(columns: Sequence[Sequence[str | None]]) -> npt.NDArray[np.uint
     """`fingerprint` of every row of these columns (rows are the columns' positions)."""
     filled = [[_NONE if v is None else v for v in col] for col in columns]
     b2 = hashlib.blake2b
-    try:
-        encoded = list(map(str.encode, map(_SEP.join, zip(*filled, strict=True))))
-    except UnicodeEncodeError:  # a lone surrogate (JSON sources can carry one): kept as it is
-        encoded = [j.encode("utf-8", "surrogatepass") for j in map(_SEP.join, zip(*filled, strict=True))]
+    encoded = _utf8(map(_SEP.join, zip(*filled, strict=True)))
     digests = b"".join([b2(j, digest_size=8).digest() for j in encoded])
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64)

@@ -44,6 +44,15 @@ MADID_INVALID = "madid_invalid"
 EXTERN_ID_INVALID = "extern_id_invalid"
 NO_IDENTIFIER = "no_identifier"
 
+# the reason a value of each identifier field is dropped for
+FIELD_REASONS = {
+    "email": EMAIL_INVALID, "phone": PHONE_INVALID, "first_name": NAME_INVALID, "last_name": NAME_INVALID,
+    "zip": ZIP_INVALID, "country": COUNTRY_INVALID, "city": CITY_INVALID, "state": STATE_INVALID,
+    "gender": GENDER_INVALID, "date_of_birth": DOB_INVALID, "mobile_ad_id": MADID_INVALID,
+    "external_id": EXTERN_ID_INVALID,
+}  # fmt: skip
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
 PlatformName = Literal["meta", "google"]
 
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
@@ -441,10 +450,19 @@ def normalize_many(platform: str, region: str, columns: Sequence[tuple[str, Sequ
     """
     norm = _normalizer(platform, tuple(f for f, _ in columns), region)
     names = [f for f, _ in columns]
+    # columns holding a lone surrogate (JSON sources can carry one: not Unicode, never an identifier),
+    # found with one scan of each column's text
+    broken = {f for f, col in columns if _LONE_SURROGATE.search("".join(filter(None, col)))}
     payloads: list[str | None] = []
     reasons: dict[str, int] = {}
     for values in zip(*(col for _, col in columns), strict=True):
-        out = norm.normalize(dict(zip(names, values, strict=True)))
+        raw = dict(zip(names, values, strict=True))
+        dropped = [f for f in broken if (v := raw[f]) and _LONE_SURROGATE.search(v)]
+        for f in dropped:
+            raw[f] = None
+        out = norm.normalize(raw)
+        for f in dropped:
+            out.errors[f] = FIELD_REASONS.get(f, f"{f}_invalid")
         for reason in out.errors.values():
             reasons[reason] = reasons.get(reason, 0) + 1
         payloads.append(dump_payload(out.payload) if out.payload else None)

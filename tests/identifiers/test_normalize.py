@@ -34,6 +34,7 @@ from connector.identifiers.normalize import (
     normalize_email,
     normalize_gender,
     normalize_madid,
+    normalize_many,
     normalize_name,
     normalize_phone,
     normalize_state,
@@ -193,10 +194,23 @@ def test_hex_of_keys_keeps_trailing_nul_bytes() -> None:
     assert hex_of_keys(keys[[1, 0]]) == ["ff" * 16, "01" + "00" * 15]
 
 
-def test_fingerprints_of_lone_surrogates() -> None:
-    # JSON sources can carry a lone surrogate: it is fingerprinted as it is, not an error
+def test_fingerprints_and_keys_of_lone_surrogates() -> None:
+    # JSON sources can carry a lone surrogate: it is fingerprinted and keyed as it is, not an error
     assert fingerprints([["a\ud800", "b"]]).tolist() == [fingerprint(["a\ud800"]), fingerprint(["b"])]
     assert fingerprint(["a\ud800"]) != fingerprint(["a\ud801"])
+    keys = member_keys(["a\ud800", "a\ud801", "b"])
+    assert keys == [member_key(v)[:32] for v in ["a\ud800", "a\ud801", "b"]] and len(set(keys)) == 3
+
+
+@pytest.mark.parametrize("platform", ["meta", "google"])
+def test_a_lone_surrogate_drops_that_identifier_only(platform: str) -> None:
+    phone = "+1 415 555 0134"
+    columns = [("email", ["a\ud800@example.com", "a@example.com"]), ("phone", [phone, phone])]
+    payloads, reasons = normalize_many(platform, "US", columns)
+    clean, _ = normalize_many(platform, "US", [("email", [None, "a@example.com"]), ("phone", [phone, phone])])
+    assert payloads == clean and reasons == {"email_invalid": 1}
+    only, reasons = normalize_many("meta", "US", [("external_id", ["x\udc00"])])
+    assert only == [None] and reasons == {"extern_id_invalid": 1, "no_identifier": 1}
 
 
 text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
