@@ -45,7 +45,8 @@ def test_seen_keys_and_index_lookup_agree_with_a_set(batches: list[list[bytes]],
         assert dup.tolist() == want
     assert len(seen) == len(expected)
     keys = np.array(sorted(set(ledger)), dtype="S16")
-    index = LedgerIndex.from_codes(keys, np.zeros(len(keys), dtype=np.uint64), np.full(len(keys), 2, np.uint8))
+    n = len(keys)
+    index = LedgerIndex.from_codes(keys, np.zeros(n, dtype=np.uint64), np.full(n, 2, np.uint8), np.zeros(n, np.int64))
     probe = [k for b in batches for k in b]
     pos, found = index.lookup(np.array(probe, dtype="S16"))
     assert found.tolist() == [k in set(ledger) for k in probe]

@@ -316,11 +316,11 @@ class LedgerIndex:
     @classmethod
     def from_codes(
         cls, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64], codes: npt.NDArray[np.uint8],
-        payload_hashes: npt.NDArray[np.int64] | None = None,
+        payload_hashes: npt.NDArray[np.int64],
     ) -> LedgerIndex:  # fmt: skip
         """From state codes: 2 on the platform, 1 rejected, 0 anything else."""
-        ph = np.zeros(len(keys), dtype=np.int64) if payload_hashes is None else payload_hashes
-        return cls(keys=keys, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2, payload_hashes=ph)
+        return cls(keys=keys, fingerprints=fps, stable=codes >= 1, on_platform=codes == 2,
+                   payload_hashes=payload_hashes)  # fmt: skip
 
     def codes(self) -> npt.NDArray[np.uint8]:
         return self.stable.astype(np.uint8) + self.on_platform.astype(np.uint8)
