@@ -172,28 +172,55 @@ def test_transient_failures_still_converge(harness: Harness, tmp_path_factory) -
     assert harness.audience("meta") == fresh_audience(tmp_path_factory.mktemp("o"), rows, "meta")
 
 
-def test_crash_mid_run_resumes_without_loss(harness: Harness, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+def die_on_add(harness: Harness, call: int, *, after_sending: bool) -> object:
+    """Meta batches of 10, and the `call`-th add fails like a killed process: before the request
+    left, or after the platform took it (its answer lost). Returns the real add_members."""
     dest = harness.destinations["meta"]
     dest.capabilities = type(dest.capabilities)(max_batch_size=10)
-    rows = [person(i) for i in range(30)]
     real_add = dest.add_members
     calls = {"n": 0}
 
-    def flaky_add(audience, members, session):  # type: ignore[no-untyped-def]
+    def add(audience, members, session):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == call and not after_sending:
             raise FatalError("simulated crash", code="test")
-        return real_add(audience, members, session)
+        out = real_add(audience, members, session)
+        if calls["n"] == call:
+            raise FatalError("simulated crash after the platform took the batch", code="test")
+        return out
 
-    dest.add_members = flaky_add  # type: ignore[method-assign]
+    dest.add_members = add  # type: ignore[method-assign]
+    return real_add
+
+
+def test_crash_mid_run_resumes_without_loss(harness: Harness, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    rows = [person(i) for i in range(30)]
+    real_add = die_on_add(harness, 2, after_sending=False)
     res = harness.sync(rows)
     assert res["meta"].status == "failed"
     assert len(harness.audience("meta")) == 10  # first batch committed, second lost in flight
-    dest.add_members = real_add  # type: ignore[method-assign]
+    harness.destinations["meta"].add_members = real_add  # type: ignore[method-assign]
     res = harness.sync(rows)
     assert res["meta"].status == "success"
     assert res["meta"].write_calls == 2  # only the 20 members not yet accepted
     assert harness.audience("meta") == fresh_audience(tmp_path_factory.mktemp("o"), rows, "meta")
+
+
+def test_members_sent_by_a_run_that_died_before_recording_them_are_removed_when_they_leave(
+    harness: Harness, tmp_path_factory  # type: ignore[no-untyped-def]
+) -> None:
+    """New members wait in the plan journal until the platform answers: a run that dies right after
+    sending them must not forget them (else one who then leaves the segment stays in the audience)."""
+    rows = [person(i) for i in range(25)]
+    real_add = die_on_add(harness, 2, after_sending=True)
+    assert harness.sync(rows)["meta"].status == "failed"
+    assert len(harness.audience("meta")) == 20  # the second batch reached the platform, unrecorded
+    harness.destinations["meta"].add_members = real_add  # type: ignore[method-assign]
+    # members 15-19 leave: the dead run sent them but recorded nothing
+    res = harness.sync(rows[:15] + rows[20:], force=True)
+    assert res["meta"].status == "success", res["meta"].error
+    assert harness.audience("meta") == fresh_audience(tmp_path_factory.mktemp("o"), rows[:15] + rows[20:], "meta")
+    assert harness.sync(rows[:15] + rows[20:])["meta"].write_calls == 0
 
 
 def test_rejected_members_are_recorded_and_not_resent(harness: Harness) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -73,8 +74,9 @@ log = logging.getLogger("connector.ledger")
 # a plan is committed in parts of about this many rows (see `apply_plan`)
 _PLAN_COMMIT_ROWS = 100_000
 
-# 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions; 5: no payload_hash index
-SCHEMA_VERSION = 5
+# 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions; 5: no payload_hash index;
+# 6: plan_journal
+SCHEMA_VERSION = 6
 
 # a run's changes are patched into the pair's index snapshot while they touch at most this many
 # members (or a quarter of the pair); beyond that the snapshot is read again from the database
@@ -165,6 +167,23 @@ pair_versions = Table(
     Column("segment", String(200), primary_key=True),
     Column("destination", String(200), primary_key=True),
     Column("version", BigInteger, nullable=False),
+)
+
+# New members of a plan (no `members` row yet) wait here, one row per part of the plan, until the
+# platform has answered for them: each is then written to `members` once, in its final state (a cold run
+# used to insert every new member as `planned`, read it back to send it, and update it when accepted).
+# A run that dies in between leaves its parts here, and the next run of the pair (under the pair's lock,
+# before it plans) writes their members as `planned`: nothing that may have been sent is forgotten.
+plan_journal = Table(
+    "plan_journal",
+    metadata,
+    Column("segment", String(200), primary_key=True),
+    Column("destination", String(200), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    # how many of the part's members are not in `members` yet (a part may be sent in smaller batches)
+    Column("members", Integer, nullable=False),
+    # JSON: [keys, fingerprints, payloads, consents] (payloads are hashed, as in `members`)
+    Column("body", Text, nullable=False),
 )
 
 meta_table = Table(
@@ -425,6 +444,23 @@ class PendingMember:
     payload: str
     consent: str
     prev_payload: str | None
+    # a new member still in the plan journal (no `members` row yet): its part, its fingerprint, and
+    # whether it is the part's last member (the part is deleted when that one is committed)
+    fresh: tuple[int, int, bool] | None = None
+
+
+def _encode_part(part: Sequence[StagedMember]) -> str:
+    return json.dumps([
+        [m.key for m in part], [m.fingerprint for m in part], [m.payload for m in part], [m.consent for m in part],
+    ], separators=(",", ":"))  # fmt: skip
+
+
+def _decode_part(body: str) -> tuple[list[str], list[int], list[str], list[str]]:
+    """A journal part as (keys, fingerprints, payloads, consents)."""
+    ks, fps, ps, cs = json.loads(body)
+    if not len(ks) == len(fps) == len(ps) == len(cs):
+        raise LedgerError("a plan journal part is damaged (its columns differ in length)")
+    return ks, fps, ps, cs
 
 
 @dataclass(slots=True)
@@ -622,16 +658,15 @@ class SqlLedger:
     _NEW_COLUMNS = ("segment", "destination", "member_key", "fingerprint", "payload", "payload_hash", "consent",
                     "state", "updated_at")  # fmt: skip
 
-    def _insert_new(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Bulk insert of new members (tuples in `_NEW_COLUMNS` order, timestamps already bound)
+    def _insert_new(self, conn: Any, rows: list[tuple[Any, ...]], cols: Sequence[str] = _NEW_COLUMNS) -> None:
+        """Bulk insert of new members (tuples in `cols` order, timestamps already bound)
         straight through the driver's executemany: SQLAlchemy's per-row parameter processing
         dominated cold runs."""
-        cols = self._NEW_COLUMNS
         stmt = insert(members).compile(dialect=conn.dialect, column_keys=list(cols))
         if stmt.positional:
             order = [cols.index(k) for k in (stmt.positiontup or [])]
             if order != list(range(len(cols))):
-                rows = [tuple(r[i] for i in order) for r in rows]
+                rows = list(map(operator.itemgetter(*order), rows))
             conn.exec_driver_sql(str(stmt), rows)
         else:
             conn.exec_driver_sql(str(stmt), [dict(zip(cols, r, strict=True)) for r in rows])
@@ -883,10 +918,13 @@ class SqlLedger:
         remove_keys: Iterator[Sequence[str]],
         refresh_keys: Sequence[tuple[str, int]] = (),
         keep_removals: bool = True,
+        journal: bool = False,
     ) -> None:
         """Write a plan: staged members become `planned` (keeping the old payload for removal when
         it changed), removed members `remove_planned`, and members whose raw row changed but whose
-        payload did not just get their new fingerprint.
+        payload did not just get their new fingerprint. With `journal`, staged members the ledger has
+        no row for go to the plan journal instead, one part per chunk (see `plan_journal`): the push
+        then inserts each of them once, in its final state.
 
         Committed every `_PLAN_COMMIT_ROWS` rows, not in one transaction (a 10M-member plan grew
         SQLite's write-ahead log by gigabytes): a crash in between leaves some members planned and
@@ -894,9 +932,9 @@ class SqlLedger:
         are re-planned, and a payload they may have sent is owed for removal)."""
         ts = now()
         with self.engine.connect() as conn:
-            bind_ts = members.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-            ts_bound = bind_ts(ts) if bind_ts else ts
+            ts_bound = self._bound_time(conn, ts)
             written = 0
+            seq = self._last_part(conn, segment, destination) if journal else 0
 
             def wrote(n: int) -> None:
                 nonlocal written
@@ -920,9 +958,13 @@ class SqlLedger:
                     ):  # fmt: skip
                         existing[k] = (p, st, prev)
                 new_rows: list[tuple[Any, ...]] = []
+                fresh: list[StagedMember] = []
                 changed: list[dict[str, Any]] = []
                 for m in chunk:
                     old = existing.get(m.key)
+                    if old is None and journal:
+                        fresh.append(m)
+                        continue
                     if old is None:
                         new_rows.append((
                             segment, destination, m.key, _fp_to_db(m.fingerprint), m.payload,
@@ -951,7 +993,13 @@ class SqlLedger:
                     )
                 if new_rows:
                     self._insert_new(conn, new_rows)
-                self._touch(conn, segment, destination, [m.key for m in chunk])
+                if fresh:
+                    seq += 1
+                    conn.execute(insert(plan_journal).values(
+                        segment=segment, destination=destination, seq=seq, members=len(fresh), body=_encode_part(fresh),
+                    ))  # fmt: skip
+                if len(fresh) < len(chunk):
+                    self._touch(conn, segment, destination, [m.key for m in chunk])
             for rchunk in remove_keys:
                 if rchunk:
                     wrote(len(rchunk))
@@ -971,6 +1019,66 @@ class SqlLedger:
                 self._touch(conn, segment, destination, [k for k, _ in refresh_keys])
             conn.commit()
 
+    @staticmethod
+    def _bound_time(conn: Any, ts: datetime) -> Any:
+        """`ts` as the driver takes it (for rows written straight through the driver's executemany)."""
+        bind_ts = members.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+        return bind_ts(ts) if bind_ts else ts
+
+    @staticmethod
+    def _journal_of(segment: str, destination: str) -> Any:
+        return and_(plan_journal.c.segment == segment, plan_journal.c.destination == destination)
+
+    def _last_part(self, conn: Any, segment: str, destination: str) -> int:
+        last = conn.execute(select(func.max(plan_journal.c.seq)).where(self._journal_of(segment, destination)))
+        return int(last.scalar() or 0)
+
+    def _journal_size(self, conn: Any, segment: str, destination: str) -> int:
+        n = conn.execute(select(func.sum(plan_journal.c.members)).where(self._journal_of(segment, destination)))
+        return int(n.scalar() or 0)
+
+    def _iter_journal(
+        self, segment: str, destination: str
+    ) -> Iterator[tuple[int, tuple[list[str], list[int], list[str], list[str]]]]:
+        """The pair's plan parts still in the journal, in order, one at a time."""
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    select(plan_journal.c.seq, plan_journal.c.body)
+                    .where(self._journal_of(segment, destination), plan_journal.c.seq > last)
+                    .order_by(plan_journal.c.seq)
+                    .limit(1)
+                ).first()
+            if row is None:
+                return
+            last = int(row[0])
+            yield last, _decode_part(row[1])
+
+    def recover_journal(self, segment: str, destination: str) -> int:
+        """Parts of a plan that a run left in the journal (it died or was stopped before the
+        platform answered for them): their members become `planned`, so they are sent again and,
+        should they leave the segment first, removed. Members of a part already committed (a part
+        is sent in more than one batch when the platform's batches are smaller) are kept as they
+        are. Returns how many members were planned."""
+        n = 0
+        for seq, (keys, fps, payloads, consents) in self._iter_journal(segment, destination):
+            with self.engine.begin() as conn:
+                present = set(conn.execute(
+                    select(members.c.member_key).where(self._pair(segment, destination), self._key_in(conn, keys))
+                ).scalars())  # fmt: skip
+                ts_bound = self._bound_time(conn, now())
+                rows = [
+                    (segment, destination, k, _fp_to_db(fp), p, payload_hash(p), c, "planned", ts_bound)
+                    for k, fp, p, c in zip(keys, fps, payloads, consents, strict=True) if k not in present
+                ]  # fmt: skip
+                if rows:
+                    self._insert_new(conn, rows)
+                    self._touch(conn, segment, destination, [r[2] for r in rows])
+                conn.execute(delete(plan_journal).where(self._journal_of(segment, destination), plan_journal.c.seq == seq))
+                n += len(rows)
+        return n
+
     def pending_counts(self, segment: str, destination: str) -> tuple[int, int]:
         """(payloads to remove, members to add) waiting to be pushed."""
         pair = self._pair(segment, destination)
@@ -982,6 +1090,7 @@ class SqlLedger:
             n_add = sum(
                 conn.execute(select(func.count()).where(pair, members.c.state == st)).scalar_one() for st in TO_ADD
             )
+            n_add += self._journal_size(conn, segment, destination)
         return int(n_remove), int(n_add)
 
     def mark_for_resend(self, segment: str, destination: str, before: datetime) -> int:
@@ -1114,10 +1223,27 @@ class SqlLedger:
         return held
 
     def iter_additions(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
+        """Members to add, `batch` at a time: the new members in the plan journal (`fresh` set),
+        then the planned members of the ledger. A batch may hold both: as many calls as the total
+        needs, however the plan was split."""
+        out: list[PendingMember] = []
+        for seq, (keys, fps, payloads, consents) in self._iter_journal(segment, destination):
+            last = len(keys) - 1
+            for j, (k, fp, p, c) in enumerate(zip(keys, fps, payloads, consents, strict=True)):
+                out.append(PendingMember(k, p, c, None, (seq, fp, j == last)))
+                if len(out) == batch:
+                    yield out
+                    out = []
         for rows in self._iter_pending(
             segment, destination, _ADD_PARTS, batch, (members.c.payload, members.c.consent)
         ):
-            yield [PendingMember(k, p, c, None) for k, p, c in rows]
+            for k, p, c in rows:
+                out.append(PendingMember(k, p, c, None))
+                if len(out) == batch:
+                    yield out
+                    out = []
+        if out:
+            yield out
 
     def iter_present(self, segment: str, destination: str, batch: int) -> Iterator[list[PendingMember]]:
         """Everything that should be on the platform (for replace)."""
@@ -1168,12 +1294,21 @@ class SqlLedger:
         rejected: dict[str, str],
         deferred: dict[str, str],
         ttl_days: int | None,
+        fresh: Sequence[PendingMember] = (),
     ) -> None:
-        """The platform acknowledged adding these members (all in one transaction)."""
+        """The platform acknowledged adding these members (all in one transaction). `fresh`: those
+        of them still in the plan journal (from `iter_additions`), inserted here in their final
+        state; a journal part goes once its last member is committed."""
         ts = now()
         expires = ts + timedelta(days=ttl_days) if ttl_days else None
-        ok = [k for k in keys if k not in rejected and k not in deferred]
+        new = {p.key for p in fresh}
+        ok = [k for k in keys if k not in rejected and k not in deferred and k not in new]
         with self.engine.begin() as conn:
+            if fresh:
+                self._insert_fresh(conn, segment, destination, fresh, state, request_id, rejected, deferred,
+                                   ts, expires)  # fmt: skip
+                rejected = {k: v for k, v in rejected.items() if k not in new}
+                deferred = {k: v for k, v in deferred.items() if k not in new}
             if ok:
                 conn.execute(
                     update(members)
@@ -1196,6 +1331,47 @@ class SqlLedger:
                     .values(state="deferred", reason=why[:200], updated_at=ts)
                 )
             self._touch(conn, segment, destination, keys)
+
+    # in the table's order, as the driver takes them (no reordering of every row)
+    _FRESH_COLUMNS = ("segment", "destination", "member_key", "fingerprint", "payload", "payload_hash", "consent",
+                      "state", "reason", "request_id", "updated_at", "accepted_at", "expires_at")  # fmt: skip
+
+    def _insert_fresh(
+        self, conn: Any, segment: str, destination: str, fresh: Sequence[PendingMember], state: str,
+        request_id: str | None, rejected: dict[str, str], deferred: dict[str, str], ts: datetime,
+        expires: datetime | None,
+    ) -> None:  # fmt: skip
+        """Journal members the platform answered for become `members` rows in their final state."""
+        at = self._bound_time(conn, ts)
+        until = self._bound_time(conn, expires) if expires else None
+        rows = []
+        done: list[int] = []
+        written: dict[int, int] = {}
+        final: tuple[str, str | None, str | None, Any, Any, Any]  # state, reason, request, updated, accepted, expires
+        for p in fresh:
+            assert p.fresh is not None
+            seq, fp, closes = p.fresh
+            written[seq] = written.get(seq, 0) + 1
+            if closes:
+                done.append(seq)
+            if p.key in rejected:
+                final = ("rejected", rejected[p.key][:200], request_id, at, None, None)
+            elif p.key in deferred:
+                final = ("deferred", deferred[p.key][:200], None, at, None, None)
+            else:
+                final = (state, None, request_id, at, at, until)
+            rows.append((segment, destination, p.key, _fp_to_db(fp), p.payload, payload_hash(p.payload), p.consent,
+                         *final))  # fmt: skip
+        self._insert_new(conn, rows, self._FRESH_COLUMNS)
+        if done:
+            conn.execute(delete(plan_journal).where(self._journal_of(segment, destination), plan_journal.c.seq.in_(done)))
+        for seq, n in written.items():  # a part sent in smaller batches: what is left of it, for the counts
+            if seq not in done:
+                conn.execute(
+                    update(plan_journal)
+                    .where(self._journal_of(segment, destination), plan_journal.c.seq == seq)
+                    .values(members=plan_journal.c.members - n)
+                )
 
     def commit_replace(self, segment: str, destination: str, state: str, request_id: str | None,
                        ttl_days: int | None) -> None:  # fmt: skip
@@ -1271,7 +1447,12 @@ class SqlLedger:
                 .where(self._pair(segment, destination))
                 .group_by(members.c.state)
             ).all()
-        return {st: int(n) for st, n in rows}
+        out = {st: int(n) for st, n in rows}
+        with self.engine.connect() as conn:
+            journal = self._journal_size(conn, segment, destination)
+        if journal:  # new members of a plan being (or left to be) pushed
+            out["planned"] = out.get("planned", 0) + journal
+        return out
 
     def rejected_reasons(self, segment: str, destination: str) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -158,9 +158,74 @@ def test_a_plan_interrupted_while_written_is_completed_by_the_next_run(
     assert added == sorted([f'{{"EMAIL":"q{i}"}}' for i in range(5)] + [f'{{"EMAIL":"p{i}"}}' for i in range(10, 15)])
 
 
+def fresh(i: int) -> StagedMember:
+    return StagedMember(f"{i:032x}", (1 << 64) - 1 - i, f'{{"EMAIL":"{i:064x}"}}', "GU", known=False)
+
+
+def test_new_members_wait_in_the_journal_and_are_written_once_in_their_final_state(ledger: SqlLedger) -> None:
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(i) for i in range(3)]]), iter([]))  # 3 planned in `members`
+    ledger.apply_plan(s, "d", iter([[fresh(i) for i in range(10, 14)], [fresh(i) for i in range(14, 17)]]), iter([]),
+                      journal=True)  # fmt: skip
+    with ledger.engine.connect() as conn:  # the new members have no row yet: only the journal's two parts
+        assert conn.exec_driver_sql(f"SELECT count(*) FROM members WHERE segment = '{s}'").scalar() == 3
+    assert ledger.counts(s, "d") == {"planned": 10}
+    assert ledger.pending_counts(s, "d") == (0, 10)
+    batches = list(ledger.iter_additions(s, "d", 4))
+    # journal first (across its parts), then the ledger's planned members, batches filled across both
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert [p.key for p in batches[1]] == [f"{i:032x}" for i in range(14, 17)] + [f"{0:032x}"]
+    assert [p.fresh is not None for p in batches[1]] == [True, True, True, False]
+    assert batches[0][-1].fresh == (1, (1 << 64) - 1 - 13, True) and batches[0][0].fresh == (1, (1 << 64) - 11, False)
+    for b in batches:
+        rejected = {b[0].key: "bad email"} if b is batches[0] else {}
+        deferred = {b[1].key: "later"} if b is batches[1] else {}
+        ledger.commit_additions(s, "d", [p.key for p in b], state="accepted", request_id="r", rejected=rejected,
+                                deferred=deferred, ttl_days=30, fresh=[p for p in b if p.fresh])  # fmt: skip
+    assert ledger.counts(s, "d") == {"accepted": 8, "rejected": 1, "deferred": 1}
+    assert ledger.rejected_reasons(s, "d") == {"bad email": 1}
+    assert ledger.pending_counts(s, "d") == (0, 1)
+    assert [p.key for b in ledger.iter_additions(s, "d", 10) for p in b] == [f"{15:032x}"]  # deferred: next run
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT count(*) FROM plan_journal WHERE segment = '{s}'").scalar() == 0
+        row = conn.exec_driver_sql(
+            f"SELECT fingerprint, consent, request_id, accepted_at, expires_at FROM members "
+            f"WHERE segment = '{s}' AND member_key = '{11:032x}'"
+        ).one()
+    assert row[1:3] == ("GU", "r") and row[3] is not None and row[4] is not None
+    index = ledger.load_index(s, "d")
+    assert len(index) == 10 and int(index.on_platform.sum()) == 8
+    # the unsigned fingerprint came through the journal intact: the member is unchanged to the next plan
+    pos = int(np.searchsorted(index.keys, bytes.fromhex(f"{11:032x}")))
+    assert int(index.fingerprints[pos]) == (1 << 64) - 1 - 11
+
+
+def test_a_journal_left_by_a_dead_run_is_planned_by_the_next(ledger: SqlLedger) -> None:
+    """A run died while pushing a part of its journal in smaller batches: what it committed stays, the
+    rest (maybe sent, maybe not) becomes `planned`, so it is sent again, or removed if it left."""
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[fresh(i) for i in range(6)], [fresh(i) for i in range(6, 9)]]), iter([]),
+                      journal=True)  # fmt: skip
+    first = next(ledger.iter_additions(s, "d", 4))
+    ledger.commit_additions(s, "d", [p.key for p in first], state="confirmed", request_id=None, rejected={},
+                            deferred={}, ttl_days=None, fresh=first)  # fmt: skip
+    # ... and the process died here, after sending (or not) the next batch
+    assert ledger.counts(s, "d") == {"confirmed": 4, "planned": 5}
+    assert ledger.recover_journal(s, "d") == 5
+    assert ledger.recover_journal(s, "d") == 0
+    assert ledger.counts(s, "d") == {"confirmed": 4, "planned": 5}
+    with ledger.engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT count(*) FROM plan_journal WHERE segment = '{s}'").scalar() == 0
+    pending = [p for b in ledger.iter_additions(s, "d", 10) for p in b]
+    assert [p.key for p in pending] == [f"{i:032x}" for i in range(4, 9)] and not any(p.fresh for p in pending)
+    # one of them left the segment: its payload, perhaps sent by the dead run, is removed
+    ledger.apply_plan(s, "d", iter([]), iter([[f"{8:032x}"]]))
+    assert [p.payload for b in ledger.iter_removals(s, "d", 10) for p in b] == [f'{{"EMAIL":"{8:064x}"}}']
+
+
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
-    """Schema 1 -> 5: payload_hash filled, the indexes of owed removals and expiry, pair versions; no
-    payload_hash index (schema 2 to 4 had one)."""
+    """Schema 1 -> 6: payload_hash filled, the indexes of owed removals and expiry, pair versions; no
+    payload_hash index (schema 2 to 4 had one); the plan journal."""
     import sqlite3
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -172,6 +237,7 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         conn.execute("DROP INDEX ix_members_expires")
         conn.execute("ALTER TABLE members DROP COLUMN payload_hash")
         conn.execute("DROP TABLE pair_versions")
+        conn.execute("DROP TABLE plan_journal")
         conn.execute("DELETE FROM ledger_meta WHERE key = 'ledger_id'")
         conn.execute("UPDATE ledger_meta SET value = '1' WHERE key = 'schema'")
     store = SqlLedger(url)
@@ -185,7 +251,8 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("5",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("6",)
+        assert conn.execute("SELECT count(*) FROM plan_journal").fetchone() == (0,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"ix_members_owed", "ix_members_expires"} <= indexes and "ix_members_payload" not in indexes
         assert conn.execute("SELECT version FROM pair_versions WHERE segment = 's'").fetchone() == (1,)
@@ -201,7 +268,7 @@ def test_a_schema_4_ledger_loses_its_payload_index(tmp_path: Path) -> None:
         conn.execute("UPDATE ledger_meta SET value = '4' WHERE key = 'schema'")
     SqlLedger(url).close()
     with sqlite3.connect(tmp_path / "v4.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("5",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("6",)
         assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ix_members_payload'").fetchall()
 
 
@@ -237,8 +304,8 @@ def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> N
         event.remove(store.engine, "before_cursor_execute", record)
         assert len(statements) >= 8
         # walking the pair: a scan, or a search bound by nothing but the pair (the partial index of owed
-        # removals holds only those)
-        walk = re.compile(r"SCAN members|INDEX (?!ix_members_owed)\w+ \(segment=\? AND destination=\?\)$")
+        # removals holds only those; the plan journal holds only the parts of a plan not yet pushed)
+        walk = re.compile(r"SCAN members|SEARCH members USING .*INDEX (?!ix_members_owed)\w+ \(segment=\? AND destination=\?\)$")
         with store.engine.connect() as conn:
             for sql, params in statements:
                 plan = [r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]  # type: ignore[arg-type]
