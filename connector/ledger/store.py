@@ -75,7 +75,7 @@ log = logging.getLogger("connector.ledger")
 _PLAN_COMMIT_ROWS = 100_000
 
 # 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions; 5: no payload_hash index;
-# 6: plan_journal
+# 6: plan_journal, the expiry index only of members with an expiry
 SCHEMA_VERSION = 6
 
 # a run's changes are patched into the pair's index snapshot while they touch at most this many
@@ -140,8 +140,13 @@ ix_members_owed = Index(
     "ix_members_owed", members.c.segment, members.c.destination, members.c.member_key,
     sqlite_where=members.c.prev_payload.is_not(None), postgresql_where=members.c.prev_payload.is_not(None),
 )  # fmt: skip
-# memberships close to expiry (Google) found without reading the whole audience
-ix_members_expires = Index("ix_members_expires", members.c.segment, members.c.destination, members.c.expires_at)
+# memberships close to expiry (Google) found without reading the whole audience; members without an
+# expiry (every Meta member, Google members not yet accepted) are not in it: nothing to write for them
+_EXPIRES = members.c.expires_at.is_not(None)
+ix_members_expires = Index(
+    "ix_members_expires", members.c.segment, members.c.destination, members.c.expires_at,
+    sqlite_where=_EXPIRES, postgresql_where=_EXPIRES,
+)  # fmt: skip
 
 runs = Table(
     "runs",
@@ -551,6 +556,8 @@ class SqlLedger:
             elif int(row[0]) < SCHEMA_VERSION:
                 if int(row[0]) < 2:
                     self._migrate_to_2(conn)
+                if int(row[0]) < 6:  # 6: the expiry index holds only memberships that expire
+                    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_members_expires")
                 for ix in (ix_members_owed, ix_members_expires):  # 3: new indexes only
                     ix.create(conn, checkfirst=True)
                 # 4: pair_versions (a new table, created above); the schema number keeps older
@@ -1098,7 +1105,7 @@ class SqlLedger:
         due = (
             self._pair(segment, destination),
             members.c.state.in_(ON_PLATFORM),
-            members.c.expires_at.is_not(None),
+            _EXPIRES,
             members.c.expires_at < before,
         )
         with self.engine.begin() as conn:

@@ -255,21 +255,37 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM plan_journal").fetchone() == (0,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"ix_members_owed", "ix_members_expires"} <= indexes and "ix_members_payload" not in indexes
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_expires'").fetchone()
+        assert "WHERE expires_at IS NOT NULL" in sql, sql
         assert conn.execute("SELECT version FROM pair_versions WHERE segment = 's'").fetchone() == (1,)
 
 
-def test_a_schema_4_ledger_loses_its_payload_index(tmp_path: Path) -> None:
+def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_expiring_members_in_its_expiry_index(
+    tmp_path: Path,
+) -> None:
     import sqlite3
 
     url = f"sqlite:///{tmp_path / 'v4.db'}"
-    SqlLedger(url).close()
+    store = SqlLedger(url)
+    store.apply_plan("s", "d", iter([[staged(i) for i in range(4)]]), iter([]))
+    store.commit_additions("s", "d", [f"{i:032x}" for i in range(2)], state="confirmed", request_id=None,
+                           rejected={}, deferred={}, ttl_days=30)  # fmt: skip
+    store.close()
     with sqlite3.connect(tmp_path / "v4.db") as conn:  # what schema 4 had
         conn.execute("CREATE INDEX ix_members_payload ON members (segment, destination, payload_hash)")
+        conn.execute("DROP INDEX ix_members_expires")
+        conn.execute("CREATE INDEX ix_members_expires ON members (segment, destination, expires_at)")
         conn.execute("UPDATE ledger_meta SET value = '4' WHERE key = 'schema'")
     SqlLedger(url).close()
     with sqlite3.connect(tmp_path / "v4.db") as conn:
         assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("6",)
         assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ix_members_payload'").fetchall()
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_expires'").fetchone()
+        assert "WHERE expires_at IS NOT NULL" in sql, sql
+        # only the two members with an expiry are in it
+        n = conn.execute("SELECT count(*) FROM members INDEXED BY ix_members_expires WHERE segment = 's' "
+                         "AND destination = 'd' AND expires_at IS NOT NULL").fetchone()
+        assert n == (2,)
 
 
 def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> None:
