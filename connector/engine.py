@@ -24,8 +24,9 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -192,9 +193,15 @@ class _Spill:
         self.count = 0
 
     def add(self, key: str, fp: int, payload: str, consent: str, known: bool) -> None:
+        self.add_many([key], [fp], [payload], [consent], known)
+
+    def add_many(
+        self, keys: Sequence[str], fps: Sequence[int], payloads: Sequence[str], consents: Sequence[str], known: bool
+    ) -> None:
         # sqlite3 INTEGER is signed 64-bit
-        self._buf.append((key, fp - (1 << 64) if fp >= (1 << 63) else fp, payload, consent, int(known)))
-        self.count += 1
+        signed = np.array(fps, dtype=np.uint64).view(np.int64).tolist()
+        self._buf.extend(zip(keys, signed, payloads, consents, repeat(int(known), len(keys)), strict=True))
+        self.count += len(keys)
         if len(self._buf) >= 50_000:
             self.flush()
 
@@ -209,7 +216,9 @@ class _Spill:
         # members in key order) finds them next to each other on disk
         cur = self._db.execute("SELECT k, fp, p, c, known FROM s ORDER BY k")
         while rows := cur.fetchmany(size):
-            yield [StagedMember(k, fp + (1 << 64) if fp < 0 else fp, p, c, bool(kn)) for k, fp, p, c, kn in rows]
+            keys, fps, payloads, consents, known = zip(*rows, strict=True)
+            unsigned = np.array(fps, dtype=np.int64).view(np.uint64).tolist()
+            yield [StagedMember(*m) for m in zip(keys, unsigned, payloads, consents, map(bool, known), strict=True)]
 
     def close(self) -> None:
         self._db.close()
@@ -566,6 +575,7 @@ class Engine:
         for reason, n in reasons.items():
             counts.invalid_reasons[reason] += n
         changed_found: list[int] = []  # rows of known members
+        new: list[int] = []
         for j, payload in enumerate(payloads):
             if payload is None:
                 counts.invalid += 1
@@ -574,9 +584,13 @@ class Engine:
             elif work.pos[j] >= 0:
                 changed_found.append(j)
             else:
-                counts.adds += 1
-                if plan.spill:
-                    plan.spill.add(work.keys[j], work.fps[j], payload, work.consent[j], False)
+                new.append(j)
+        counts.adds += len(new)
+        if plan.spill and new:
+            plan.spill.add_many(
+                [work.keys[j] for j in new], [work.fps[j] for j in new],
+                cast(list[str], [payloads[j] for j in new]), [work.consent[j] for j in new], False,
+            )  # fmt: skip
         if not changed_found:
             return
         known = self.ledger.payloads(segment, plan.name, [work.keys[j] for j in changed_found])
