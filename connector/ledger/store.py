@@ -1454,9 +1454,8 @@ class SqlLedger:
                 .where(self._pair(segment, destination))
                 .group_by(members.c.state)
             ).all()
-        out = {st: int(n) for st, n in rows}
-        with self.engine.connect() as conn:
             journal = self._journal_size(conn, segment, destination)
+        out = {st: int(n) for st, n in rows}
         if journal:  # new members of a plan being (or left to be) pushed
             out["planned"] = out.get("planned", 0) + journal
         return out
