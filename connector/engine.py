@@ -192,9 +192,6 @@ class _Spill:
         self._buf: list[tuple[str, int, str, str, int]] = []
         self.count = 0
 
-    def add(self, key: str, fp: int, payload: str, consent: str, known: bool) -> None:
-        self.add_many([key], [fp], [payload], [consent], known)
-
     def add_many(
         self, keys: Sequence[str], fps: Sequence[int], payloads: Sequence[str], consents: Sequence[str], known: bool
     ) -> None:
@@ -586,14 +583,11 @@ class Engine:
             else:
                 new.append(j)
         counts.adds += len(new)
-        if plan.spill and new:
-            plan.spill.add_many(
-                [work.keys[j] for j in new], [work.fps[j] for j in new],
-                cast(list[str], [payloads[j] for j in new]), [work.consent[j] for j in new], False,
-            )  # fmt: skip
+        self._stage(plan, work, payloads, new, known=False)
         if not changed_found:
             return
         known = self.ledger.payloads(segment, plan.name, [work.keys[j] for j in changed_found])
+        resend: list[int] = []
         for j in changed_found:
             key, payload = work.keys[j], payloads[j]
             old = known.get(key)
@@ -607,9 +601,17 @@ class Engine:
                 counts.changes += 1
             else:
                 counts.resends += 1
-            if plan.spill:
-                assert payload is not None
-                plan.spill.add(key, work.fps[j], payload, work.consent[j], True)
+            resend.append(j)
+        self._stage(plan, work, payloads, resend, known=True)
+
+    @staticmethod
+    def _stage(plan: _PairPlan, work: _Normalizing, payloads: list[str | None], rows: list[int], known: bool) -> None:
+        """Put these rows of a batch (each with a payload) in the pair's spill, in one call."""
+        if plan.spill and rows:
+            plan.spill.add_many(
+                [work.keys[j] for j in rows], [work.fps[j] for j in rows],
+                cast(list[str], [payloads[j] for j in rows]), [work.consent[j] for j in rows], known,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ pushing
 

@@ -504,6 +504,13 @@ def _fp_to_db(fp: int) -> int:
     return fp - (1 << 64) if fp >= (1 << 63) else fp
 
 
+def _planned_row(
+    segment: str, destination: str, key: str, fp: int, payload: str, consent: str, ts_bound: Any
+) -> tuple[Any, ...]:
+    """A new `planned` member as `SqlLedger._insert_new` takes it (`_NEW_COLUMNS` order)."""
+    return (segment, destination, key, _fp_to_db(fp), payload, payload_hash(payload), consent, "planned", ts_bound)
+
+
 class SqlLedger:
     """The ledger on any SQLAlchemy database (SQLite file by default, PostgreSQL)."""
 
@@ -973,10 +980,9 @@ class SqlLedger:
                         fresh.append(m)
                         continue
                     if old is None:
-                        new_rows.append((
-                            segment, destination, m.key, _fp_to_db(m.fingerprint), m.payload,
-                            payload_hash(m.payload), m.consent, "planned", ts_bound,
-                        ))  # fmt: skip
+                        new_rows.append(
+                            _planned_row(segment, destination, m.key, m.fingerprint, m.payload, m.consent, ts_bound)
+                        )
                         continue
                     payload, state, prev = old
                     owed = owed_payloads(prev)  # removals still owed from an earlier interrupted change
@@ -1076,7 +1082,7 @@ class SqlLedger:
                 ).scalars())  # fmt: skip
                 ts_bound = self._bound_time(conn, now())
                 rows = [
-                    (segment, destination, k, _fp_to_db(fp), p, payload_hash(p), c, "planned", ts_bound)
+                    _planned_row(segment, destination, k, fp, p, c, ts_bound)
                     for k, fp, p, c in zip(keys, fps, payloads, consents, strict=True) if k not in present
                 ]  # fmt: skip
                 if rows:
