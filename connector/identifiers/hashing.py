@@ -18,6 +18,12 @@ def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
+def sha256_hexes(values: Iterable[str]) -> list[str]:
+    """`sha256_hex` of many values."""
+    sha = hashlib.sha256
+    return [sha(v.encode("utf-8")).hexdigest() for v in values]
+
+
 def is_sha256_hex(value: str) -> bool:
     return len(value) == 64 and all(c in _HEX for c in value)
 

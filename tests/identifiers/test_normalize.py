@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from connector.identifiers.hashing import (
     member_key_array,
     member_keys,
     sha256_hex,
+    sha256_hexes,
 )
 from connector.identifiers.normalize import (
     ADDRESS_INCOMPLETE,
@@ -29,6 +31,7 @@ from connector.identifiers.normalize import (
     NO_IDENTIFIER,
     PHONE_INVALID,
     Normalizer,
+    dump_payload,
     normalize_city,
     normalize_country,
     normalize_email,
@@ -47,6 +50,7 @@ ALL_FIELDS = ["email", "phone", "first_name", "last_name", "zip", "country", "ci
 
 def test_documented_meta_hash() -> None:
     assert sha256_hex("mary@example.com") == "f1904cf1a9d73a55fa5de0ac823c4403ded71afd4c3248d00bdcd0866552bb79"
+    assert sha256_hexes(["mary@example.com", "é"]) == [sha256_hex("mary@example.com"), sha256_hex("é")]
     out = Normalizer("meta", ["email"]).normalize({"email": "  Mary@Example.COM "})
     assert out.payload == {"EMAIL": "f1904cf1a9d73a55fa5de0ac823c4403ded71afd4c3248d00bdcd0866552bb79"}
 
@@ -214,6 +218,100 @@ def test_a_lone_surrogate_drops_that_identifier_only(platform: str) -> None:
 
 
 text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
+
+
+def _row_by_row(platform: str, region: str, columns: list[tuple[str, list[str | None]]]) -> tuple[list, dict]:
+    """What `normalize_many` must return, built from `Normalizer.normalize` one row at a time."""
+    norm = Normalizer(platform, [f for f, _ in columns], region)
+    payloads: list[str | None] = []
+    reasons: dict[str, int] = {}
+    for values in zip(*(col for _, col in columns), strict=True):
+        out = norm.normalize(dict(zip([f for f, _ in columns], values, strict=True)))
+        for r in out.errors.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        payloads.append(dump_payload(out.payload) if out.payload else None)
+    return payloads, reasons
+
+
+MESSY_EMAILS = [
+    None,
+    "",
+    "   ",
+    " Mary@Example.COM ",
+    "Jane.Doe+news@Gmail.com",
+    " j.a.n.e@googlemail.com",
+    "+x@gmail.com",
+    ".@gmail.com",
+    "no-at-sign",
+    "a@b",
+    "a@@b.com",
+    "é@exämple.de",
+    "x" * 65 + "@a.com",
+    "F1904CF1A9D73A55FA5DE0AC823C4403DED71AFD4C3248D00BDCD0866552BB79",
+    "g" * 64,
+    "a b@c.com",
+]
+MESSY_PHONES = [
+    None,
+    "",
+    " ",
+    "+1 415 555 0134",
+    "(415) 555-0134",
+    "415.555.0134",
+    "0044 20 7946 0958",
+    "020 7946 0958",
+    "+49 30 901820",
+    "12",
+    "phone",
+    "+1415555013412345678",
+    "1-800-FLOWERS",
+    "9B436BCA284EE447E77D2B7A5CD2F7E36B18127E498AEC4AFD7539B7638FDF40",
+    "+",
+    "٤١٥٥٥٥٠١٣٤",
+]
+
+
+@pytest.mark.parametrize("platform", ["meta", "google"])
+@pytest.mark.parametrize("region", ["US", "gb", "DE"])
+def test_email_and_phone_columns_normalize_as_row_by_row(platform: str, region: str) -> None:
+    emails = [e for e in MESSY_EMAILS for _ in MESSY_PHONES]
+    phones = MESSY_PHONES * len(MESSY_EMAILS)
+    for columns in ([("email", emails), ("phone", phones)], [("phone", phones), ("email", emails)],
+                    [("email", emails)], [("phone", phones)]):  # fmt: skip
+        got = normalize_many(platform, region, columns)
+        want = _row_by_row(platform, region, columns)
+        assert got[0] == want[0] and got[1] == want[1]
+    assert sum(p is not None for p in normalize_many(platform, region, [("email", emails), ("phone", phones)])[0])
+
+
+def test_a_rule_that_fails_on_one_value_costs_that_member_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a failure inside a rule (here the phonenumbers library) must not sink the batch: the columns are
+    # normalized row by row again, and only the member it failed on is dropped, with its reason
+    real = phonenumbers.parse
+
+    def parse(value: str, region: str | None = None) -> phonenumbers.PhoneNumber:
+        if value == "+44 (0) 20 7946 0959 ext":
+            raise RuntimeError("library bug")
+        return real(value, region)
+
+    monkeypatch.setattr(phonenumbers, "parse", parse)
+    columns = [
+        ("email", ["a@example.com", None, "b@example.com"]),
+        ("phone", ["020 7946 0958", "+44 (0) 20 7946 0959 ext", None]),
+    ]
+    payloads, reasons = normalize_many("meta", "GB", columns)
+    assert payloads[0] == normalize_many("meta", "GB", [("email", ["a@example.com"]), ("phone", ["020 7946 0958"])])[0][0]
+    assert payloads[1] is None and payloads[2] is not None
+    assert reasons == {"normalize_error": 1, "no_identifier": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["meta", "google"]),
+       st.lists(st.tuples(text, st.one_of(text, st.from_regex(r"\+?[0-9 ().-]{0,20}", fullmatch=True))),
+                min_size=1, max_size=20))  # fmt: skip
+def test_any_email_and_phone_columns_normalize_as_row_by_row(platform: str, rows: list[tuple[str | None, str | None]]) -> None:
+    columns = [("email", [e for e, _ in rows]), ("phone", [p for _, p in rows])]
+    assert normalize_many(platform, "US", columns) == _row_by_row(platform, "US", columns)
 
 
 @settings(max_examples=300, deadline=None)
