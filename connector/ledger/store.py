@@ -411,6 +411,31 @@ class LedgerIndex:
         return LedgerIndex.from_codes(new_keys, new_fps, new_codes, new_phs)
 
 
+def _patch(base: LedgerIndex, dirty: npt.NDArray[np.bytes_], read: _IndexRows, written: list[_IndexRows]) -> LedgerIndex:
+    """`base` with the members this process changed: `read` (the `dirty` keys still in the database,
+    as read back) and `written` (inserted, as recorded then; a key changed again since is dirty, and
+    its row as read wins)."""
+    if written:
+        parts = list(zip(*written, strict=True))
+        written.clear()
+        keys, fps, codes, phs = (np.concatenate(p) for p in parts)
+        del parts
+        if len(dirty):
+            _, again = find_keys(key_prefixes(dirty), dirty, keys)
+            keys, fps, codes, phs = keys[~again], fps[~again], codes[~again], phs[~again]
+        if not len(base) and not len(read[0]):
+            # a first run: the index is what it inserted, in key order
+            if len(keys) > 1 and not bool(np.all(keys[1:] > keys[:-1])):
+                order = np.argsort(keys, kind="stable")
+                keys, fps, codes, phs = keys[order], fps[order], codes[order], phs[order]
+            return LedgerIndex.from_codes(keys, fps, codes, phs)
+        read = (
+            np.concatenate([read[0], keys]), np.concatenate([read[1], fps]),
+            np.concatenate([read[2], codes]), np.concatenate([read[3], phs]),
+        )  # fmt: skip
+    return base.patched(dirty, *read)
+
+
 def _key_suffixes(keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
     return _halves(keys)[1::2].astype(np.uint64)
 
@@ -422,6 +447,9 @@ def hex_keys(keys: Sequence[str]) -> npt.NDArray[np.bytes_]:
     return np.frombuffer(bytes.fromhex("".join([k[:32] for k in keys])), dtype="S16")
 
 
+_IndexRows = tuple[npt.NDArray[np.bytes_], npt.NDArray[np.uint64], npt.NDArray[np.uint8], npt.NDArray[np.int64]]
+
+
 @dataclass(slots=True)
 class _Tracked:
     """A pair's index as loaded, and what this process changed since (see `SqlLedger.save_index`)."""
@@ -430,6 +458,9 @@ class _Tracked:
     version: int
     own: int = 0  # versions this process added
     dirty: set[str] | None = field(default_factory=set)  # keys changed; None: too many to patch
+    # members this process inserted, as the index holds them (keys, fingerprints, state codes, payload
+    # hashes): patched in without being read back, unless changed again later (then in `dirty`)
+    written: list[_IndexRows] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -718,9 +749,12 @@ class SqlLedger:
         ).scalar()
         return int(v or 0)
 
-    def _touch(self, conn: Any, segment: str, destination: str, keys: Iterable[str] | None) -> None:
+    def _touch(
+        self, conn: Any, segment: str, destination: str, keys: Iterable[str] | None, written: _IndexRows | None = None
+    ) -> None:
         """Record, in the transaction that changes them, that these members of the pair changed
-        (None: any number of them). Every change to `members` goes through here."""
+        (None: any number of them). Every change to `members` goes through here. `written`: members
+        inserted with these index values (their keys need not be among `keys`)."""
         values = {"segment": segment, "destination": destination, "version": 1}
         name = conn.dialect.name
         if name in ("sqlite", "postgresql"):
@@ -747,6 +781,10 @@ class SqlLedger:
                 t.dirty.update(keys)
                 if len(t.dirty) > max(_PATCH_MAX_KEYS, len(t.base) // 4):
                     t.dirty = None
+        if t.dirty is None:
+            t.written = []
+        elif written is not None and len(written[0]):
+            t.written.append(written)
 
     def _committed(self, conn: Any) -> None:
         conn.info.pop(_TOUCHED, None)
@@ -757,7 +795,7 @@ class SqlLedger:
         for pair in conn.info.pop(_TOUCHED, ()):
             t = self._tracked.get(pair)
             if t is not None:
-                t.dirty = None
+                t.dirty, t.written = None, []
 
     def _snapshot_path(self, segment: str, destination: str) -> Path | None:
         if self.index_dir is None:
@@ -866,13 +904,14 @@ class SqlLedger:
             if self._version(conn, segment, destination) != version:
                 self._tracked.pop(pair, None)  # changed while read
                 return None
-        index = t.base.patched(
-            hex_keys(dirty),
+        read: _IndexRows = (
             hex_keys([r[0] for r in rows]),
             np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64),
             np.array([r[2] for r in rows], dtype=np.uint8),
             np.array([r[3] for r in rows], dtype=np.int64),
         )
+        index = _patch(t.base, hex_keys(dirty), read, t.written)
+        t.written = []
         self._checked(segment, destination, index, "patched")
         self._write_snapshot(segment, destination, version, index)
         self._tracked[pair] = _Tracked(index, version)
@@ -1317,9 +1356,10 @@ class SqlLedger:
         new = {p.key for p in fresh}
         ok = [k for k in keys if k not in rejected and k not in deferred and k not in new]
         with self.engine.begin() as conn:
+            written: _IndexRows | None = None
             if fresh:
-                self._insert_fresh(conn, segment, destination, fresh, state, request_id, rejected, deferred,
-                                   ts, expires)  # fmt: skip
+                written = self._insert_fresh(conn, segment, destination, fresh, state, request_id, rejected,
+                                             deferred, ts, expires)  # fmt: skip
                 rejected = {k: v for k, v in rejected.items() if k not in new}
                 deferred = {k: v for k, v in deferred.items() if k not in new}
             if ok:
@@ -1343,7 +1383,7 @@ class SqlLedger:
                     .where(self._pair(segment, destination), members.c.member_key == k)
                     .values(state="deferred", reason=why[:200], updated_at=ts)
                 )
-            self._touch(conn, segment, destination, keys)
+            self._touch(conn, segment, destination, [k for k in keys if k not in new], written)
 
     # in the table's order, as the driver takes them (no reordering of every row)
     _FRESH_COLUMNS = ("segment", "destination", "member_key", "fingerprint", "payload", "payload_hash", "consent",
@@ -1353,38 +1393,52 @@ class SqlLedger:
         self, conn: Any, segment: str, destination: str, fresh: Sequence[PendingMember], state: str,
         request_id: str | None, rejected: dict[str, str], deferred: dict[str, str], ts: datetime,
         expires: datetime | None,
-    ) -> None:  # fmt: skip
-        """Journal members the platform answered for become `members` rows in their final state."""
+    ) -> _IndexRows:  # fmt: skip
+        """Journal members the platform answered for become `members` rows in their final state.
+        Returns them as the pair's index holds them."""
         at = self._bound_time(conn, ts)
         until = self._bound_time(conn, expires) if expires else None
         rows = []
         done: list[int] = []
-        written: dict[int, int] = {}
+        per_part: dict[int, int] = {}
+        fps: list[int] = []
+        codes: list[int] = []
+        hashes: list[int] = []
+        code = 2 if state in ON_PLATFORM else 1 if state == "rejected" else 0  # as `_STATE_CODE`
         final: tuple[str, str | None, str | None, Any, Any, Any]  # state, reason, request, updated, accepted, expires
         for p in fresh:
             assert p.fresh is not None
             seq, fp, closes = p.fresh
-            written[seq] = written.get(seq, 0) + 1
+            per_part[seq] = per_part.get(seq, 0) + 1
             if closes:
                 done.append(seq)
             if p.key in rejected:
                 final = ("rejected", rejected[p.key][:200], request_id, at, None, None)
+                codes.append(1)
             elif p.key in deferred:
                 final = ("deferred", deferred[p.key][:200], None, at, None, None)
+                codes.append(0)
             else:
                 final = (state, None, request_id, at, at, until)
-            rows.append((segment, destination, p.key, _fp_to_db(fp), p.payload, payload_hash(p.payload), p.consent,
-                         *final))  # fmt: skip
+                codes.append(code)
+            ph = payload_hash(p.payload)
+            fps.append(fp)
+            hashes.append(ph)
+            rows.append((segment, destination, p.key, _fp_to_db(fp), p.payload, ph, p.consent, *final))
         self._insert_new(conn, rows, self._FRESH_COLUMNS)
         if done:
             conn.execute(delete(plan_journal).where(self._journal_of(segment, destination), plan_journal.c.seq.in_(done)))
-        for seq, n in written.items():  # a part sent in smaller batches: what is left of it, for the counts
+        for seq, n in per_part.items():  # a part sent in smaller batches: what is left of it, for the counts
             if seq not in done:
                 conn.execute(
                     update(plan_journal)
                     .where(self._journal_of(segment, destination), plan_journal.c.seq == seq)
                     .values(members=plan_journal.c.members - n)
                 )
+        return (
+            hex_keys([p.key for p in fresh]), np.array(fps, dtype=np.uint64), np.array(codes, dtype=np.uint8),
+            np.array(hashes, dtype=np.int64),
+        )  # fmt: skip
 
     def commit_replace(self, segment: str, destination: str, state: str, request_id: str | None,
                        ttl_days: int | None) -> None:  # fmt: skip
