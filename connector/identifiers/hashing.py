@@ -58,14 +58,8 @@ def fingerprint(values: Sequence[str | None]) -> int:
 def member_key_array(values: Sequence[str]) -> npt.NDArray[np.bytes_]:
     """The ledger's 128-bit keys (the first 16 bytes of `member_key`) of many values, as one array of
     16-byte strings: no hex text is made for rows that only need looking up."""
-    base = hashlib.sha256(_KEY_NS)
-    out: list[bytes] = []
-    add = out.append
-    for v in _utf8(values):
-        h = base.copy()
-        h.update(v)
-        add(h.digest()[:16])
-    return np.frombuffer(b"".join(out), dtype="S16")
+    sha, ns = hashlib.sha256, _KEY_NS
+    return np.frombuffer(b"".join([sha(ns + v).digest()[:16] for v in _utf8(values)]), dtype="S16")
 
 
 def hex_of_keys(keys: npt.NDArray[np.bytes_]) -> list[str]:
