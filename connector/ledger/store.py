@@ -75,8 +75,8 @@ log = logging.getLogger("connector.ledger")
 _PLAN_COMMIT_ROWS = 100_000
 
 # 2: members.payload_hash; 3: indexes of owed removals and expiry; 4: pair_versions; 5: no payload_hash index;
-# 6: plan_journal, the expiry index only of members with an expiry
-SCHEMA_VERSION = 6
+# 6: plan_journal, the expiry index only of members with an expiry; 7: the state index without `confirmed`
+SCHEMA_VERSION = 7
 
 # a run's changes are patched into the pair's index snapshot while they touch at most this many
 # members (or a quarter of the pair); beyond that the snapshot is read again from the database
@@ -129,11 +129,27 @@ members = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("accepted_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True)),
-    # pending work is found by state without scanning the whole audience
-    Index("ix_members_state", "segment", "destination", "state", "member_key"),
     # (no index on payload_hash: its entries went in at random places, the costliest part of writing
     # a large plan; members sharing a payload are found through the pair's in-memory index instead)
 )
+
+# Pending work is found by state without scanning the whole audience. The state index leaves out
+# `confirmed` members (most of an audience, in their final state): writing a member in that state, or
+# taking it from there and back, touches no entry of it at a random place in a large index. A query on
+# another state names that condition too (`_in_state`): SQLite uses a partial index only for a query whose
+# WHERE clause has the index's own terms.
+_UNSETTLED = members.c.state != "confirmed"
+ix_members_state = Index(
+    "ix_members_state", members.c.segment, members.c.destination, members.c.state, members.c.member_key,
+    sqlite_where=_UNSETTLED, postgresql_where=_UNSETTLED,
+)  # fmt: skip
+
+
+def _in_state(*states: str) -> Any:
+    """`state IN states`, as the state index can serve it."""
+    cond = members.c.state == states[0] if len(states) == 1 else members.c.state.in_(states)
+    return cond if "confirmed" in states else and_(cond, _UNSETTLED)
+
 
 # members owing removals of old payloads (few): found without walking every `planned` member
 ix_members_owed = Index(
@@ -596,7 +612,9 @@ class SqlLedger:
                     self._migrate_to_2(conn)
                 if int(row[0]) < 6:  # 6: the expiry index holds only memberships that expire
                     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_members_expires")
-                for ix in (ix_members_owed, ix_members_expires):  # 3: new indexes only
+                if int(row[0]) < 7:  # 7: the state index leaves `confirmed` members out
+                    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_members_state")
+                for ix in (ix_members_owed, ix_members_expires, ix_members_state):  # 3: new indexes only
                     ix.create(conn, checkfirst=True)
                 # 4: pair_versions (a new table, created above); the schema number keeps older
                 # connectors, which would change members without bumping versions, out
@@ -1140,7 +1158,7 @@ class SqlLedger:
                 for st, extra in _REMOVAL_PARTS
             )
             n_add = sum(
-                conn.execute(select(func.count()).where(pair, members.c.state == st)).scalar_one() for st in TO_ADD
+                conn.execute(select(func.count()).where(pair, _in_state(st))).scalar_one() for st in TO_ADD
             )
             n_add += self._journal_size(conn, segment, destination)
         return int(n_remove), int(n_add)
@@ -1181,7 +1199,7 @@ class SqlLedger:
             # only `planned` members owe old payloads (a `remove_planned` one is the other part); no
             # equality on the state, or SQLite's planner picks the state index
             return stmt.where(_OWED, members.c.state != "remove_planned")
-        stmt = stmt.where(members.c.state == state)
+        stmt = stmt.where(_in_state(state))
         return stmt if extra is None else stmt.where(extra)
 
     def _iter_pending(
@@ -1448,7 +1466,7 @@ class SqlLedger:
         with self.engine.begin() as conn:
             conn.execute(
                 delete(members).where(
-                    self._pair(segment, destination), members.c.state == "remove_planned"
+                    self._pair(segment, destination), _in_state("remove_planned")
                 )
             )
             conn.execute(
@@ -1472,7 +1490,7 @@ class SqlLedger:
                 select(members.c.request_id)
                 .where(
                     self._pair(segment, destination),
-                    members.c.state == "accepted",
+                    _in_state("accepted"),
                     members.c.request_id.is_not(None),
                 )
                 .distinct()
@@ -1492,7 +1510,7 @@ class SqlLedger:
                 .where(
                     self._pair(segment, destination),
                     members.c.request_id == request_id,
-                    members.c.state == "accepted",
+                    _in_state("accepted"),
                 )
                 .values(state=state, reason=reason, updated_at=ts)
             )
@@ -1509,13 +1527,18 @@ class SqlLedger:
 
     def counts(self, segment: str, destination: str) -> dict[str, int]:
         with self.engine.connect() as conn:
+            # every state but `confirmed` through the state index; `confirmed` is what the pair has besides
+            total = conn.execute(select(func.count()).select_from(members).where(self._pair(segment, destination)))
+            n_total = int(total.scalar_one())
             rows = conn.execute(
                 select(members.c.state, func.count())
-                .where(self._pair(segment, destination))
+                .where(self._pair(segment, destination), _UNSETTLED)
                 .group_by(members.c.state)
             ).all()
             journal = self._journal_size(conn, segment, destination)
         out = {st: int(n) for st, n in rows}
+        if n_total > sum(out.values()):
+            out["confirmed"] = n_total - sum(out.values())
         if journal:  # new members of a plan being (or left to be) pushed
             out["planned"] = out.get("planned", 0) + journal
         return out
@@ -1524,7 +1547,7 @@ class SqlLedger:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(members.c.reason, func.count())
-                .where(self._pair(segment, destination), members.c.state == "rejected")
+                .where(self._pair(segment, destination), _in_state("rejected"))
                 .group_by(members.c.reason)
             ).all()
         return {str(r): int(n) for r, n in rows}

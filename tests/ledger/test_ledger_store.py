@@ -225,7 +225,7 @@ def test_a_journal_left_by_a_dead_run_is_planned_by_the_next(ledger: SqlLedger) 
 
 
 def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
-    """Schema 1 -> 6: payload_hash filled, the indexes of owed removals and expiry, pair versions; no
+    """Schema 1 -> 7: payload_hash filled, the indexes of owed removals and expiry, pair versions; no
     payload_hash index (schema 2 to 4 had one); the plan journal."""
     import sqlite3
 
@@ -252,7 +252,7 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "old.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("6",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("7",)
         assert conn.execute("SELECT count(*) FROM plan_journal").fetchone() == (0,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"ix_members_owed", "ix_members_expires"} <= indexes and "ix_members_payload" not in indexes
@@ -261,7 +261,7 @@ def test_a_schema_1_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         assert conn.execute("SELECT version FROM pair_versions WHERE segment = 's'").fetchone() == (1,)
 
 
-def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_expiring_members_in_its_expiry_index(
+def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_unsettled_and_expiring_members_in_those_indexes(
     tmp_path: Path,
 ) -> None:
     import sqlite3
@@ -276,10 +276,12 @@ def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_expiring_membe
         conn.execute("CREATE INDEX ix_members_payload ON members (segment, destination, payload_hash)")
         conn.execute("DROP INDEX ix_members_expires")
         conn.execute("CREATE INDEX ix_members_expires ON members (segment, destination, expires_at)")
+        conn.execute("DROP INDEX ix_members_state")
+        conn.execute("CREATE INDEX ix_members_state ON members (segment, destination, state, member_key)")
         conn.execute("UPDATE ledger_meta SET value = '4' WHERE key = 'schema'")
     SqlLedger(url).close()
     with sqlite3.connect(tmp_path / "v4.db") as conn:
-        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("6",)
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("7",)
         assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ix_members_payload'").fetchall()
         (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_expires'").fetchone()
         assert "WHERE expires_at IS NOT NULL" in sql, sql
@@ -287,6 +289,14 @@ def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_expiring_membe
         n = conn.execute(
             "SELECT count(*) FROM members INDEXED BY ix_members_expires WHERE segment = 's' "
             "AND destination = 'd' AND expires_at IS NOT NULL"
+        ).fetchone()
+        assert n == (2,)
+        # schema 7: the state index leaves the confirmed members out (two of the four)
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_state'").fetchone()
+        assert "WHERE state != 'confirmed'" in sql, sql
+        n = conn.execute(
+            "SELECT count(*) FROM members INDEXED BY ix_members_state WHERE segment = 's' "
+            "AND destination = 'd' AND state != 'confirmed'"
         ).fetchone()
         assert n == (2,)
 
