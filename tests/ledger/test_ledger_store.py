@@ -283,22 +283,13 @@ def test_a_schema_4_ledger_loses_its_payload_index_and_keeps_only_unsettled_and_
     with sqlite3.connect(tmp_path / "v4.db") as conn:
         assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema'").fetchone() == ("7",)
         assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ix_members_payload'").fetchall()
-        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_expires'").fetchone()
-        assert "WHERE expires_at IS NOT NULL" in sql, sql
-        # only the two members with an expiry are in it
-        n = conn.execute(
-            "SELECT count(*) FROM members INDEXED BY ix_members_expires WHERE segment = 's' "
-            "AND destination = 'd' AND expires_at IS NOT NULL"
-        ).fetchone()
-        assert n == (2,)
-        # schema 7: the state index leaves the confirmed members out (two of the four)
-        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'ix_members_state'").fetchone()
-        assert "WHERE state != 'confirmed'" in sql, sql
-        n = conn.execute(
-            "SELECT count(*) FROM members INDEXED BY ix_members_state WHERE segment = 's' "
-            "AND destination = 'd' AND state != 'confirmed'"
-        ).fetchone()
-        assert n == (2,)
+        # partial indexes: only the two members with an expiry; schema 7: only the two not confirmed
+        for name, condition in (("ix_members_expires", "expires_at IS NOT NULL"),
+                                ("ix_members_state", "state != 'confirmed'")):  # fmt: skip
+            (sql,) = conn.execute(f"SELECT sql FROM sqlite_master WHERE name = '{name}'").fetchone()
+            assert f"WHERE {condition}" in sql, sql
+            where = f"segment = 's' AND destination = 'd' AND {condition}"
+            assert conn.execute(f"SELECT count(*) FROM members INDEXED BY {name} WHERE {where}").fetchone() == (2,)
 
 
 def test_pending_work_and_the_index_never_scan_the_audience(tmp_path: Path) -> None:
