@@ -13,7 +13,9 @@ Prints one table: phase, rows, seconds, rows/s, peak RSS.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
+import functools
 import random
 import resource
 import shutil
@@ -26,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import connector.engine as engine_module  # noqa: E402
 from connector.destinations.base import (  # noqa: E402
     AudienceRef,
     AudienceStatus,
@@ -37,6 +40,7 @@ from connector.destinations.base import (  # noqa: E402
     RequestOutcome,
 )
 from connector.engine import Engine, SyncOptions  # noqa: E402
+from connector.ledger.store import SqlLedger  # noqa: E402
 from connector.settings import load_settings  # noqa: E402
 
 
@@ -110,6 +114,44 @@ def generate(path: Path, n: int, seed: int, changed: float = 0.0) -> None:
             w.writerow([f"C{i}", email, phone])
 
 
+# --phases: wall-clock seconds spent in these parts of a run (nested: pushing includes inserting)
+PHASES = (
+    (Engine, "_read_and_classify", "reading"), (SqlLedger, "apply_plan", "planning"), (Engine, "_push", "pushing"),
+    (SqlLedger, "_insert_fresh", "inserting"), (SqlLedger, "iter_additions", "journal"),
+    (engine_module, "to_members", "payloads"), (SqlLedger, "save_index", "snapshot"),
+)  # fmt: skip
+
+
+def time_phases(spent: collections.Counter[str]) -> None:
+    """Wrap each phase's function so its wall-clock time adds up in `spent` (generators: while running)."""
+    for owner, name, label in PHASES:
+        fn = getattr(owner, name)
+
+        def timed(*a: Any, _fn: Any = fn, _label: str = label, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                out = _fn(*a, **k)
+            finally:
+                spent[_label] += time.perf_counter() - t
+            if hasattr(out, "__next__"):
+                return _timed_iter(out, _label, spent)
+            return out
+
+        setattr(owner, name, functools.wraps(fn)(timed))
+
+
+def _timed_iter(it: Iterator[Any], label: str, spent: collections.Counter[str]) -> Iterator[Any]:
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            spent[label] += time.perf_counter() - t
+            return
+        spent[label] += time.perf_counter() - t
+        yield item
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -136,7 +178,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--baseline-rows", type=int, default=100_000)
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out")
+    ap.add_argument("--phases", action="store_true", help="also print where each run's time went")
     args = ap.parse_args()
+    spent: collections.Counter[str] = collections.Counter()
+    if args.phases:
+        time_phases(spent)
     work = args.workdir / f"n{args.members}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -164,11 +210,16 @@ consent = { ad_user_data = "granted", ad_personalization = "granted" }
     settings = load_settings(work / "connector.toml")
     dests = {"meta": AckDestination("meta", "meta"), "google": AckDestination("google", "google")}
 
+    phases: list[str] = []
+
     def run(label: str) -> tuple[str, int, float, float, dict[str, Any]]:
+        spent.clear()
         t0 = time.perf_counter()
         with Engine(settings, destination_factory=lambda n, c, s, st: dests[n]) as engine:  # type: ignore[arg-type,return-value]
             results = engine.sync(None, SyncOptions(force=True))
         dt = time.perf_counter() - t0
+        if args.phases:
+            phases.append(f"{label}: " + ", ".join(f"{k} {spent[k]:.1f}s" for _, _, k in PHASES))
         for r in results:
             assert r.status == "success", r.error
         c = results[0].counts
@@ -189,6 +240,9 @@ consent = { ad_user_data = "granted", ad_personalization = "granted" }
     cold_rps = rows[0][3]
     print(f"\nratio cold rows/s (both platforms) / SDK rows/s (Meta only): {cold_rps / base_rps:.2f}x")
     print(f"peak RSS: {peak_rss_mb():,.0f} MB")
+    if phases:
+        print("\nseconds by phase (nested: pushing includes inserting, journal and payloads)")
+        print("\n".join(phases))
 
 
 if __name__ == "__main__":
