@@ -491,7 +491,7 @@ def _email_phone_many(norm: Normalizer, columns: Sequence[tuple[str, Sequence[st
         for i, v in enumerate(values):
             if not v or not (v := v.strip()):
                 continue
-            if len(v) == 64 and is_sha256_hex(v):
+            if norm._hashed(v):
                 out[i] = v.lower()
                 continue
             if fld == "email":

@@ -217,6 +217,13 @@ meta_table = Table(
 
 # a member's state as the index keeps it: 2 on the platform, 1 rejected, 0 anything else
 _STATE_CODE = case((members.c.state.in_(ON_PLATFORM), 2), (members.c.state == "rejected", 1), else_=0)
+
+
+def _state_code(state: str) -> int:
+    """`_STATE_CODE` of a state, for rows written from memory."""
+    return 2 if state in ON_PLATFORM else 1 if state == "rejected" else 0
+
+
 _PAYLOAD_HASH = func.coalesce(members.c.payload_hash, 0)
 
 # Pending work, as (state, extra condition) parts: each part is one range of the state index (or of
@@ -1422,7 +1429,7 @@ class SqlLedger:
         fps: list[int] = []
         codes: list[int] = []
         hashes: list[int] = []
-        code = 2 if state in ON_PLATFORM else 1 if state == "rejected" else 0  # as `_STATE_CODE`
+        code = _state_code(state)
         final: tuple[str, str | None, str | None, Any, Any, Any]  # state, reason, request, updated, accepted, expires
         for p in fresh:
             assert p.fresh is not None
@@ -1432,10 +1439,10 @@ class SqlLedger:
                 done.append(seq)
             if p.key in rejected:
                 final = ("rejected", rejected[p.key][:200], request_id, at, None, None)
-                codes.append(1)
+                codes.append(_state_code("rejected"))
             elif p.key in deferred:
                 final = ("deferred", deferred[p.key][:200], None, at, None, None)
-                codes.append(0)
+                codes.append(_state_code("deferred"))
             else:
                 final = (state, None, request_id, at, at, until)
                 codes.append(code)
