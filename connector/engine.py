@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import repeat
 from pathlib import Path
 from typing import Any, cast
@@ -243,6 +243,7 @@ class _Normalizing:
     """Rows of one batch and pair being normalized (maybe in a worker), waiting to be planned."""
 
     plan: _PairPlan
+    rows: np.ndarray[Any, np.dtype[np.intp]]  # the batch's rows, in `keys` order
     keys: list[str]  # member key of each row
     fps: list[int]
     pos: list[int]  # ledger position of each row's member, -1 for a new member
@@ -250,9 +251,30 @@ class _Normalizing:
     columns: list[tuple[str, list[str | None]]]  # (identifier field, raw values) of the rows
     result: Callable[[], NormalizedBatch] | None = None
 
-    def submit(self, pool: NormalizePool) -> None:
-        self.result = pool.submit(self.plan.platform, self.plan.normalizer.default_region, self.columns)
-        self.columns = []
+
+def _nth(results: Callable[[], list[NormalizedBatch]], i: int) -> NormalizedBatch:
+    return results()[i]
+
+
+def _submit(pool: NormalizePool, works: list[_Normalizing]) -> None:
+    """Send a batch's rows to normalization: pairs that want the very same rows with one region (the
+    usual case: a segment's destinations) share one task, so each value is cleaned once for them all."""
+    groups: list[list[_Normalizing]] = []
+    for work in works:
+        for group in groups:
+            first = group[0]
+            if first.plan.normalizer.default_region == work.plan.normalizer.default_region and np.array_equal(
+                first.rows, work.rows
+            ):
+                group.append(work)
+                break
+        else:
+            groups.append([work])
+    for group in groups:
+        wait = pool.submit([(w.plan.platform, w.plan.normalizer.default_region) for w in group], group[0].columns)
+        for i, work in enumerate(group):
+            work.result = partial(_nth, wait, i)
+            work.columns = []
 
 
 class Engine:
@@ -481,8 +503,7 @@ class Engine:
             # the previous batch was normalized (in workers) while this one was read and classified
             for work in inflight:
                 self._plan_normalized(segment, work)
-            for work in works:
-                work.submit(self._normalize)
+            _submit(self._normalize, works)
             inflight = works
             if self._progress:
                 self._progress(segment, total)
@@ -557,6 +578,7 @@ class Engine:
         picked = rows.tolist()
         return _Normalizing(
             plan=plan,
+            rows=rows,
             keys=hex_of_keys(karr[rows]),
             fps=farr[rows].tolist(),
             pos=pos.tolist(),

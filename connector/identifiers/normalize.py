@@ -24,7 +24,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, cast
 
 import phonenumbers
 
@@ -127,13 +127,17 @@ def normalize_email(value: str, platform: PlatformName) -> str | None:
     e = value.strip().lower()
     if len(e) > 254 or len(e.partition("@")[0]) > 64 or not _EMAIL_RE.match(e):
         return None
-    if platform == "google":
-        local, _, domain = e.rpartition("@")
-        if domain in _GMAIL:
-            local = local.split("+", 1)[0].replace(".", "")
-            if not local:
-                return None
-            e = f"{local}@{domain}"
+    return _google_email(e) if platform == "google" else e
+
+
+def _google_email(e: str) -> str | None:
+    """A cleaned, valid email as Google matches it: Gmail addresses without dots and `+tags`."""
+    local, _, domain = e.rpartition("@")
+    if domain in _GMAIL:
+        local = local.split("+", 1)[0].replace(".", "")
+        if not local:
+            return None
+        return f"{local}@{domain}"
     return e
 
 
@@ -311,7 +315,7 @@ class Normalizer:
         return c
 
     def _hashed(self, raw_value: str) -> bool:
-        return len(raw_value) == 64 and is_sha256_hex(raw_value)
+        return is_already_hashed(raw_value)
 
     def _email_phone(self, raw: Mapping[str, str | None], out: Normalized, region: str, email_key: str,
                      phone_key: str) -> None:  # fmt: skip
@@ -434,6 +438,11 @@ def dump_payload(payload: Mapping[str, str]) -> str:
     return "{" + ",".join([f'"{k}":"{payload[k]}"' for k in sorted(payload)]) + "}"
 
 
+def is_already_hashed(value: str) -> bool:
+    """A value that is a SHA-256 already (64 hex digits, any case): sent as is, never hashed again."""
+    return len(value) == 64 and is_sha256_hex(value)
+
+
 @lru_cache(maxsize=64)
 def _normalizer(platform: str, fields: tuple[str, ...], region: str) -> Normalizer:
     return Normalizer(platform, fields, region)
@@ -448,16 +457,33 @@ def normalize_many(platform: str, region: str, columns: Sequence[tuple[str, Sequ
     Returns each row's canonical payload JSON (None: no identifier left) and the count of every
     reason a value was dropped. A plain function of plain data, so a worker process can run it.
     """
-    norm = _normalizer(platform, tuple(f for f, _ in columns), region)
+    return normalize_for([(platform, region)], columns)[0]
+
+
+def normalize_for(
+    specs: Sequence[tuple[str, str]], columns: Sequence[tuple[str, Sequence[str | None]]]
+) -> list[NormalizedBatch]:
+    """`normalize_many` of the same rows for each (platform, region) in `specs`, in that order. Email and
+    phone columns with one region are cleaned once for all platforms, and a value both platforms send
+    alike (an email outside Gmail) is hashed once."""
     names = [f for f, _ in columns]
     # columns holding a lone surrogate (JSON sources can carry one: not Unicode, never an identifier),
     # found with one scan of each column's text
     broken = {f for f, col in columns if _LONE_SURROGATE.search("".join(filter(None, col)))}
-    if names and not broken and set(names) <= {"email", "phone"} and len(set(names)) == len(names):
+    regions = {r.upper() for _, r in specs}
+    if names and not broken and set(names) <= {"email", "phone"} and len(set(names)) == len(names) and len(regions) == 1:
         try:
-            return _email_phone_many(norm, columns)
+            return _email_phone_many([p for p, _ in specs], regions.pop(), columns)
         except Exception:  # noqa: BLE001, S110 - a rule that fails on some value: the row-by-row path below says which member
             pass
+    return [_row_by_row(platform, region, columns, broken) for platform, region in specs]
+
+
+def _row_by_row(
+    platform: str, region: str, columns: Sequence[tuple[str, Sequence[str | None]]], broken: set[str]
+) -> NormalizedBatch:
+    norm = _normalizer(platform, tuple(f for f, _ in columns), region)
+    names = [f for f, _ in columns]
     payloads: list[str | None] = []
     reasons: dict[str, int] = {}
     for values in zip(*(col for _, col in columns), strict=True):
@@ -474,44 +500,78 @@ def normalize_many(platform: str, region: str, columns: Sequence[tuple[str, Sequ
     return payloads, reasons
 
 
-def _email_phone_many(norm: Normalizer, columns: Sequence[tuple[str, Sequence[str | None]]]) -> NormalizedBatch:
-    """`normalize_many` of email and phone columns only (the usual Customer Match segment), column by
+def _email_phone_many(
+    platforms: Sequence[str], region: str, columns: Sequence[tuple[str, Sequence[str | None]]]
+) -> list[NormalizedBatch]:
+    """`normalize_for` of email and phone columns only (the usual Customer Match segment), column by
     column: the same payloads and reasons as `Normalizer.normalize` row by row, without building a
-    row, a `Normalized` and a payload dict per member (they cost more than the rules and the hashes)."""
-    google = norm.platform == "google"
-    region = norm.default_region
+    row, a `Normalized` and a payload dict per member (they cost more than the rules and the hashes).
+    Each value is cleaned once; each platform's form of it derives from that (Google's Gmail rule, Meta's
+    phone without its `+`) and is hashed unless another platform's same form already was."""
     n = len(columns[0][1])
-    hashed: dict[str, list[str | None]] = {}
-    invalid: dict[str, list[int]] = {}
+    hashed: list[dict[str, list[str | None]]] = [{} for _ in platforms]
+    invalid: list[dict[str, int]] = [{} for _ in platforms]
     for fld, values in columns:
-        out: list[str | None] = [None] * n
-        bad: list[int] = []
-        at: list[int] = []  # rows whose normalized value (in `plain`) is to be hashed
-        plain: list[str] = []
+        outs: list[list[str | None]] = [[None] * n for _ in platforms]
+        at: list[int] = []  # rows with a value to normalize
+        base: list[str | None] = []  # their cleaned values (Meta's email, E.164 phone); None: invalid
         for i, v in enumerate(values):
             if not v or not (v := v.strip()):
                 continue
-            if norm._hashed(v):
-                out[i] = v.lower()
+            if is_already_hashed(v):
+                for out in outs:
+                    out[i] = v.lower()
                 continue
-            if fld == "email":
-                x = normalize_email(v, norm.platform)
+            at.append(i)
+            base.append(normalize_email(v, "meta") if fld == "email" else normalize_phone(v, region))
+        forms = [_platform_form(fld, p, base) for p in platforms]
+        base_hashes = _hashes(base) if any(f is base for f in forms) else None
+        for j, (out, form) in enumerate(zip(outs, forms, strict=True)):
+            fh: list[str | None] | None
+            if form is base:
+                fh = base_hashes
+            elif base_hashes is not None:  # a form the same as the cleaned value has its hash already
+                fh = list(base_hashes)
+                other = [r for r, (x, b) in enumerate(zip(form, base, strict=True)) if x is not None and x != b]
+                for r, h in zip(other, sha256_hexes(cast(list[str], [form[r] for r in other])), strict=True):
+                    fh[r] = h
+                for r, x in enumerate(form):
+                    if x is None:
+                        fh[r] = None
             else:
-                x = normalize_phone(v, region)
-                if x is not None and not google:
-                    x = x[1:]
-            if x is None:
-                bad.append(i)
-            else:
-                at.append(i)
-                plain.append(x)
-        for i, h in zip(at, sha256_hexes(plain), strict=True):
-            out[i] = h
-        hashed[fld], invalid[fld] = out, bad
-    reasons: dict[str, int] = {}
-    for fld, bad in invalid.items():
-        if bad:
-            reasons[FIELD_REASONS[fld]] = len(bad)
+                fh = _hashes(form)
+            assert fh is not None
+            for i, hx in zip(at, fh, strict=True):
+                out[i] = hx
+            invalid[j][fld] = form.count(None)
+            hashed[j][fld] = out
+    return [
+        _email_phone_payloads(p == "google", n, hashed[j], invalid[j]) for j, p in enumerate(platforms)
+    ]  # fmt: skip
+
+
+_GMAIL_AT = tuple(f"@{d}" for d in _GMAIL)
+
+
+def _platform_form(fld: str, platform: str, base: list[str | None]) -> list[str | None]:
+    """A platform's form of cleaned email or phone values (`base` itself where it is the same)."""
+    if fld == "email" and platform == "google":
+        return [_google_email(x) if x is not None and x.endswith(_GMAIL_AT) else x for x in base]
+    if fld == "phone" and platform != "google":
+        return [x[1:] if x is not None else None for x in base]
+    return base
+
+
+def _hashes(values: list[str | None]) -> list[str | None]:
+    """The SHA-256 of each value, None for None."""
+    it = iter(sha256_hexes([x for x in values if x is not None]))
+    return [None if x is None else next(it) for x in values]
+
+
+def _email_phone_payloads(
+    google: bool, n: int, hashed: dict[str, list[str | None]], invalid: dict[str, int]
+) -> NormalizedBatch:
+    reasons: dict[str, int] = {FIELD_REASONS[fld]: bad for fld, bad in invalid.items() if bad}
     ekey, pkey = ("email", "phone") if google else ("EMAIL", "PHONE")
     emails, phones = hashed.get("email", [None] * n), hashed.get("phone", [None] * n)
     payloads: list[str | None] = []

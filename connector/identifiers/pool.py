@@ -1,9 +1,10 @@
 """Normalization in worker processes: a large sync normalizes and hashes on every core.
 
-`NormalizePool.submit` hands one batch of one platform to an idle worker and returns a callable
-that waits for the result, so the engine reads and classifies the next batch meanwhile; with no
-idle worker the batch is normalized in place (the main process is a core too). Small batches (a
-webhook's few changed members) are always normalized in place: a worker costs ~0.5 s to start.
+`NormalizePool.submit` hands one batch, for one or more platforms, to idle workers (split between
+them when it is large enough) and returns a callable that waits for the results, so the engine reads
+and classifies the next batch meanwhile; a part with no idle worker is normalized in place (the main
+process is a core too). Small batches (a webhook's few changed members) are always normalized in
+place: a worker costs ~0.5 s to start.
 
 Workers are plain subprocesses (`python -m connector.identifiers.worker`) speaking length-prefixed
 pickles over their stdin/stdout, not `multiprocessing` children: those re-run the caller's main
@@ -14,6 +15,7 @@ rest of the engine's life does without workers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -22,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO
 
-from connector.identifiers.normalize import NormalizedBatch, normalize_many
+from connector.identifiers.normalize import NormalizedBatch, normalize_for
 
 log = logging.getLogger("connector.identifiers")
 
@@ -30,6 +32,8 @@ log = logging.getLogger("connector.identifiers")
 MIN_POOL_ROWS = 5_000
 
 Columns = Sequence[tuple[str, Sequence[str | None]]]
+Specs = Sequence[tuple[str, str]]  # (platform, region) of each result wanted
+Task = tuple[Specs, Columns]
 _HEADER = 8  # bytes of the little-endian length before each pickle
 # a worker that died, or was stopped (its pipe closed: ValueError) while its answer was awaited
 _LOST = (EOFError, OSError, ValueError, pickle.UnpicklingError)
@@ -71,12 +75,12 @@ class _Worker:
         )
         self.busy = False
 
-    def send(self, task: tuple[str, str, Columns]) -> None:
+    def send(self, task: Task) -> None:
         assert self.proc.stdin is not None
         write_message(self.proc.stdin, task)
         self.busy = True
 
-    def receive(self) -> NormalizedBatch:
+    def receive(self) -> list[NormalizedBatch]:
         assert self.proc.stdout is not None
         try:
             result = read_message(self.proc.stdout)
@@ -101,18 +105,41 @@ class _Worker:
 class _Result:
     """Waits for a worker's answer once; a lost worker's batch is normalized in place."""
 
-    def __init__(self, pool: NormalizePool, worker: _Worker, task: tuple[str, str, Columns]) -> None:
+    def __init__(self, pool: NormalizePool, worker: _Worker, task: Task) -> None:
         self._pool, self._worker, self._task = pool, worker, task
-        self._done: NormalizedBatch | None = None
+        self._done: list[NormalizedBatch] | None = None
 
-    def __call__(self) -> NormalizedBatch:
+    def __call__(self) -> list[NormalizedBatch]:
         if self._done is None:
             try:
                 self._done = self._worker.receive()
             except _LOST as exc:
                 self._pool._give_up(exc)
-                self._done = normalize_many(*self._task)
-            self._task = ("", "", ())
+                self._done = normalize_for(*self._task)
+            self._task = ((), ())
+        return self._done
+
+
+class _Joined:
+    """The results of a batch's parts (normalized apart), as one batch's results."""
+
+    def __init__(self, parts: list[Callable[[], list[NormalizedBatch]]]) -> None:
+        self._parts = parts
+        self._done: list[NormalizedBatch] | None = None
+
+    def __call__(self) -> list[NormalizedBatch]:
+        if self._done is None:
+            results = [part() for part in self._parts]
+            self._done = []
+            for per_spec in zip(*results, strict=True):
+                payloads: list[str | None] = []
+                reasons: dict[str, int] = {}
+                for part_payloads, part_reasons in per_spec:
+                    payloads.extend(part_payloads)
+                    for reason, n in part_reasons.items():
+                        reasons[reason] = reasons.get(reason, 0) + n
+                self._done.append((payloads, reasons))
+            self._parts = []
         return self._done
 
 
@@ -124,11 +151,24 @@ class NormalizePool:
         self._broken = False
         self.batches_in_workers = 0  # how many batches went to a worker (for tests and logs)
 
-    def submit(self, platform: str, region: str, columns: Columns) -> Callable[[], NormalizedBatch]:
+    def submit(self, specs: Specs, columns: Columns) -> Callable[[], list[NormalizedBatch]]:
+        """Normalize these rows for each (platform, region) of `specs` (`normalize_for`): a large
+        batch is split between the workers, a part each."""
+        rows = len(columns[0][1]) if columns else 0
+        parts = max(1, min(self.workers, rows // self.min_rows))
+        if parts == 1:
+            return self._submit_part((specs, columns))
+        cuts = [rows * i // parts for i in range(parts + 1)]
+        return _Joined([
+            self._submit_part((specs, [(f, col[lo:hi]) for f, col in columns]))
+            for lo, hi in itertools.pairwise(cuts)
+        ])  # fmt: skip
+
+    def _submit_part(self, task: Task) -> Callable[[], list[NormalizedBatch]]:
+        columns = task[1]
         rows = len(columns[0][1]) if columns else 0
         worker = self._idle() if rows >= self.min_rows else None
         if worker is not None:
-            task = (platform, region, columns)
             try:
                 worker.send(task)
             except OSError as exc:  # the worker died while idle
@@ -137,7 +177,7 @@ class NormalizePool:
             else:
                 self.batches_in_workers += 1
                 return _Result(self, worker, task)
-        done = normalize_many(platform, region, columns)
+        done = normalize_for(*task)
         return lambda: done
 
     def _idle(self) -> _Worker | None:

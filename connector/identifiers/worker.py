@@ -1,6 +1,6 @@
 """A normalization worker process (see `connector.identifiers.pool`).
 
-Reads (platform, region, columns) tasks from stdin, writes `normalize_many` results to stdout,
+Reads (specs, columns) tasks from stdin, writes `normalize_for` results to stdout,
 one length-prefixed pickle each, until stdin closes (the parent exited or closed the pool). Ctrl-C
 in a terminal reaches the whole process group: the worker ignores it and lets the parent decide
 (a server finishes the batch in flight on SIGINT).
@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from typing import IO, cast
 
-from connector.identifiers.normalize import normalize_many
-from connector.identifiers.pool import read_message, write_message
+from connector.identifiers.normalize import normalize_for
+from connector.identifiers.pool import Task, read_message, write_message
 
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> None:
@@ -24,8 +23,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             task = read_message(inp)
         except EOFError:
             return
-        platform, region, columns = cast(tuple[str, str, Sequence[tuple[str, Sequence[str | None]]]], task)
-        write_message(out, normalize_many(platform, region, columns))
+        write_message(out, normalize_for(*cast(Task, task)))
 
 
 if __name__ == "__main__":

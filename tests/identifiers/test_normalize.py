@@ -35,6 +35,7 @@ from connector.identifiers.normalize import (
     normalize_city,
     normalize_country,
     normalize_email,
+    normalize_for,
     normalize_gender,
     normalize_madid,
     normalize_many,
@@ -284,6 +285,24 @@ def test_email_and_phone_columns_normalize_as_row_by_row(platform: str, region: 
     assert sum(p is not None for p in normalize_many(platform, region, [("email", emails), ("phone", phones)])[0])
 
 
+@pytest.mark.parametrize("region", ["US", "gb"])
+@pytest.mark.parametrize("platforms", [("meta", "google"), ("google", "meta"), ("google", "meta", "google")])
+def test_email_and_phone_cleaned_once_for_several_platforms_normalize_as_row_by_row(
+    platforms: tuple[str, ...], region: str
+) -> None:
+    # Gmail addresses and phones differ between the platforms (one hash each), other emails are the same
+    emails = [e for e in MESSY_EMAILS for _ in MESSY_PHONES]
+    phones = MESSY_PHONES * len(MESSY_EMAILS)
+    for columns in ([("email", emails), ("phone", phones)], [("phone", phones)], [("email", emails)]):
+        got = normalize_for([(p, region) for p in platforms], columns)
+        assert got == [_row_by_row(p, region, columns) for p in platforms]
+    # regions that differ: each platform on its own
+    columns = [("email", emails), ("phone", phones)]
+    assert normalize_for([("meta", "US"), ("google", "GB")], columns) == [
+        _row_by_row("meta", "US", columns), _row_by_row("google", "GB", columns)
+    ]  # fmt: skip
+
+
 def test_a_rule_that_fails_on_one_value_costs_that_member_only(monkeypatch: pytest.MonkeyPatch) -> None:
     # a failure inside a rule (here the phonenumbers library) must not sink the batch: the columns are
     # normalized row by row again, and only the member it failed on is dropped, with its reason
@@ -312,6 +331,9 @@ def test_a_rule_that_fails_on_one_value_costs_that_member_only(monkeypatch: pyte
 def test_any_email_and_phone_columns_normalize_as_row_by_row(platform: str, rows: list[tuple[str | None, str | None]]) -> None:
     columns = [("email", [e for e, _ in rows]), ("phone", [p for _, p in rows])]
     assert normalize_many(platform, "US", columns) == _row_by_row(platform, "US", columns)
+    assert normalize_for([("meta", "US"), ("google", "US")], columns) == [
+        _row_by_row("meta", "US", columns), _row_by_row("google", "US", columns)
+    ]  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
