@@ -248,7 +248,6 @@ class _Normalizing:
     fps: list[int]
     pos: list[int]  # ledger position of each row's member, -1 for a new member
     consent: list[str]  # encoded consent of each row
-    columns: list[tuple[str, list[str | None]]]  # (identifier field, raw values) of the rows
     result: Callable[[], NormalizedBatch] | None = None
 
 
@@ -256,9 +255,13 @@ def _nth(results: Callable[[], list[NormalizedBatch]], i: int) -> NormalizedBatc
     return results()[i]
 
 
-def _submit(pool: NormalizePool, works: list[_Normalizing]) -> None:
-    """Send a batch's rows to normalization: pairs that want the very same rows with one region (the
-    usual case: a segment's destinations) share one task, so each value is cleaned once for them all."""
+def _submit(
+    pool: NormalizePool, works: list[_Normalizing], columns: Mapping[str, list[str | None]],
+    id_fields: list[tuple[str, str]],
+) -> None:  # fmt: skip
+    """Send a batch's rows (the identifier `columns` of the whole batch) to normalization: pairs that want
+    the very same rows with one region (the usual case: a segment's destinations) share one task, so each
+    value is picked out and cleaned once for them all."""
     groups: list[list[_Normalizing]] = []
     for work in works:
         for group in groups:
@@ -271,10 +274,11 @@ def _submit(pool: NormalizePool, works: list[_Normalizing]) -> None:
         else:
             groups.append([work])
     for group in groups:
-        wait = pool.submit([(w.plan.platform, w.plan.normalizer.default_region) for w in group], group[0].columns)
+        picked = group[0].rows.tolist()
+        values = [(f, [columns[col][i] for i in picked]) for f, col in id_fields]
+        wait = pool.submit([(w.plan.platform, w.plan.normalizer.default_region) for w in group], values)
         for i, work in enumerate(group):
             work.result = partial(_nth, wait, i)
-            work.columns = []
 
 
 class Engine:
@@ -497,13 +501,13 @@ class Engine:
             candidates = np.flatnonzero(valid_row & ~found_all)
             dup[candidates] = seen_new.add(karr[candidates])
             works = [
-                self._classify_batch(seg, plan, batch.columns, id_fields, karr, farr, valid_row, dup, lk)
+                self._classify_batch(seg, plan, batch.columns, karr, farr, valid_row, dup, lk)
                 for plan, lk in zip(plans, looked_up, strict=True)
             ]  # fmt: skip
             # the previous batch was normalized (in workers) while this one was read and classified
             for work in inflight:
                 self._plan_normalized(segment, work)
-            _submit(self._normalize, works)
+            _submit(self._normalize, works, batch.columns, id_fields)
             inflight = works
             if self._progress:
                 self._progress(segment, total)
@@ -525,7 +529,6 @@ class Engine:
         seg: SegmentConfig,
         plan: _PairPlan,
         columns: Mapping[str, list[str | None]],
-        id_fields: list[tuple[str, str]],
         karr: np.ndarray[Any, Any],
         farr: np.ndarray[Any, Any],
         valid_row: np.ndarray[Any, Any],
@@ -575,7 +578,6 @@ class Engine:
             plan.dropped.extend(pos[~allowed & (pos >= 0)].tolist())
             rows, pos = rows[allowed], pos[allowed]
             consents = [c for c, ok in zip(consents, allowed.tolist(), strict=True) if ok]
-        picked = rows.tolist()
         return _Normalizing(
             plan=plan,
             rows=rows,
@@ -583,7 +585,6 @@ class Engine:
             fps=farr[rows].tolist(),
             pos=pos.tolist(),
             consent=consents,
-            columns=[(f, [columns[col][i] for i in picked]) for f, col in id_fields],
         )
 
     def _plan_normalized(self, segment: str, work: _Normalizing) -> None:
