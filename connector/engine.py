@@ -58,6 +58,7 @@ from connector.ledger.store import (
     PendingMember,
     SqlLedger,
     StagedMember,
+    insert_rows,
     key_prefixes,
     now,
 )
@@ -204,7 +205,7 @@ class _Spill:
 
     def flush(self) -> None:
         if self._buf:
-            self._db.executemany("INSERT INTO s VALUES (?,?,?,?,?)", self._buf)
+            insert_rows(self._db.execute, "INSERT INTO s", self._buf)
             self._buf.clear()
 
     def chunks(self, size: int = 10_000) -> Iterator[list[StagedMember]]:

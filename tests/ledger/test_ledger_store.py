@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,46 @@ def test_new_members_wait_in_the_journal_and_are_written_once_in_their_final_sta
     # the unsigned fingerprint came through the journal intact: the member is unchanged to the next plan
     pos = int(np.searchsorted(index.keys, bytes.fromhex(f"{11:032x}")))
     assert int(index.fingerprints[pos]) == (1 << 64) - 1 - 11
+
+
+def test_many_members_written_many_a_statement_keep_every_value_in_its_row(ledger: SqlLedger) -> None:
+    # 1,000 rows: several full statements of `insert_rows` and a shorter last one (planned rows: 9 values
+    # each, 111 a statement; rows inserted in their final state: 13 values each, 76 a statement)
+    s = seg()
+    ledger.apply_plan(s, "d", iter([[staged(i, fp=i * 7) for i in range(1000)]]), iter([]))
+    ledger.apply_plan(s, "d", iter([[fresh(i) for i in range(1000, 2000)]]), iter([]), journal=True)
+    (batch,) = list(ledger.iter_additions(s, "d", 5000))
+    ledger.commit_additions(s, "d", [p.key for p in batch], state="confirmed", request_id=None, rejected={},
+                            deferred={}, ttl_days=None, fresh=[p for p in batch if p.fresh])  # fmt: skip
+    with ledger.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            f"SELECT member_key, fingerprint, payload, consent, state FROM members WHERE segment = '{s}' "
+            "ORDER BY member_key"
+        ).all()
+    assert len(rows) == 2000
+    for i, (key, fp, payload, consent, state) in enumerate(rows):
+        assert key == f"{i:032x}" and payload == f'{{"EMAIL":"{i:064x}"}}' and state == "confirmed"
+        # fingerprints are stored signed (64-bit)
+        assert fp % (1 << 64) == (i * 7 if i < 1000 else (1 << 64) - 1 - i)
+        assert consent == ("GG" if i < 1000 else "GU")
+
+
+def test_insert_rows_sends_many_rows_a_statement_within_sqlites_parameter_limit() -> None:
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (a, b, c)")
+    sent: list[int] = []
+
+    def execute(sql: str, params: Sequence[object]) -> object:
+        assert len(params) <= 999 and sql.count("?") == len(params)
+        sent.append(len(params) // 3)
+        return db.execute(sql, params)
+
+    rows = [(i, None if i % 5 == 0 else f"v{i}", i * 0.5) for i in range(1000)]
+    store_module.insert_rows(execute, "INSERT INTO t", rows)
+    assert sent == [333, 333, 333, 1]
+    assert db.execute("SELECT a, b, c FROM t ORDER BY rowid").fetchall() == rows
+    store_module.insert_rows(execute, "INSERT INTO t", [])
+    assert len(sent) == 4
 
 
 def test_a_journal_left_by_a_dead_run_is_planned_by_the_next(ledger: SqlLedger) -> None:
