@@ -172,8 +172,10 @@ def decode_consent(s: str) -> Consent | None:
 def to_members(batch: Sequence[PendingMember]) -> list[Member]:
     """Pending members as sent, their payloads parsed in one call (a `json.loads` per member cost
     a cold run as much as reading them from the ledger)."""
-    payloads = json.loads("[" + ",".join(p.payload for p in batch) + "]")
-    return [Member(key=p.key, payload=d, consent=decode_consent(p.consent)) for p, d in zip(batch, payloads, strict=True)]
+    payloads = json.loads("[" + ",".join([p.payload for p in batch]) + "]")
+    consents = [p.consent for p in batch]
+    decoded = {c: decode_consent(c) for c in set(consents)}
+    return list(map(Member, [p.key for p in batch], payloads, map(decoded.__getitem__, consents)))
 
 
 class _Spill:
@@ -216,7 +218,7 @@ class _Spill:
         while rows := cur.fetchmany(size):
             keys, fps, payloads, consents, known = zip(*rows, strict=True)
             unsigned = np.array(fps, dtype=np.int64).view(np.uint64).tolist()
-            yield [StagedMember(*m) for m in zip(keys, unsigned, payloads, consents, map(bool, known), strict=True)]
+            yield list(map(StagedMember, keys, unsigned, payloads, consents, map(bool, known)))
 
     def close(self) -> None:
         self._db.close()

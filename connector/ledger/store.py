@@ -247,6 +247,13 @@ def payload_hash(payload: str) -> int:
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def payload_hashes(payloads: Sequence[str]) -> list[int]:
+    """`payload_hash` of many payloads, in one pass."""
+    b2 = hashlib.blake2b
+    out: list[int] = np.frombuffer(b"".join([b2(p.encode(), digest_size=8).digest() for p in payloads]), ">i8").tolist()
+    return out
+
+
 def owed_payloads(prev: str | None) -> list[str]:
     """The payloads a member still owes removals for: `prev_payload` holds one payload (a JSON
     object) or, after several interrupted changes, a JSON list of them."""
@@ -1330,9 +1337,16 @@ class SqlLedger:
         needs, however the plan was split."""
         out: list[PendingMember] = []
         for seq, (keys, fps, payloads, consents) in self._iter_journal(segment, destination):
-            last = len(keys) - 1
-            for j, (k, fp, p, c) in enumerate(zip(keys, fps, payloads, consents, strict=True)):
-                out.append(PendingMember(k, p, c, None, (seq, fp, j == last)))
+            if not keys:
+                continue
+            marks = [(seq, fp, False) for fp in fps]
+            marks[-1] = (seq, fps[-1], True)  # the part's last member: committing it closes the part
+            part = list(map(PendingMember, keys, payloads, consents, itertools.repeat(None), marks))
+            at = 0
+            while at < len(part):
+                take = part[at : at + batch - len(out)]
+                out.extend(take)
+                at += len(take)
                 if len(out) == batch:
                     yield out
                     out = []
@@ -1448,33 +1462,32 @@ class SqlLedger:
         Returns them as the pair's index holds them."""
         at = self._bound_time(conn, ts)
         until = self._bound_time(conn, expires) if expires else None
-        rows = []
-        done: list[int] = []
+        keys = [p.key for p in fresh]
+        payloads = [p.payload for p in fresh]
+        marks = [p.fresh for p in fresh if p.fresh is not None]  # (part, fingerprint, closes its part)
+        assert len(marks) == len(fresh)
+        fps = np.array([m[1] for m in marks], dtype=np.uint64)
+        done = [m[0] for m in marks if m[2]]
         per_part: dict[int, int] = {}
-        fps: list[int] = []
-        codes: list[int] = []
-        hashes: list[int] = []
-        code = _state_code(state)
-        final: tuple[str, str | None, str | None, Any, Any, Any]  # state, reason, request, updated, accepted, expires
-        for p in fresh:
-            assert p.fresh is not None
-            seq, fp, closes = p.fresh
+        for seq, _, _ in marks:
             per_part[seq] = per_part.get(seq, 0) + 1
-            if closes:
-                done.append(seq)
-            if p.key in rejected:
-                final = ("rejected", rejected[p.key][:200], request_id, at, None, None)
-                codes.append(_state_code("rejected"))
-            elif p.key in deferred:
-                final = ("deferred", deferred[p.key][:200], None, at, None, None)
-                codes.append(_state_code("deferred"))
-            else:
-                final = (state, None, request_id, at, at, until)
-                codes.append(code)
-            ph = payload_hash(p.payload)
-            fps.append(fp)
-            hashes.append(ph)
-            rows.append((segment, destination, p.key, _fp_to_db(fp), p.payload, ph, p.consent, *final))
+        hashes = payload_hashes(payloads)
+        # each row's state, reason, request, updated, accepted, expires
+        final: list[tuple[Any, ...]] = [(state, None, request_id, at, at, until)] * len(keys)
+        codes = np.full(len(keys), _state_code(state), dtype=np.uint8)
+        if rejected or deferred:
+            for i, k in enumerate(keys):
+                if k in rejected:
+                    final[i] = ("rejected", rejected[k][:200], request_id, at, None, None)
+                    codes[i] = _state_code("rejected")
+                elif k in deferred:
+                    final[i] = ("deferred", deferred[k][:200], None, at, None, None)
+                    codes[i] = _state_code("deferred")
+        signed = fps.view(np.int64).tolist()  # BIGINT is signed
+        rows = [
+            (segment, destination, k, fp, p, h, m.consent, *f)
+            for k, fp, p, h, m, f in zip(keys, signed, payloads, hashes, fresh, final, strict=True)
+        ]
         self._insert_new(conn, rows, self._FRESH_COLUMNS)
         if done:
             conn.execute(delete(plan_journal).where(self._journal_of(segment, destination), plan_journal.c.seq.in_(done)))
@@ -1485,10 +1498,7 @@ class SqlLedger:
                     .where(self._journal_of(segment, destination), plan_journal.c.seq == seq)
                     .values(members=plan_journal.c.members - n)
                 )
-        return (
-            hex_keys([p.key for p in fresh]), np.array(fps, dtype=np.uint64), np.array(codes, dtype=np.uint8),
-            np.array(hashes, dtype=np.int64),
-        )  # fmt: skip
+        return hex_keys(keys), fps, codes, np.array(hashes, dtype=np.int64)
 
     def commit_replace(self, segment: str, destination: str, state: str, request_id: str | None,
                        ttl_days: int | None) -> None:  # fmt: skip
