@@ -55,6 +55,7 @@ from connector.identifiers.pool import NormalizePool, default_workers
 from connector.ledger.store import (
     ON_PLATFORM,
     LedgerIndex,
+    NewColumns,
     PendingMember,
     SqlLedger,
     StagedMember,
@@ -210,15 +211,24 @@ class _Spill:
             insert_rows(self._db.execute, "INSERT INTO s", self._buf)
             self._buf.clear()
 
-    def chunks(self, size: int = 10_000) -> Iterator[list[StagedMember]]:
+    def _columns(self, known: bool, size: int) -> Iterator[NewColumns]:
+        """Staged members the planner found (or did not find) in the ledger, `size` at a time, as columns
+        (keys, unsigned fingerprints, payloads, consents) in key order: the ledger's indexes then grow
+        at one end, and the push (which reads pending members in key order) finds them side by side."""
         self.flush()
-        # in key order: the ledger's indexes then grow at one end, and the push (which reads pending
-        # members in key order) finds them next to each other on disk
-        cur = self._db.execute("SELECT k, fp, p, c, known FROM s ORDER BY k")
+        cur = self._db.execute("SELECT k, fp, p, c FROM s WHERE known = ? ORDER BY k", (int(known),))
         while rows := cur.fetchmany(size):
-            keys, fps, payloads, consents, known = zip(*rows, strict=True)
-            unsigned = np.array(fps, dtype=np.int64).view(np.uint64).tolist()
-            yield list(map(StagedMember, keys, unsigned, payloads, consents, map(bool, known)))
+            keys, fps, payloads, consents = zip(*rows, strict=True)
+            yield list(keys), np.array(fps, dtype=np.int64).view(np.uint64).tolist(), list(payloads), list(consents)
+
+    def known(self, size: int = 10_000) -> Iterator[list[StagedMember]]:
+        """Staged members the ledger has a row for (changed, or to be sent again)."""
+        for keys, fps, payloads, consents in self._columns(True, size):
+            yield list(map(StagedMember, keys, fps, payloads, consents))
+
+    def new(self, size: int = 10_000) -> Iterator[NewColumns]:
+        """Staged members new to the ledger, column-wise (no object per member)."""
+        return self._columns(False, size)
 
     def close(self) -> None:
         self._db.close()
@@ -658,8 +668,8 @@ class Engine:
             remove_keys = self._removal_keys(plan) if seg.mode == "mirror" else iter(())
             assert plan.spill is not None
             self.ledger.apply_plan(
-                segment, plan.name, plan.spill.chunks(), remove_keys, plan.refresh,
-                keep_removals=seg.mode == "mirror", journal=not full,
+                segment, plan.name, plan.spill.known(), remove_keys, plan.refresh,
+                keep_removals=seg.mode == "mirror", journal=not full, new=plan.spill.new(),
             )  # fmt: skip
             plan.spill.close()
             plan.spill = None

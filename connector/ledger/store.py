@@ -537,13 +537,19 @@ class PendingMember:
     fresh: tuple[int, int, bool] | None = None
 
 
-def _encode_part(part: Sequence[StagedMember]) -> str:
-    return json.dumps([
-        [m.key for m in part], [m.fingerprint for m in part], [m.payload for m in part], [m.consent for m in part],
-    ], separators=(",", ":"))  # fmt: skip
+# new members of a plan, column-wise: keys, fingerprints (unsigned), payloads, consents
+NewColumns = tuple[list[str], list[int], list[str], list[str]]
 
 
-def _decode_part(body: str) -> tuple[list[str], list[int], list[str], list[str]]:
+def _columns(part: Sequence[StagedMember]) -> NewColumns:
+    return [m.key for m in part], [m.fingerprint for m in part], [m.payload for m in part], [m.consent for m in part]
+
+
+def _encode_part(part: NewColumns) -> str:
+    return json.dumps(part, separators=(",", ":"))
+
+
+def _decode_part(body: str) -> NewColumns:
     """A journal part as (keys, fingerprints, payloads, consents)."""
     ks, fps, ps, cs = json.loads(body)
     if not len(ks) == len(fps) == len(ps) == len(cs):
@@ -1029,12 +1035,14 @@ class SqlLedger:
         refresh_keys: Sequence[tuple[str, int]] = (),
         keep_removals: bool = True,
         journal: bool = False,
+        new: Iterable[NewColumns] = (),
     ) -> None:
         """Write a plan: staged members become `planned` (keeping the old payload for removal when
         it changed), removed members `remove_planned`, and members whose raw row changed but whose
-        payload did not just get their new fingerprint. With `journal`, staged members the ledger has
-        no row for go to the plan journal instead, one part per chunk (see `plan_journal`): the push
-        then inserts each of them once, in its final state.
+        payload did not just get their new fingerprint. `new`: members the planner found no ledger row
+        for, column-wise in parts (a cold run's millions, without an object each). With `journal`,
+        staged members the ledger has no row for, and `new` ones, go to the plan journal instead, one
+        part per chunk (see `plan_journal`): the push then inserts each of them once, in its final state.
 
         Committed every `_PLAN_COMMIT_ROWS` rows, not in one transaction (a 10M-member plan grew
         SQLite's write-ahead log by gigabytes): a crash in between leaves some members planned and
@@ -1053,6 +1061,21 @@ class SqlLedger:
                     conn.commit()
                     written = 0
 
+            def write_new(part: NewColumns) -> None:
+                nonlocal seq
+                if not part[0]:
+                    return
+                if journal:
+                    seq += 1
+                    conn.execute(insert(plan_journal).values(
+                        segment=segment, destination=destination, seq=seq, members=len(part[0]), body=_encode_part(part),
+                    ))  # fmt: skip
+                    return
+                self._insert_new(conn, [
+                    _planned_row(segment, destination, k, fp, p, c, ts_bound) for k, fp, p, c in zip(*part, strict=True)
+                ])  # fmt: skip
+                self._touch(conn, segment, destination, part[0])
+
             for chunk in staged:
                 if not chunk:
                     continue
@@ -1067,18 +1090,12 @@ class SqlLedger:
                         ).where(self._pair(segment, destination), members.c.member_key.in_(keys[i : i + 900]))
                     ):  # fmt: skip
                         existing[k] = (p, st, prev)
-                new_rows: list[tuple[Any, ...]] = []
                 fresh: list[StagedMember] = []
                 changed: list[dict[str, Any]] = []
                 for m in chunk:
                     old = existing.get(m.key)
-                    if old is None and journal:
-                        fresh.append(m)
-                        continue
                     if old is None:
-                        new_rows.append(
-                            _planned_row(segment, destination, m.key, m.fingerprint, m.payload, m.consent, ts_bound)
-                        )
+                        fresh.append(m)
                         continue
                     payload, state, prev = old
                     owed = owed_payloads(prev)  # removals still owed from an earlier interrupted change
@@ -1100,15 +1117,11 @@ class SqlLedger:
                         .values(state="planned", reason=None, updated_at=ts),
                         changed,
                     )
-                if new_rows:
-                    self._insert_new(conn, new_rows)
-                if fresh:
-                    seq += 1
-                    conn.execute(insert(plan_journal).values(
-                        segment=segment, destination=destination, seq=seq, members=len(fresh), body=_encode_part(fresh),
-                    ))  # fmt: skip
-                if len(fresh) < len(chunk):
-                    self._touch(conn, segment, destination, [m.key for m in chunk])
+                    self._touch(conn, segment, destination, [c["k"] for c in changed])
+                write_new(_columns(fresh))
+            for part in new:
+                wrote(len(part[0]))
+                write_new(part)
             for rchunk in remove_keys:
                 if rchunk:
                     wrote(len(rchunk))
@@ -1148,7 +1161,7 @@ class SqlLedger:
 
     def _iter_journal(
         self, segment: str, destination: str
-    ) -> Iterator[tuple[int, tuple[list[str], list[int], list[str], list[str]]]]:
+    ) -> Iterator[tuple[int, NewColumns]]:
         """The pair's plan parts still in the journal, in order, one at a time."""
         last = -1
         while True:

@@ -224,6 +224,30 @@ def test_many_members_written_many_a_statement_keep_every_value_in_its_row(ledge
         assert consent == ("GG" if i < 1000 else "GU")
 
 
+@pytest.mark.parametrize("journal", [True, False])
+def test_new_members_given_column_wise_are_planned_as_staged_ones_are(ledger: SqlLedger, journal: bool) -> None:
+    by_object, by_column = seg(), seg()
+    members = [fresh(i) for i in range(250)]
+    ledger.apply_plan(by_object, "d", iter([members[:100], members[100:]]), iter([]), journal=journal)
+    columns = [([m.key for m in part], [m.fingerprint for m in part], [m.payload for m in part],
+                [m.consent for m in part]) for part in (members[:100], members[100:])]  # fmt: skip
+    ledger.apply_plan(by_column, "d", iter([]), iter([]), journal=journal, new=columns)
+    for s in (by_object, by_column):
+        assert ledger.counts(s, "d") == {"planned": 250}
+        assert ledger.pending_counts(s, "d") == (0, 250)
+    batches = [list(ledger.iter_additions(s, "d", 60)) for s in (by_object, by_column)]
+    assert [[(p.key, p.payload, p.consent, p.fresh) for p in b] for b in batches[0]] == [
+        [(p.key, p.payload, p.consent, p.fresh) for p in b] for b in batches[1]
+    ]
+    assert all((p.fresh is not None) == journal for b in batches[1] for p in b)
+    for s, sent in zip((by_object, by_column), batches, strict=True):
+        for b in sent:
+            ledger.commit_additions(s, "d", [p.key for p in b], state="confirmed", request_id=None, rejected={},
+                                    deferred={}, ttl_days=None, fresh=[p for p in b if p.fresh])  # fmt: skip
+    a, b = ledger.load_index(by_object, "d"), ledger.load_index(by_column, "d")
+    assert a.same_as(b) and len(b) == 250 and int(b.on_platform.sum()) == 250
+
+
 def test_insert_rows_sends_many_rows_a_statement_within_sqlites_parameter_limit() -> None:
     db = sqlite3.connect(":memory:")
     db.execute("CREATE TABLE t (a, b, c)")
