@@ -1,24 +1,68 @@
-"""Pure planning: classify source rows against the ledger and decide what a run may do.
+"""Planning: one pass over a segment's source for all its pairs, then each pair's diff, in DuckDB.
 
-Nothing here does I/O. The engine feeds it arrays (16-byte member keys, 64-bit raw-row
-fingerprints) per source batch, and asks at the end whether the plan passes the guardrails.
+The pass computes each row's member key and raw-row fingerprint and joins every pair's current
+members on the key (a FULL OUTER JOIN: members missing from the source come out too). A row whose
+fingerprint matches a settled member is unchanged and costs nothing more; every other row is
+normalized and hashed for each platform (SQL where the shape allows, the Python rules otherwise).
+
+A pair without member files (a first run) writes its base file straight from the pass. A pair with
+files collects its changed rows and decides, in one SQL statement over them and its members, what
+to add, what old payloads to remove, what to send again (unacknowledged batches, expiring Google
+memberships, consent changes) and what is unchanged; the result is the pair's new cumulative delta.
+Either file numbers the batches it will be sent in: removals first, then additions.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
+import duckdb
 import numpy as np
-import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from connector.errors import GuardrailError
-from connector.ledger.store import LedgerIndex, find_keys, key_prefixes
+from connector.identifiers import sql as idsql
+from connector.identifiers.normalize import FIELD_REASONS, NO_IDENTIFIER, Normalizer
+from connector.ledger.files import (
+    CLEAR_KEYS,
+    GONE,
+    MAYBE,
+    MEMBER,
+    ON,
+    OWED,
+    REJECTED,
+    SENT,
+    TO_SEND,
+    MemberWriter,
+    PairFiles,
+    member_schema,
+    payload_column,
+)
+from connector.ledger.journal import PairPointer
+
+log = logging.getLogger("connector.diff")
+
+CONSENT_WORDS = {
+    "granted": 1, "true": 1, "yes": 1, "y": 1, "1": 1, "t": 1,
+    "denied": 2, "false": 2, "no": 2, "n": 2, "0": 2, "f": 2,
+}  # fmt: skip
+_CONSENT_DEFAULT = {"unspecified": 0, "granted": 1, "denied": 2}
+# the fields SQL normalizes itself; a segment with others goes through the Python rules row by row
+SQL_FIELDS = frozenset({"email", "phone"})
+PLATFORM_KEY = {("meta", "email"): "EMAIL", ("meta", "phone"): "PHONE",
+                ("google", "email"): "email", ("google", "phone"): "phone"}  # fmt: skip
 
 
 @dataclass(slots=True)
 class PlanCounts:
-    """What one (segment, destination) plan holds; also the run's reported counts."""
+    """What one (segment, destination) plan holds; also the run's reported counts. Every count of
+    sends equals what goes on the wire: adds = new_members + identifier_changes + resends +
+    consent_changes, removes = left_segment + identifier_changes."""
 
     source_rows: int = 0
     invalid: int = 0  # rows that yield no member for this platform (no usable identifier...)
@@ -28,8 +72,10 @@ class PlanCounts:
     changes: int = 0  # members whose identifiers changed: remove old payload + add new
     removes: int = 0  # members who left the segment
     consent_denied: int = 0
-    resends: int = 0  # re-sent before the platform's membership expires, or after a failure
+    consent_changes: int = 0  # same identifiers, new consent: sent again (Google)
+    resends: int = 0  # sent again: unacknowledged batches, failed requests, memberships near expiry
     audience_before: int = 0  # members on the platform before this run
+    fallback_values: int = 0  # identifier values the SQL rules left to the Python rules
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -37,77 +83,20 @@ class PlanCounts:
             "invalid": self.invalid,
             "invalid_reasons": dict(sorted(self.invalid_reasons.items())),
             "unchanged": self.unchanged,
-            "adds": self.adds + self.changes,
+            "adds": self.adds + self.changes + self.resends + self.consent_changes,
             "new_members": self.adds,
             "identifier_changes": self.changes,
             "removes": self.removes + self.changes,
             "left_segment": self.removes,
             "consent_denied": self.consent_denied,
+            "consent_changes": self.consent_changes,
             "resends": self.resends,
             "audience_before": self.audience_before,
+            "fallback_values": self.fallback_values,
         }
 
 
-@dataclass(slots=True)
-class Classified:
-    """Per row of a batch: where it is in the ledger index and whether it needs no work."""
-
-    pos: npt.NDArray[np.intp]
-    found: npt.NDArray[np.bool_]
-    unchanged: npt.NDArray[np.bool_]
-
-
-def classify(
-    index: LedgerIndex, keys: npt.NDArray[np.bytes_], fps: npt.NDArray[np.uint64],
-    looked_up: tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]] | None = None,
-) -> Classified:  # fmt: skip
-    """A row is unchanged when the ledger has its key, with the same raw fingerprint, in a
-    settled state (accepted/confirmed/rejected): it is neither normalized nor hashed again.
-    `looked_up` is `index.lookup(keys)` when the caller already has it."""
-    pos, found = looked_up if looked_up is not None else index.lookup(keys)
-    if len(index) == 0:
-        return Classified(pos, found, found.copy())
-    same = found & (index.fingerprints[pos] == fps) & index.stable[pos]
-    return Classified(pos, found, same)
-
-
-class SeenKeys:
-    """Keys read so far in a run that no ledger knew, to spot duplicate rows in the source:
-    sorted runs of (prefix, key), merged as they grow. 24 bytes a key (a set of bytes: ~100)."""
-
-    def __init__(self) -> None:
-        self._runs: list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.bytes_]]] = []
-
-    def __len__(self) -> int:
-        return sum(len(p) for p, _ in self._runs)
-
-    def add(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:
-        """Adds `keys`; returns which were seen before (in an earlier batch, or earlier in this one:
-        the first occurrence is the one kept)."""
-        pre = key_prefixes(keys)
-        dup = np.zeros(len(keys), dtype=bool)
-        for run_p, run_k in self._runs:
-            dup |= find_keys(run_p, run_k, keys, pre)[1]
-        _, first = np.unique(keys, return_index=True)
-        again = np.ones(len(keys), dtype=bool)
-        again[first] = False
-        dup |= again
-        fresh = ~dup
-        order = np.argsort(pre[fresh], kind="stable")
-        if order.size:
-            self._runs.append((pre[fresh][order], keys[fresh][order]))
-        # runs stay few (about log2 of the batches): each lookup touches every run
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (bp, bk), (ap, ak) = self._runs.pop(), self._runs.pop()
-            p, k = np.concatenate([ap, bp]), np.concatenate([ak, bk])
-            order = np.argsort(p, kind="stable")
-            self._runs.append((p[order], k[order]))
-        return dup
-
-
-def check_guardrails(
-    counts: PlanCounts, *, mode: str, max_remove_share: float, force: bool, pair: str
-) -> None:
+def check_guardrails(counts: PlanCounts, *, mode: str, max_remove_share: float, force: bool, pair: str) -> None:
     """Stop a plan that looks like an accident before anything is sent."""
     if force or mode == "add_only":
         return
@@ -125,3 +114,548 @@ def check_guardrails(
             f"({share:.0%}), more than max_remove_share = {max_remove_share:.0%}; "
             "check the source, raise max_remove_share, or pass --force"
         )
+
+
+@dataclass(slots=True)
+class PairInput:
+    """One pair as the planner needs it."""
+
+    name: str
+    platform: str
+    payload_keys: tuple[str, ...]
+    files: PairFiles
+    pointer: PairPointer
+    resolved: str | None  # SQL of its current rows, states settled (None: no member files yet)
+    run_id: int
+    batch_size: int = 10_000
+    expire_before: datetime | None = None  # Google: members accepted before this are sent again
+    full_refresh: bool = False
+
+
+@dataclass(slots=True)
+class PairPlan:
+    input: PairInput
+    counts: PlanCounts = field(default_factory=PlanCounts)
+    file: str | None = None  # the file written for this run (its new base or delta)
+    as_base: bool = False
+    remove_batches: int = 0
+    add_batches: int = 0
+    sends: int = 0  # rows to send
+    # delta planning: changed rows and keys gone from the segment, collected by the pass
+    _cand: list[pa.RecordBatch] = field(default_factory=list)
+    _gone: list[pa.Array] = field(default_factory=list)
+    _writer: MemberWriter | None = None
+    _written: int = 0
+    _matched: int = 0
+    _left: int = 0
+    _known: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSpec:
+    key: str | None
+    identifiers: dict[str, str]  # field -> column
+    default_region: str
+    mode: str  # mirror | add_only
+    consent_columns: tuple[str | None, str | None]
+    consent_defaults: tuple[str, str]
+
+
+class Planner:
+    """Plans every pair of one segment in one pass over its source (`src`, a DuckDB relation)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, seg: SegmentSpec, pairs: Sequence[PairInput],
+                 *, dry_run: bool, progress: object = None) -> None:  # fmt: skip
+        self.con = con
+        self.seg = seg
+        self.plans = [PairPlan(p) for p in pairs]
+        self.dry_run = dry_run
+        self.fast = set(seg.identifiers) <= SQL_FIELDS
+        self.platforms = sorted({p.platform for p in pairs})
+        self.duplicates = 0
+        self.source_rows = 0
+
+    # ------------------------------------------------------------------ the pass
+
+    def _columns(self) -> list[str]:
+        cols = list(dict.fromkeys([*self.seg.identifiers.values(), *(c for c in self.seg.consent_columns if c)]))
+        return cols if self.seg.key is None else list(dict.fromkeys([self.seg.key, *cols]))
+
+    def source_columns(self) -> list[str]:
+        return self._columns()
+
+    def _consent_sql(self) -> str:
+        parts = []
+        for col, default in zip(self.seg.consent_columns, self.seg.consent_defaults, strict=True):
+            d = _CONSENT_DEFAULT[default]
+            if col is None:
+                parts.append(str(d))
+                continue
+            v = f"lower(trim({idsql.quote(col)}))"
+            granted = ", ".join(idsql.literal(w) for w, c in CONSENT_WORDS.items() if c == 1)
+            denied = ", ".join(idsql.literal(w) for w, c in CONSENT_WORDS.items() if c == 2)
+            parts.append(f"(CASE WHEN {v} IN ({granted}) THEN 1 WHEN {v} IN ({denied}) THEN 2 ELSE {d} END)")
+        return f"(3 * {parts[0]} + {parts[1]})::UTINYINT"
+
+    def _pass_sql(self, src: str, dedupe: bool) -> str:
+        cols = self._columns()
+        key, _ = idsql.member_key(self.seg.key, [self.seg.identifiers[f] for f in self.seg.identifiers])
+        if self.seg.key is not None:
+            key = _unicode_trim_key(self.seg.key)
+        raw = ", ".join(idsql.quote(c) for c in cols)
+        s = f"SELECT __row AS r, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw} FROM {src}"
+        if dedupe:
+            # the first row of a key wins; the others are counted as duplicates
+            s = f"SELECT * FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
+        joins, flags = [], []
+        prev = "s.k"
+        for i, plan in enumerate(self.plans):
+            if plan.input.resolved is None:
+                continue
+            exp = "false"
+            if plan.input.expire_before is not None:
+                exp = f"(st = {ON} AND at < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
+            joins.append(
+                f"FULL JOIN (SELECT k, fp, st, {exp} AS exp FROM ({plan.input.resolved}) WHERE kind = {MEMBER}) "
+                f"AS l{i} ON {prev} = l{i}.k"
+            )
+            prev = f"coalesce({prev}, l{i}.k)"
+            flags.append(f"l{i}.k IS NOT NULL AS in{i}, "
+                         f"coalesce(l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp, false) AS same{i}")  # fmt: skip
+        j = f"SELECT s.*, {prev} AS kk{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}"
+        todo = []
+        for i, plan in enumerate(self.plans):
+            same = f"same{i}" if plan.input.resolved is not None else "false"
+            todo.append(f"(r IS NOT NULL AND k IS NOT NULL AND NOT {same}) AS todo{i}")
+        anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
+        t = f"SELECT *, {', '.join(todo)} FROM ({j})"
+        outs = ["r", "kk AS k", "fp", "r IS NOT NULL AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
+        outs += [f"in{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None]
+        outs += [f"same{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None]
+        outs += [f"todo{i}" for i in range(len(self.plans))]
+        if "google" in self.platforms:
+            outs.append(f"CASE WHEN {anytodo} THEN {self._consent_sql()} END AS cons")
+        if not self.fast:
+            outs += [f"CASE WHEN {anytodo} THEN {idsql.quote(self.seg.identifiers[f])} END AS raw_{f}"
+                     for f in self.seg.identifiers]  # fmt: skip
+            return f"SELECT {', '.join(outs)} FROM ({t})"
+        region = self.seg.default_region
+        for f, col in self.seg.identifiers.items():
+            cl = idsql.clean_email(col) if f == "email" else idsql.clean_phone(col, region)
+            outs += [
+                f"CASE WHEN ({anytodo}) AND NOT {cl.fallback} THEN {cl.clean} END AS c_{f}",
+                f"coalesce(({anytodo}) AND {cl.fallback}, false) AS fb_{f}",
+                f"CASE WHEN ({anytodo}) AND {cl.fallback} THEN {idsql.quote(col)} END AS raw_{f}",
+                f"coalesce(({anytodo}) AND {cl.present}, false) AS pr_{f}",
+            ]
+        n = f"SELECT {', '.join(outs)} FROM ({t})"
+        digests = []
+        for f in self.seg.identifiers:
+            for p in self.platforms:
+                shared = f"d_meta_{f}" if (f == "email" and p == "google" and "meta" in self.platforms) else None
+                if shared:
+                    continue
+                digests.append(f"{idsql.digest(f, p, f'c_{f}')} AS d_{p}_{f}")
+        d1 = f"SELECT *, {', '.join(digests)} FROM ({n})"
+        if "email" in self.seg.identifiers and {"meta", "google"} <= set(self.platforms):
+            d1 = f"SELECT *, {idsql.digest('email', 'google', 'c_email', shared='d_meta_email')} AS d_google_email FROM ({d1})"
+        return d1
+
+    def run(self, src: str) -> list[PairPlan]:
+        """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
+        source (the first row of each key wins)."""
+        if not self._pass(src, dedupe=False):
+            self.plans = [PairPlan(p.input) for p in self.plans]
+            self._pass(src, dedupe=True)
+        for plan in self.plans:
+            plan.counts.source_rows = self.source_rows
+            if self.duplicates:
+                plan.counts.invalid += self.duplicates
+                plan.counts.invalid_reasons["duplicate_key"] += self.duplicates
+            if plan.input.resolved is not None:
+                self._plan_delta(plan)
+        return self.plans
+
+
+    def _pass(self, src: str, *, dedupe: bool) -> bool:
+        """One pass; False when it found duplicate keys it was not told to drop."""
+        sql = self._pass_sql(src, dedupe)
+        reader = self.con.sql(sql).to_arrow_reader(100_000)
+        new_keys: list[pa.Array] = []  # keys of rows no ledger knew (duplicate check)
+        self.source_rows = 0
+        for plan in self.plans:
+            if plan.input.resolved is not None:
+                n = self.con.sql(f"SELECT count(*) FROM ({plan.input.resolved}) WHERE kind = {MEMBER}").fetchone()
+                plan._known = int(n[0]) if n else 0
+            elif not self.dry_run:
+                name = plan.input.files.new_name("base", plan.input.run_id)
+                plan.file, plan.as_base = name, True
+                plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
+        try:
+            for rb in reader:
+                self._batch(rb, new_keys)
+        except BaseException:
+            for plan in self.plans:
+                if plan._writer is not None:
+                    plan._writer.abort()
+                    plan._writer = None
+            raise
+        if dedupe:
+            total = self.con.sql(f"SELECT count(*) FROM {src}").fetchone()
+            self.duplicates = int(total[0]) - self.source_rows if total else 0
+            self.source_rows += self.duplicates
+        else:
+            known_dups = any(p._matched + p._left > p._known for p in self.plans if p.input.resolved is not None)
+            if known_dups or _has_duplicates(new_keys):
+                return False
+        for plan in self.plans:
+            if plan._writer is not None:
+                plan._writer.close()
+                plan._writer = None
+        return True
+
+    def _batch(self, rb: pa.RecordBatch, new_keys: list[pa.Array]) -> None:
+        n_src = rb.num_rows - rb.column("r").null_count
+        self.source_rows += n_src
+        nokey = _np(rb, "nokey")
+        anytodo = _np(rb, "anytodo")
+        has_row = ~_isnull(rb.column("r"))
+        known_any = np.zeros(rb.num_rows, dtype=bool)
+        for i, plan in enumerate(self.plans):
+            if plan.input.resolved is not None:
+                inl = _np(rb, f"in{i}")
+                known_any |= inl
+                plan._matched += int((inl & has_row & ~nokey).sum())
+                plan._left += int((inl & ~has_row).sum())
+                plan.counts.unchanged += int(_np(rb, f"same{i}").sum())
+        rows_new = has_row & ~nokey & ~known_any
+        if rows_new.any():
+            new_keys.append(rb.column("k").filter(pa.array(rows_new)))
+        n_nokey = int(nokey.sum())
+        for plan in self.plans:
+            if n_nokey:
+                plan.counts.invalid += n_nokey
+                plan.counts.invalid_reasons["key_missing"] += n_nokey
+        if not anytodo.any() and not any(p.input.resolved is not None for p in self.plans):
+            return
+        digests = self._digests(rb, anytodo)
+        cons = rb.column("cons") if "cons" in rb.schema.names else None
+        for i, plan in enumerate(self.plans):
+            c = plan.counts
+            todo = _np(rb, f"todo{i}")
+            payload, reasons = digests[plan.input.platform]
+            has = np.zeros(rb.num_rows, dtype=bool)
+            for arr in payload.values():
+                has |= ~_isnull(arr)
+            for reason, mask in reasons.items():
+                c.invalid_reasons[reason] += int((mask & todo).sum())
+            no_id = todo & ~has
+            c.invalid += int(no_id.sum())
+            c.invalid_reasons[NO_IDENTIFIER] += int(no_id.sum())
+            member = todo & has
+            ccol: pa.Array | None = None
+            if plan.input.platform == "google" and cons is not None:
+                ccol = _arr(cons)
+                denied = member & (np.asarray(pc.fill_null(ccol, 0).to_numpy(zero_copy_only=False)) // 3 == 2)
+                c.consent_denied += int(denied.sum())
+                member &= ~denied
+            if plan.input.resolved is None:
+                self._write_base(plan, rb, member, payload, ccol)
+            else:
+                self._collect(plan, rb, i, member, todo, payload, ccol)
+        if self.fast:
+            for plan in self.plans:
+                plan.counts.fallback_values += sum(int(_np(rb, f"fb_{f}").sum()) for f in self.seg.identifiers)
+
+    def _digests(self, rb: pa.RecordBatch, anytodo: np.ndarray) -> dict[str, tuple[dict[str, pa.Array], dict[str, np.ndarray]]]:  # type: ignore[type-arg]
+        """Per platform: payload column (as written: digest bytes or clear text) and the rows each reason
+        dropped a value of."""
+        out: dict[str, tuple[dict[str, pa.Array], dict[str, np.ndarray]]] = {}  # type: ignore[type-arg]
+        if self.fast:
+            for p in self.platforms:
+                payload: dict[str, pa.Array] = {}
+                reasons: dict[str, np.ndarray] = {}  # type: ignore[type-arg]
+                for f in self.seg.identifiers:
+                    d = _arr(rb.column(f"d_{p}_{f}"))
+                    fb = _np(rb, f"fb_{f}")
+                    bad = _np(rb, f"pr_{f}") & ~fb & _isnull(d)
+                    if fb.any():
+                        d, fb_bad = self._fallback(rb, f, p, d, fb)
+                        bad |= fb_bad
+                    payload[PLATFORM_KEY[(p, f)]] = d
+                    reasons[FIELD_REASONS[f]] = bad
+                out[p] = (payload, reasons)
+            return out
+        for p in self.platforms:
+            out[p] = self._python_rows(rb, p, anytodo)
+        return out
+
+    def _fallback(self, rb: pa.RecordBatch, f: str, platform: str, d: pa.Array,
+                  fb: np.ndarray) -> tuple[pa.Array, np.ndarray]:  # type: ignore[type-arg]  # fmt: skip
+        """The values SQL left alone, through the Python rules (the reference), one by one."""
+        norm = Normalizer(platform, [f], self.seg.default_region)
+        key = PLATFORM_KEY[(platform, f)]
+        values = d.to_pylist()
+        raws = rb.column(f"raw_{f}").to_pylist()
+        bad = np.zeros(len(values), dtype=bool)
+        for i in np.flatnonzero(fb).tolist():
+            res = norm.normalize({f: raws[i]})
+            v = res.payload.get(key)
+            values[i] = bytes.fromhex(v) if v is not None else None
+            bad[i] = f in res.errors
+        return pa.array(values, pa.binary()), bad
+
+    def _python_rows(self, rb: pa.RecordBatch, platform: str, anytodo: np.ndarray) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:  # type: ignore[type-arg]
+        """Segments with fields SQL does not normalize: each changed row through the Python rules."""
+        fields = list(self.seg.identifiers)
+        norm = Normalizer(platform, fields, self.seg.default_region)
+        keys = list(norm.schema())
+        cols = {f: rb.column(f"raw_{f}").to_pylist() for f in fields}
+        vals: dict[str, list[object]] = {k: [None] * rb.num_rows for k in keys}
+        reasons: dict[str, np.ndarray] = {}  # type: ignore[type-arg]
+        for i in np.flatnonzero(anytodo).tolist():
+            res = norm.normalize({f: cols[f][i] for f in fields})
+            for k, v in res.payload.items():
+                if k in vals:
+                    vals[k][i] = v if k in CLEAR_KEYS else bytes.fromhex(v)
+            for reason in res.errors.values():
+                if reason != NO_IDENTIFIER:
+                    reasons.setdefault(reason, np.zeros(rb.num_rows, dtype=bool))[i] = True
+        payload = {k: pa.array(v, pa.string() if k in CLEAR_KEYS else pa.binary()) for k, v in vals.items()}
+        return payload, reasons
+
+    def _payload_arrays(self, plan: PairPlan, payload: dict[str, pa.Array], mask: pa.Array) -> list[pa.Array]:
+        out = []
+        for k in plan.input.payload_keys:
+            arr = payload.get(k)
+            typ = pa.string() if k in CLEAR_KEYS else pa.binary()
+            out.append(arr.filter(mask) if arr is not None else pa.nulls(int(pc.sum(mask).as_py() or 0), typ))
+        return out
+
+    def _write_base(self, plan: PairPlan, rb: pa.RecordBatch, member: np.ndarray, payload: dict[str, pa.Array],
+                    ccol: pa.Array | None) -> None:  # type: ignore[type-arg]  # fmt: skip
+        n = int(member.sum())
+        if not n:
+            return
+        plan.counts.adds += n
+        if plan._writer is None:  # dry run
+            plan._written += n
+            return
+        mask = pa.array(member)
+        size = plan.input.batch_size
+        pos = np.arange(plan._written, plan._written + n)
+        b = np.zeros(n, dtype=np.int32) if plan.input.full_refresh else (pos // size).astype(np.int32)
+        plan._written += n
+        cols = [
+            _arr(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), _arr(rb.column("fp")).filter(mask),
+            *self._payload_arrays(plan, payload, mask),
+            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
+            pa.array(np.full(n, SENT, np.uint8)), pa.array(np.full(n, plan.input.run_id, np.uint32)),
+            pa.array(b), pa.nulls(n, pa.timestamp("us", tz="UTC")),
+        ]  # fmt: skip
+        plan._writer.write(pa.RecordBatch.from_arrays(cols, schema=member_schema(plan.input.payload_keys)))
+
+    def _collect(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: np.ndarray, todo: np.ndarray,
+                 payload: dict[str, pa.Array], ccol: pa.Array | None) -> None:  # type: ignore[type-arg]  # fmt: skip
+        inl = _np(rb, f"in{i}")
+        gone = inl & ((todo & ~member) | _isnull(rb.column("r")))
+        if gone.any():
+            plan._gone.append(_arr(rb.column("k")).filter(pa.array(gone)))
+        if not member.any():
+            return
+        mask = pa.array(member)
+        n = int(member.sum())
+        names = ["k", "r", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c"]
+        cols = [
+            _arr(rb.column("k")).filter(mask), _arr(rb.column("r")).filter(mask), _arr(rb.column("fp")).filter(mask),
+            *self._payload_arrays(plan, payload, mask),
+            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
+        ]  # fmt: skip
+        plan._cand.append(pa.RecordBatch.from_arrays(cols, names=names))
+
+    # ------------------------------------------------------------------ a pair's delta
+
+    def _plan_delta(self, plan: PairPlan) -> None:
+        inp = plan.input
+        con = self.con
+        keys = [payload_column(k) for k in inp.payload_keys]
+        schema = member_schema(inp.payload_keys)
+        cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("r", pa.int64()), pa.field("fp", pa.uint64()),
+                                 *(schema.field(c) for c in keys), pa.field("c", pa.uint8())])  # fmt: skip
+        cand = pa.Table.from_batches([b.cast(cand_schema) for b in plan._cand], schema=cand_schema)
+        gone = pa.table({"k": pa.concat_arrays(plan._gone) if plan._gone else pa.array([], pa.binary())})
+        tag = f"p{id(plan)}"
+        con.register(f"cand_{tag}", cand)
+        con.register(f"gone_{tag}", gone)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {inp.resolved}")
+        before = con.sql(f"SELECT count(*) FROM old_{tag} WHERE kind = {MEMBER} AND st = {ON}").fetchone()
+        plan.counts.audience_before = int(before[0]) if before else 0
+        mirror = self.seg.mode == "mirror"
+        exp = "false"
+        if inp.expire_before is not None:
+            exp = f"(o.st = {ON} AND o.at < TIMESTAMPTZ '{inp.expire_before.isoformat()}')"
+        same_pay = " AND ".join(f"n.{c} IS NOT DISTINCT FROM o.{c}" for c in keys) or "true"
+        ph_new = "hash(" + ", ".join(f"coalesce(hex({c}), '')" if c.removeprefix('p_') not in CLEAR_KEYS
+                                      else f"coalesce({c}, '')" for c in keys) + ")"  # fmt: skip
+        pay_cols = ", ".join(keys)
+        o_pay = ", ".join(f"o.{c}" for c in keys)
+        # each changed row against the member it was: what to do with it
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE cmp_{tag} AS
+            SELECT n.*, o.k IS NOT NULL AS known, o.st AS ost, o.at AS oat, o.pending AS opend, o.run AS orun,
+                   o.b AS ob, o.c AS oc, {', '.join(f'o.{c} AS o_{c}' for c in keys)},
+                   ({same_pay}) AS samepay, (n.c IS NOT DISTINCT FROM o.c) AS samec, {exp} AS expiring
+            FROM cand_{tag} n LEFT JOIN (SELECT * FROM old_{tag} WHERE kind = {MEMBER}) o USING (k)""")
+        keep = f"known AND samepay AND samec AND ost IN ({ON}, {REJECTED}) AND NOT expiring"
+        counts = con.sql(f"""SELECT
+            count(*) FILTER (WHERE {keep}),
+            count(*) FILTER (WHERE NOT known OR (NOT samepay AND ost NOT IN ({ON}, {MAYBE}))),
+            count(*) FILTER (WHERE known AND NOT samepay AND ost IN ({ON}, {MAYBE})),
+            count(*) FILTER (WHERE known AND samepay AND samec AND NOT ({keep})),
+            count(*) FILTER (WHERE known AND samepay AND NOT samec)
+            FROM cmp_{tag}""").fetchone()  # fmt: skip
+        assert counts is not None
+        c = plan.counts
+        c.unchanged += int(counts[0])
+        c.adds += int(counts[1])
+        c.changes += int(counts[2]) if mirror else 0
+        c.adds += 0 if mirror else int(counts[2])
+        c.resends += int(counts[3])
+        c.consent_changes += int(counts[4])
+        leavers = con.sql(f"""SELECT count(*) FROM (SELECT DISTINCT k FROM gone_{tag}) g
+            JOIN old_{tag} o ON o.k = g.k AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})""").fetchone()
+        c.removes += int(leavers[0]) if (leavers and mirror) else 0
+        if self.dry_run:
+            return
+        R = inp.run_id
+        # new rows of every key this run touches
+        member_rows = f"""
+            SELECT k, {MEMBER}::UTINYINT AS kind, fp, {pay_cols}, c,
+              CASE WHEN {keep} THEN (CASE WHEN opend THEN {SENT} ELSE ost END) ELSE {SENT} END::UTINYINT AS st,
+              CASE WHEN {keep} THEN (CASE WHEN opend THEN orun END) ELSE {R} END::UINTEGER AS run,
+              CASE WHEN {keep} THEN (CASE WHEN opend THEN ob END) END::INTEGER AS b,
+              CASE WHEN {keep} THEN oat END AS at, NOT ({keep}) AS send
+            FROM cmp_{tag}"""
+        owed_new = f"""
+            SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, {', '.join(f'o_{c} AS {c}' for c in keys)},
+                   oc AS c FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
+                   AND ost IN ({ON}, {MAYBE})
+            UNION ALL
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c FROM old_{tag} o
+              WHERE {'true' if mirror else 'false'} AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})
+              AND o.k IN (SELECT k FROM gone_{tag})
+            UNION ALL
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c FROM old_{tag} o
+              WHERE o.kind = {OWED} AND o.st = {TO_SEND}"""
+        touched = f"""SELECT k FROM cand_{tag} UNION SELECT k FROM old_{tag} WHERE kind = {OWED}
+                      {f'UNION SELECT k FROM gone_{tag}' if mirror else ''}"""
+        con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{tag} AS {touched}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE members_{tag} AS {member_rows}")
+        # members of touched keys that are otherwise untouched (only an owed row of theirs changed)
+        con.execute(f"""INSERT INTO members_{tag}
+            SELECT o.k, {MEMBER}, o.fp, {o_pay}, o.c,
+              CASE WHEN o.pending THEN {SENT} ELSE o.st END, CASE WHEN o.pending OR o.st = {MAYBE} THEN o.run END,
+              CASE WHEN o.pending THEN o.b END, o.at, false
+            FROM old_{tag} o WHERE o.kind = {MEMBER} AND o.k IN (SELECT k FROM touched_{tag})
+              AND o.k NOT IN (SELECT k FROM cand_{tag})
+              AND o.k NOT IN (SELECT k FROM gone_{tag} WHERE {'true' if mirror else 'false'})""")
+        # an owed payload that a member in the new state still sends is not removed (one user to the platform)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE owed_{tag} AS
+            SELECT DISTINCT ON (k, ph) * FROM (SELECT *, {ph_new} AS ph FROM ({owed_new}))
+            WHERE ph NOT IN (
+              SELECT {ph_new} FROM members_{tag} WHERE st IN ({ON}, {MAYBE}, {SENT})
+              UNION ALL
+              SELECT {ph_new} FROM old_{tag} WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE})
+                AND k NOT IN (SELECT k FROM touched_{tag}))""")
+        size = inp.batch_size
+        n_rm = con.sql(f"SELECT count(*) FROM owed_{tag}").fetchone()
+        n_add = con.sql(f"SELECT count(*) FROM members_{tag} WHERE send").fetchone()
+        plan.remove_batches = -(-int(n_rm[0] if n_rm else 0) // size)
+        plan.add_batches = -(-int(n_add[0] if n_add else 0) // size)
+        plan.sends = int(n_rm[0] if n_rm else 0) + int(n_add[0] if n_add else 0)
+        cols = ", ".join(f.name for f in schema)
+        rm_b = "0" if inp.full_refresh else f"((row_number() OVER (ORDER BY k, ph) - 1) // {size})"
+        add_b = "0" if inp.full_refresh else f"({plan.remove_batches} + (row_number() OVER (ORDER BY k) - 1) // {size})"
+        new_rows = f"""
+            SELECT k, kind, fp, {pay_cols}, c, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
+                   {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS at FROM owed_{tag}
+            UNION ALL
+            SELECT k, kind, fp, {pay_cols}, c, st, run, {add_b}::INTEGER AS b, at FROM members_{tag} WHERE send
+            UNION ALL
+            SELECT {cols} FROM members_{tag} WHERE NOT send
+            UNION ALL
+            SELECT k, {GONE}::UTINYINT, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL
+            FROM touched_{tag} WHERE k NOT IN (SELECT k FROM members_{tag}) AND k NOT IN (SELECT k FROM owed_{tag})"""
+        if inp.full_refresh:
+            self._write_replace_base(plan, tag, new_rows, cols)
+            return
+        carried = ""
+        if inp.pointer.delta:
+            from connector.ledger.files import read_columns, sql_path
+
+            dpath = inp.files.path(inp.pointer.delta)
+            carried = (f"UNION ALL SELECT {read_columns(dpath, schema)} FROM read_parquet({sql_path(dpath)}) "
+                       f"WHERE k NOT IN (SELECT k FROM touched_{tag})")  # fmt: skip
+        name = inp.files.new_name("delta", R)
+        plan.file, plan.as_base = name, False
+        _copy(con, inp.files, name,
+              f"SELECT {cols} FROM ({new_rows} {carried}) ORDER BY (run = {R} AND st = {SENT}) DESC, b, k")  # fmt: skip
+
+    def _write_replace_base(self, plan: PairPlan, tag: str, new_rows: str, cols: str) -> None:
+        """A full refresh: one base holding the pair's whole new state, every member and owed removal in
+        the run's replace (batch 0), which settles them all at once when the platform confirms it."""
+        inp = plan.input
+        R = inp.run_id
+        state = f"""SELECT {cols} FROM ({new_rows}) WHERE kind <> {GONE}
+            UNION ALL SELECT {cols} FROM old_{tag} WHERE k NOT IN (SELECT k FROM touched_{tag})"""
+        n = self.con.sql(f"SELECT count(*) FROM ({state}) WHERE kind = {MEMBER} AND st <> {REJECTED}").fetchone()
+        plan.sends = int(n[0]) if n else 0
+        name = inp.files.new_name("base", R)
+        plan.file, plan.as_base = name, True
+        _copy(self.con, inp.files, name, f"""SELECT k, kind, fp, {', '.join(payload_column(k) for k in inp.payload_keys)}, c,
+              CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN st ELSE {SENT} END::UTINYINT AS st,
+              CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN run ELSE {R} END::UINTEGER AS run,
+              CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, at
+            FROM ({state}) ORDER BY st = {SENT} DESC""")  # fmt: skip
+
+
+def _copy(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: str) -> None:
+    from connector.ledger.files import fsync_replace, sql_path
+
+    files.dir.mkdir(parents=True, exist_ok=True)
+    path = files.path(name)
+    tmp = path.with_name(path.name + ".tmp")
+    con.execute(f"COPY ({query}) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)")
+    fsync_replace(tmp, path)
+
+
+def _has_duplicates(keys: list[pa.Array]) -> bool:
+    if not keys:
+        return False
+    arr = pa.concat_arrays([k.cast(pa.binary()) for k in keys])
+    return len(pc.unique(arr)) != len(arr)
+
+
+def _arr(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _np(rb: pa.RecordBatch, name: str) -> np.ndarray:  # type: ignore[type-arg]
+    col = _arr(rb.column(name))
+    return np.asarray(col.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _isnull(col: pa.Array | pa.ChunkedArray) -> np.ndarray:  # type: ignore[type-arg]
+    return np.asarray(_arr(col).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+# Python's str.strip() removes every character str.isspace() calls whitespace; DuckDB's trim() only spaces
+_PY_SPACE = "".join(ch for ch in map(chr, range(0x3001)) if ch.isspace())
+
+
+def _unicode_trim_key(col: str) -> str:
+    q = idsql.quote(col)
+    cls = "".join(f"\\x{{{ord(ch):x}}}" for ch in _PY_SPACE)
+    trimmed = f"CASE WHEN {idsql.printable(q)} THEN trim({q}) ELSE regexp_replace({q}, '^[{cls}]+|[{cls}]+$', '', 'g') END"
+    ns = idsql.literal(idsql.KEY_NAMESPACE)
+    return f"CASE WHEN {trimmed} <> '' THEN unhex(left(sha256({ns} || {trimmed}), 32)) END"
+

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from functools import cached_property
+from typing import Literal, Protocol, overload, runtime_checkable
+
+import pyarrow as pa
 
 Platform = Literal["meta", "google"]
 
@@ -44,6 +47,64 @@ class Member:
     key: str
     payload: Mapping[str, str]
     consent: Consent | None = None
+
+
+_CONSENT_VALUES = (None, True, False)
+
+
+def decode_consent(code: int | None) -> Consent | None:
+    """A ledger consent code (3 * ad_user_data + ad_personalization; 0 unspecified, 1 granted, 2 denied)."""
+    if code is None:
+        return None
+    return Consent(ad_user_data=_CONSENT_VALUES[code // 3], ad_personalization=_CONSENT_VALUES[code % 3])
+
+
+class MemberBatch(Sequence[Member]):
+    """The members of one call, column by column as the ledger file holds them: `keys` (16-byte member
+    keys), `columns` (payload key -> strings: lowercase hex digests or clear text; null = no value) and
+    Google's `consent` codes. A destination that builds its request from columns never makes a `Member`;
+    one that needs objects (an SDK's message per person) iterates and gets them built on demand."""
+
+    def __init__(self, keys: pa.Array, columns: Mapping[str, pa.Array], consent: pa.Array | None = None) -> None:
+        self.keys = keys
+        self.columns = dict(columns)
+        self.consent = consent
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @cached_property
+    def key_hex(self) -> list[str]:
+        return [k.hex() for k in self.keys.to_pylist()]
+
+    @cached_property
+    def _members(self) -> list[Member]:
+        names = list(self.columns)
+        values = [self.columns[n].to_pylist() for n in names]
+        codes = self.consent.to_pylist() if self.consent is not None else [None] * len(self)
+        out = []
+        for i, key in enumerate(self.key_hex):
+            payload = {n: v[i] for n, v in zip(names, values, strict=True) if v[i] is not None}
+            out.append(Member(key, payload, decode_consent(codes[i])))
+        return out
+
+    @overload
+    def __getitem__(self, i: int) -> Member: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Member]: ...
+    def __getitem__(self, i: int | slice) -> Member | Sequence[Member]:
+        return self._members[i]
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self._members)
+
+    def rows(self, schema: Sequence[str]) -> list[list[str]]:
+        """The payload as rows of `schema` (Meta's `data`), "" for values a member lacks, built column-wise."""
+        cols = []
+        for k in schema:
+            col = self.columns.get(k)
+            cols.append(col.fill_null("").to_pylist() if col is not None else [""] * len(self))
+        return [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in range(len(self))]
 
 
 @dataclass(slots=True)

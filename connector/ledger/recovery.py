@@ -1,0 +1,116 @@
+"""A pair's members as they stand now: its files resolved against the journal.
+
+A row a run sent (`st` = SENT) is on the platform once its batch (run, b) was acknowledged, and
+"maybe" on the platform when it was not: the run died with that batch in flight, or Google said
+its request FAILED. Nothing else decides it, so recovery after a crash is reading the pair again:
+maybe-members still in the segment are sent again, maybe-members who left are removed, and owed
+removals whose batch was not acknowledged are owed still. Adds and removals are idempotent on
+both platforms: at most the batch in flight is sent twice.
+
+`compact` folds the delta into a new base with every settled state written out, so the journal's
+batches of those runs can go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from connector.ledger.files import (
+    GONE,
+    MAYBE,
+    MEMBER,
+    ON,
+    OWED,
+    REJECTED,
+    SENT,
+    TO_SEND,
+    PairFiles,
+    fsync_replace,
+    member_schema,
+    read_columns,
+    sql_path,
+)
+from connector.ledger.journal import Journal, PairPointer
+
+
+def current_sql(files: PairFiles, pointer: PairPointer, schema: pa.Schema) -> str | None:
+    """The pair's rows (members and owed removals) from base and delta, or None when it has none."""
+    base = files.path(pointer.base) if pointer.base else None
+    delta = files.path(pointer.delta) if pointer.delta else None
+    if base is None and delta is None:
+        return None
+    parts = []
+    if base is not None:
+        b = f"SELECT {read_columns(base, schema)} FROM read_parquet({sql_path(base)})"
+        if delta is not None:
+            b = f"SELECT * FROM ({b}) AS base_rows WHERE k NOT IN (SELECT k FROM read_parquet({sql_path(delta)}))"
+        parts.append(b)
+    if delta is not None:
+        parts.append(f"SELECT {read_columns(delta, schema)} FROM read_parquet({sql_path(delta)}) WHERE kind <> {GONE}")
+    return " UNION ALL ".join(parts)
+
+
+def register_journal(con: duckdb.DuckDBPyConnection, journal: Journal, segment: str, destination: str,
+                     tag: str) -> tuple[str, str]:  # fmt: skip
+    """Register the pair's acknowledged batches and rejections as DuckDB views; returns their names."""
+    acks, rej = f"acks_{tag}", f"rej_{tag}"
+    con.register(acks, journal.acks(segment, destination))
+    con.register(rej, journal.rejections(segment, destination))
+    return acks, rej
+
+
+def resolved_sql(current: str, acks: str, rej: str) -> str:
+    """`current` with each sent row's state settled: st becomes ON, REJECTED, MAYBE (members) or, for
+    owed removals, ON (done) / TO_SEND (owed still); `at` is when the platform accepted it; `pending`:
+    Google has not confirmed its request yet."""
+    return f"""
+    SELECT cur.* EXCLUDE (st, at),
+      CASE WHEN cur.st <> {SENT} THEN cur.st
+           WHEN cur.kind = {OWED} THEN CASE WHEN a.ok AND coalesce(NOT rj.deferred, true) THEN {ON} ELSE {TO_SEND} END
+           WHEN rj.k IS NOT NULL AND rj.deferred THEN {TO_SEND}
+           WHEN rj.k IS NOT NULL THEN {REJECTED}
+           WHEN a.ok THEN {ON}
+           ELSE {MAYBE} END::UTINYINT AS st,
+      CASE WHEN cur.st = {SENT} THEN a.acked_at ELSE cur.at END AS at,
+      coalesce(cur.st = {SENT} AND a.pending, false) AS pending
+    FROM ({current}) AS cur
+    LEFT JOIN {acks} AS a ON cur.st = {SENT} AND a.run = cur.run AND a.b = cur.b
+    LEFT JOIN {rej} AS rj ON cur.st = {SENT} AND rj.k = cur.k AND rj.run = cur.run
+    """
+
+
+def state_counts(con: duckdb.DuckDBPyConnection, resolved: str) -> dict[str, int]:
+    """Members by state, as `status` shows them (owed removals are not members)."""
+    rows = con.sql(
+        f"SELECT st, pending, count(*) FROM ({resolved}) WHERE kind = {MEMBER} GROUP BY ALL"
+    ).fetchall()
+    out: dict[str, int] = {}
+    for st, pending, n in rows:
+        name = {ON: "accepted" if pending else "confirmed", REJECTED: "rejected"}.get(int(st), "planned")
+        out[name] = out.get(name, 0) + int(n)
+    return out
+
+
+def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPointer, payload_keys: Sequence[str],
+            resolved: str, name: str) -> Path:  # fmt: skip
+    """Write the pair's whole state as one base: settled states written out, owed removals that are done
+    dropped. Rows whose Google request is still pending keep their (run, b) so a FAILED status can still
+    send them again."""
+    schema = member_schema(payload_keys)
+    cols = ", ".join(f'"{f.name}"' for f in schema if f.name not in ("st", "run", "b", "at"))
+    path = files.path(name)
+    tmp = path.with_name(path.name + ".tmp")
+    files.dir.mkdir(parents=True, exist_ok=True)
+    con.sql(f"""COPY (
+        SELECT {cols},
+          (CASE WHEN pending THEN {SENT} ELSE st END)::UTINYINT AS st,
+          CASE WHEN pending OR st = {MAYBE} THEN run END AS run, CASE WHEN pending THEN b END AS b, at
+        FROM ({resolved}) WHERE NOT (kind = {OWED} AND st = {ON})
+    ) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)""")
+    fsync_replace(tmp, path)
+    return path
+
