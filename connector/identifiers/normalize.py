@@ -51,7 +51,7 @@ FIELD_REASONS = {
     "gender": GENDER_INVALID, "date_of_birth": DOB_INVALID, "mobile_ad_id": MADID_INVALID,
     "external_id": EXTERN_ID_INVALID,
 }  # fmt: skip
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff\ufffd]")  # sources hand a lone surrogate on as U+FFFD
 
 PlatformName = Literal["meta", "google"]
 

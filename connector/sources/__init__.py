@@ -1,5 +1,5 @@
-"""Segment member sources."""
+"""Segment member sources: each hands the engine a DuckDB relation of text columns."""
 
-from connector.sources.base import RowBatch, Source, open_source
+from connector.sources.base import ROW, RowBatch, Source, open_source, reading
 
-__all__ = ["RowBatch", "Source", "open_source"]
+__all__ = ["ROW", "RowBatch", "Source", "open_source", "reading"]

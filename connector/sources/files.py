@@ -1,4 +1,16 @@
-"""CSV and Parquet sources, read in bounded columnar batches with pyarrow."""
+"""CSV and Parquet sources, read by DuckDB directly.
+
+CSV: every column is text; an empty field, quoted or not, is NULL; a UTF-8 byte order mark is not
+part of the first column's name; quoted fields may hold delimiters, doubled quotes and newlines; a
+row with more or fewer fields than the header, an unterminated quote, bytes that are not valid in the
+configured encoding or a row longer than `MAX_ROW_BYTES` stop the read with the line number (never
+the row). UTF-8 files are parsed by DuckDB's parallel reader; other encodings (latin-1, cp1252,
+UTF-16, ...) are transcoded by pyarrow's streaming CSV reader (DuckDB's own latin-1 refuses bytes
+0x80-0x9f and it reads big-endian UTF-16 as an empty file) and handed to DuckDB as Arrow batches.
+
+Parquet: DuckDB's `read_parquet`; ``__row`` is the file row number; non-text columns become the text
+`as_text` gives them (1.0 -> "1", true -> "true", timestamps ISO 8601).
+"""
 
 from __future__ import annotations
 
@@ -7,84 +19,107 @@ import csv
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
+import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from connector.errors import SourceError
 from connector.settings import CsvSource, ParquetSource
-from connector.sources.base import RowBatch
+from connector.sources.base import (
+    ROW,
+    ArrowStream,
+    BatchAdapter,
+    as_text,
+    check_columns,
+    ident,
+    literal,
+    row_number,
+)
+
+MAX_ROW_BYTES = 4 << 20  # DuckDB's reader refuses longer rows (its default, 2,000,000, is below real exports' worst)
 
 # pyarrow quotes the offending row in some parse errors: keep only the part before it (PII).
 _ROW_QUOTE = re.compile(r"(:\s*(got|Expected)[^:]*?)(:.*)$", re.S)
+_CSV_LINE = re.compile(r"CSV Error on Line: (\d+)")
+_FIELD_COUNT = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
+_NATIVE = ("utf-8", "utf-8-sig")
 
 
-def _safe_arrow_message(exc: Exception) -> str:
+def _safe_arrow_message(exc: BaseException) -> str:
     msg = str(exc).split("\n", 1)[0]
     msg = _ROW_QUOTE.sub(r"\1", msg)
     return msg[:300]
 
 
-def _missing(source: str, wanted: Sequence[str], available: Sequence[str]) -> SourceError:
-    miss = [c for c in wanted if c not in available]
-    return SourceError(
-        f"{source}: missing column(s) {', '.join(repr(c) for c in miss)}; "
-        f"available: {', '.join(repr(c) for c in available) or 'none'} "
-        "(fix the segment's `key`, `identifiers` or `consent` column names, or the export)"
-    )
+def _encoding_name(encoding: str) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise SourceError(f"CSV source: unknown encoding {encoding!r}; set the source's `encoding`") from None
 
 
-def column_to_strings(col: pa.ChunkedArray | pa.Array) -> list[str | None]:
-    """Arrow column -> Python strings, ids kept readable (1.0 -> "1", True -> "true")."""
-    t = col.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return col.to_pylist()  # type: ignore[no-any-return]
-    if pa.types.is_floating(t):
-        values: list[Any] = col.to_pylist()
-        return [None if v is None else (str(int(v)) if float(v).is_integer() else repr(v)) for v in values]
-    if pa.types.is_boolean(t):
-        return [None if v is None else ("true" if v else "false") for v in col.to_pylist()]
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        return [None if v is None else v.isoformat() for v in col.to_pylist()]
-    return pc.cast(col, pa.string()).to_pylist()  # type: ignore[no-any-return]
-
-
-class CsvFileSource:
+class CsvFileSource(BatchAdapter):
     def __init__(self, config: CsvSource, base_dir: Path) -> None:
         self.config = config
         self.path = config.path if config.path.is_absolute() else base_dir / config.path
         self.description = f"CSV file {self.path}"
+        self._stream = ArrowStream(self.description)
 
     def _header(self) -> list[str]:
-        enc = self.config.encoding
-        if codecs.lookup(enc).name == "utf-8":
+        enc = _encoding_name(self.config.encoding)
+        if enc == "utf-8":
             enc = "utf-8-sig"  # a UTF-8 BOM is not part of the first column's name
         try:
             with self.path.open(newline="", encoding=enc) as f:
                 row = next(csv.reader(f, delimiter=self.config.delimiter), None)
         except FileNotFoundError:
             raise SourceError(f"{self.description}: file not found") from None
-        except UnicodeDecodeError as exc:
+        except UnicodeError as exc:
+            where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
             raise SourceError(
-                f"{self.description}: header is not valid {self.config.encoding} (byte {exc.start}); "
-                "set the source's `encoding`"
+                f"{self.description}: header is not valid {self.config.encoding}{where}; set the source's `encoding`"
             ) from None
+        except csv.Error as exc:
+            raise SourceError(f"{self.description}: header row unreadable ({str(exc)[:100]})") from None
         except OSError as exc:
             raise SourceError(f"{self.description}: cannot read ({exc.strerror})") from None
         if not row:
             raise SourceError(f"{self.description}: empty file (no header row)")
         return [c.strip() for c in row]
 
-    def read_batches(self, columns: Sequence[str], batch_size: int = 50_000) -> Iterator[RowBatch]:
+    def columns(self) -> list[str]:
+        return self._header()
+
+    def _native(self) -> bool:
+        # DuckDB expands glob characters in paths: such a file goes through the pyarrow reader
+        return _encoding_name(self.config.encoding) in _NATIVE and not any(ch in str(self.path) for ch in "*?[{")
+
+    def relation(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
         header = self._header()
-        if any(c not in header for c in columns):
-            raise _missing(self.description, columns, header)
+        check_columns(self.description, columns, header)
         dupes = {c for c in header if header.count(c) > 1} & set(columns)
         if dupes:
             raise SourceError(f"{self.description}: column(s) {sorted(dupes)} appear more than once in the header")
+        if not self._native():
+            return self._transcoded(con, columns)
+        # columns get positional names: the header was read above (stripped, duplicates allowed)
+        spec = "{" + ", ".join(f"'c{i}': 'VARCHAR'" for i in range(len(header))) + "}"
+        picks = ", ".join(f"c{header.index(c)} AS {ident(c)}" for c in columns)
+        options = (
+            f"header = true, auto_detect = false, columns = {spec}, delim = {literal(self.config.delimiter)}, "
+            "quote = '\"', escape = '\"', allow_quoted_nulls = true, strict_mode = true, null_padding = false, "
+            f"encoding = 'utf-8', max_line_size = {MAX_ROW_BYTES}"
+        )
+        # names and the path are quoted by ident() and literal()
+        sql = f"SELECT {row_number()}, {picks} FROM read_csv({literal(str(self.path))}, {options})"  # noqa: S608
+        try:
+            return con.sql(sql)
+        except duckdb.Error as exc:
+            raise (self.explain(exc) or SourceError(f"{self.description}: cannot read ({type(exc).__name__})")) from None
+
+    def _transcoded(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
         try:
             reader = pacsv.open_csv(
                 self.path,
@@ -98,43 +133,92 @@ class CsvFileSource:
                     quoted_strings_can_be_null=True,
                 ),
             )
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SourceError(f"{self.description}: {_safe_arrow_message(exc)}") from None
-        start = 0
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                return
-            except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-                raise SourceError(
-                    f"{self.description}: unreadable after data row {start}: {_safe_arrow_message(exc)}"
-                ) from None
-            for off in range(0, batch.num_rows, batch_size):
-                part = batch.slice(off, batch_size)
-                yield RowBatch(start, {c: part.column(c).to_pylist() for c in columns})
-                start += part.num_rows
+        except (pa.ArrowInvalid, UnicodeError) as exc:
+            raise SourceError(f"{self.description}: {self._arrow_reason(exc)}") from None
+        except OSError as exc:
+            raise SourceError(f"{self.description}: cannot read ({_safe_arrow_message(exc)})") from None
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            start = 0
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except (pa.ArrowInvalid, UnicodeError) as exc:
+                    raise SourceError(
+                        f"{self.description}: parse error after data row {start}: {self._arrow_reason(exc)}"
+                    ) from None
+                start += batch.num_rows
+                yield batch.select(list(columns))
+
+        schema = pa.schema([pa.field(c, pa.string()) for c in columns])
+        stream = self._stream.reader(schema, batches(), close=reader.close)
+        picks = ", ".join(ident(c) for c in columns)
+        return con.from_arrow(stream).select(f"{row_number()}, {picks}")
+
+    def _arrow_reason(self, exc: BaseException) -> str:
+        if isinstance(exc, UnicodeError):
+            return f"not valid {self.config.encoding} text; set the source's `encoding`"
+        return _safe_arrow_message(exc)
+
+    def explain(self, exc: Exception) -> SourceError | None:
+        if not self._native():
+            return self._stream.explain(exc)
+        msg = str(exc)
+        line = _CSV_LINE.search(msg)
+        where = f"parse error on line {line.group(1)}" if line else "parse error"
+        if "Invalid unicode" in msg or "not utf-8 encoded" in msg:
+            reason = f"not valid {self.config.encoding} text; set the source's `encoding`"
+        elif count := _FIELD_COUNT.search(msg):
+            reason = f"{count.group(2)} field(s) where the header has {count.group(1)}"
+        elif "unterminated quote" in msg:
+            reason = "a quoted value has no closing quote"
+        elif "Maximum line size" in msg:
+            reason = f"a row is longer than {MAX_ROW_BYTES:,} bytes"
+        elif "No files found" in msg or "No such file" in msg:
+            return SourceError(f"{self.description}: file not found")
+        elif line or "CSV" in msg:
+            reason = "the row does not follow the CSV format"
+        else:
+            return None
+        return SourceError(f"{self.description}: {where}: {reason} (the row is not shown)")
 
 
-class ParquetFileSource:
+class ParquetFileSource(BatchAdapter):
     def __init__(self, config: ParquetSource, base_dir: Path) -> None:
         self.path = config.path if config.path.is_absolute() else base_dir / config.path
         self.description = f"Parquet file {self.path}"
 
-    def read_batches(self, columns: Sequence[str], batch_size: int = 50_000) -> Iterator[RowBatch]:
+    def _unreadable(self, exc: BaseException) -> SourceError:
+        if isinstance(exc, FileNotFoundError) or "No files found" in str(exc):
+            return SourceError(f"{self.description}: file not found")
+        return SourceError(f"{self.description}: not a readable Parquet file (truncated or corrupt: {type(exc).__name__})")
+
+    def columns(self) -> list[str]:
         try:
-            pf = pq.ParquetFile(self.path)
-        except FileNotFoundError:
-            raise SourceError(f"{self.description}: file not found") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SourceError(f"{self.description}: not a readable Parquet file ({_safe_arrow_message(exc)})") from None
-        names = pf.schema_arrow.names
-        if any(c not in names for c in columns):
-            raise _missing(self.description, columns, names)
-        start = 0
+            return list(pq.read_schema(self.path).names)
+        except (pa.ArrowException, OSError) as exc:
+            raise self._unreadable(exc) from None
+
+    def relation(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
+        if not self.path.exists():
+            raise SourceError(f"{self.description}: file not found")
+        scan = f"read_parquet({literal(str(self.path))}, file_row_number = true)"
         try:
-            for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-                yield RowBatch(start, {c: column_to_strings(batch.column(c)) for c in columns})
-                start += batch.num_rows
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SourceError(f"{self.description}: unreadable after row {start}: {_safe_arrow_message(exc)}") from None
+            schema = con.sql(f"SELECT * FROM {scan}")  # noqa: S608 - the path is a literal()
+        except duckdb.Error as exc:
+            raise self._unreadable(exc) from None
+        names = [n for n in schema.columns if n != "file_row_number"]
+        check_columns(self.description, columns, names)
+        types = dict(zip(schema.columns, schema.types, strict=True))
+        picks = ", ".join(f"{as_text(ident(c), types[c].id)} AS {ident(c)}" for c in columns)
+        return con.sql(f"SELECT file_row_number::BIGINT AS {ROW}, {picks} FROM {scan}")  # noqa: S608 - quoted
+
+    def explain(self, exc: Exception) -> SourceError | None:
+        msg = str(exc)
+        if "decode" in msg or "UTF-8" in msg or "utf-8" in msg:
+            return SourceError(f"{self.description}: a binary column holds bytes that are not UTF-8 text")
+        if str(self.path) in msg or "Parquet" in msg or "parquet" in msg:
+            return self._unreadable(exc)
+        return None

@@ -8,16 +8,27 @@ JSON page is a `SourceError` that says what came back, without echoing the body 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import duckdb
 import httpx
+import pyarrow as pa
 
 from connector.errors import RetriableError, SourceError, ThrottledError
 from connector.retry import RetryPolicy
 from connector.settings import HttpSource
-from connector.sources.base import RowBatch
+from connector.sources.base import (
+    ArrowStream,
+    BatchAdapter,
+    check_columns,
+    ident,
+    missing_columns,
+    row_number,
+    text_batch,
+    text_schema,
+)
 
 
 def _dig(obj: Any, dotted: str) -> Any:
@@ -49,13 +60,14 @@ def safe_url(url: str) -> str:
     return urlunsplit((p.scheme, host, p.path, "", ""))
 
 
-class HttpJsonSource:
+class HttpJsonSource(BatchAdapter):
     def __init__(self, config: HttpSource, *, transport: httpx.BaseTransport | None = None,
                  policy: RetryPolicy | None = None) -> None:  # fmt: skip
         self.config = config
         self.description = f"HTTP source {safe_url(config.url)}"
         self._transport = transport
         self._policy = policy or RetryPolicy(max_attempts=5, backoff_base_seconds=0.5, backoff_max_seconds=30)
+        self._stream = ArrowStream(self.description)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", **self.config.headers}
@@ -95,9 +107,16 @@ class HttpJsonSource:
         except RetriableError as exc:
             raise SourceError(f"{exc} (gave up after {self._policy.max_attempts} attempts)") from None
 
-    def read_batches(self, columns: Sequence[str], batch_size: int = 50_000) -> Iterator[RowBatch]:
+    def _records(self, doc: Any, page: int) -> list[Any]:
         cfg = self.config
-        start = 0
+        records = _dig(doc, cfg.records_path) if cfg.records_path else doc
+        if not isinstance(records, list):
+            raise SourceError(f"{self.description} page {page}: no list at records_path {cfg.records_path!r}")
+        return records
+
+    def _pages(self) -> Generator[list[Any], None, None]:
+        """The record lists of each page, in order; the client lives as long as the iteration."""
+        cfg = self.config
         url: str | None = cfg.url
         params: dict[str, str] = {}
         with httpx.Client(timeout=cfg.timeout_seconds, headers=self._headers(), transport=self._transport,
@@ -105,19 +124,8 @@ class HttpJsonSource:
             for page in range(1, cfg.max_pages + 1):
                 assert url is not None
                 doc = self._get(client, url, params, page)
-                records = _dig(doc, cfg.records_path) if cfg.records_path else doc
-                if not isinstance(records, list):
-                    raise SourceError(f"{self.description} page {page}: no list at records_path {cfg.records_path!r}")
-                if page == 1 and records and isinstance(records[0], dict):
-                    missing = [c for c in columns if _dig(records[0], c) is None and c not in records[0]]
-                    if missing and all(all(_dig(r, c) is None for r in records) for c in missing):
-                        keys = ", ".join(sorted(records[0]))
-                        raise SourceError(f"{self.description}: records have no field(s) {missing}; they have: {keys}")
-                for off in range(0, len(records), batch_size):
-                    chunk = records[off : off + batch_size]
-                    cols = {c: [_as_str(_dig(r, c)) if isinstance(r, dict) else None for r in chunk] for c in columns}
-                    yield RowBatch(start, cols)
-                    start += len(chunk)
+                records = self._records(doc, page)
+                yield records
                 if cfg.next_cursor_path:
                     cursor = _dig(doc, cfg.next_cursor_path)
                     if not cursor or not records:
@@ -131,3 +139,51 @@ class HttpJsonSource:
                 else:
                     return
         raise SourceError(f"{self.description}: more than max_pages = {cfg.max_pages} pages; raise max_pages")
+
+    def columns(self) -> list[str]:
+        """The fields of the first record (nested objects as dotted paths), from the first page only."""
+        pages = self._pages()
+        try:
+            first = next(pages, [])
+        finally:
+            pages.close()
+        return _fields(first[0]) if first and isinstance(first[0], dict) else []
+
+    def relation(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
+        pages = self._pages()
+        try:
+            first = next(pages, [])  # read now: a wrong URL, token or field fails before the engine starts
+            check_columns(self.description, columns, columns)
+            if first and isinstance(first[0], dict):
+                missing = [c for c in columns if _dig(first[0], c) is None and c not in first[0]]
+                if missing and all(all(_dig(r, c) is None for r in first if isinstance(r, dict)) for c in missing):
+                    have = list(dict.fromkeys(_fields(first[0]) + [c for c in columns if c not in missing]))
+                    raise missing_columns(self.description, columns, have)
+        except BaseException:
+            pages.close()
+            raise
+        schema = text_schema(columns)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            records: list[Any] | None = first
+            while records is not None:
+                # one page at a time: its values go into Arrow columns, its records are dropped
+                yield text_batch(schema, [[_as_str(_dig(r, c)) if isinstance(r, dict) else None for r in records]
+                                          for c in columns])  # fmt: skip
+                records = next(pages, None)
+
+        stream = self._stream.reader(schema, batches(), close=pages.close)
+        return con.from_arrow(stream).select(f"{row_number()}, {', '.join(ident(c) for c in columns)}")
+
+    def explain(self, exc: Exception) -> SourceError | None:
+        return self._stream.explain(exc)
+
+
+def _fields(record: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in record.items():
+        if isinstance(v, dict) and v:
+            out.extend(_fields(v, f"{prefix}{k}."))
+        else:
+            out.append(f"{prefix}{k}")
+    return out

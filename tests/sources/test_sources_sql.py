@@ -24,7 +24,7 @@ def test_sqlite_query_streams_batches_relative_to_config(tmp_path: Path) -> None
     batches = list(src.read_batches(["id", "email"], batch_size=3))
     assert [len(b) for b in batches] == [3, 3, 1]
     assert batches[0].columns["id"] == ["0", "1", "2"] and batches[2].start == 6
-    with pytest.raises(SourceError, match=r"returns no column\(s\) 'phone'"):
+    with pytest.raises(SourceError, match=r"missing column\(s\) 'phone'; available: 'id', 'email', 'ltv'"):
         list(src.read_batches(["phone"]))
 
 
