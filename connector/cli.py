@@ -18,7 +18,7 @@ from rich.table import Table
 
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.errors import ConfigError, ConnectorError
-from connector.ledger.store import ON_PLATFORM, SqlLedger
+from connector.ledger.journal import ON_PLATFORM, Journal
 from connector.locks import Coordinator
 from connector.logs import setup_logging
 from connector.settings import ConnectorSettings, load_settings
@@ -150,7 +150,7 @@ def sync(
         err.print(f"waiting: {segment} -> {dest} is being synced by {holder}", highlight=False)
 
     try:
-        ledger = SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
+        ledger = Journal(settings.ledger_sqlalchemy_url())
         lock = Coordinator(ledger).pair_lock(wait=not no_wait, on_wait=waiting)
         with Engine(settings, ledger=ledger, progress=progress, pair_lock=lock) as engine:  # type: ignore[arg-type]
             results = engine.sync(segments, opts)
@@ -203,7 +203,7 @@ def _progress_printer() -> Any:
 def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Per segment and destination: audience, members in the ledger, last success, lookalike."""
     settings = _load(config)
-    ledger = SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
+    ledger = Journal(settings.ledger_sqlalchemy_url())
     try:
         pairs: list[dict[str, Any]] = []
         for seg_name, seg in settings.segments.items():
@@ -269,7 +269,7 @@ def runs(
 ) -> None:
     """Recent runs: trigger, pair, timing, status, counts, error."""
     settings = _load(config)
-    ledger = SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
+    ledger = Journal(settings.ledger_sqlalchemy_url())
     try:
         records = ledger.list_runs(limit)
     finally:

@@ -214,7 +214,7 @@ class Planner:
                 continue
             exp = "false"
             if plan.input.expire_before is not None:
-                exp = f"(st = {ON} AND at < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
+                exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
             joins.append(
                 f"FULL JOIN (SELECT k, fp, st, {exp} AS exp FROM ({plan.input.resolved}) WHERE kind = {MEMBER}) "
                 f"AS l{i} ON {prev} = l{i}.k"
@@ -280,19 +280,18 @@ class Planner:
     def _pass(self, src: str, *, dedupe: bool) -> bool:
         """One pass; False when it found duplicate keys it was not told to drop."""
         sql = self._pass_sql(src, dedupe)
-        reader = self.con.sql(sql).to_arrow_reader(100_000)
         new_keys: list[pa.Array] = []  # keys of rows no ledger knew (duplicate check)
         self.source_rows = 0
         for plan in self.plans:
             if plan.input.resolved is not None:
-                n = self.con.sql(f"SELECT count(*) FROM ({plan.input.resolved}) WHERE kind = {MEMBER}").fetchone()
+                n = self.con.execute(f"SELECT count(*) FROM ({plan.input.resolved}) WHERE kind = {MEMBER}").fetchall()[0]
                 plan._known = int(n[0]) if n else 0
             elif not self.dry_run:
                 name = plan.input.files.new_name("base", plan.input.run_id)
                 plan.file, plan.as_base = name, True
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
         try:
-            for rb in reader:
+            for rb in self.con.sql(sql).to_arrow_reader(100_000):
                 self._batch(rb, new_keys)
         except BaseException:
             for plan in self.plans:
@@ -301,7 +300,7 @@ class Planner:
                     plan._writer = None
             raise
         if dedupe:
-            total = self.con.sql(f"SELECT count(*) FROM {src}").fetchone()
+            total = self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0]
             self.duplicates = int(total[0]) - self.source_rows if total else 0
             self.source_rows += self.duplicates
         else:
@@ -488,12 +487,12 @@ class Planner:
         con.register(f"cand_{tag}", cand)
         con.register(f"gone_{tag}", gone)
         con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {inp.resolved}")
-        before = con.sql(f"SELECT count(*) FROM old_{tag} WHERE kind = {MEMBER} AND st = {ON}").fetchone()
+        before = con.execute(f"SELECT count(*) FROM old_{tag} WHERE kind = {MEMBER} AND st = {ON}").fetchall()[0]
         plan.counts.audience_before = int(before[0]) if before else 0
         mirror = self.seg.mode == "mirror"
         exp = "false"
         if inp.expire_before is not None:
-            exp = f"(o.st = {ON} AND o.at < TIMESTAMPTZ '{inp.expire_before.isoformat()}')"
+            exp = f"(o.st = {ON} AND o.acc < TIMESTAMPTZ '{inp.expire_before.isoformat()}')"
         same_pay = " AND ".join(f"n.{c} IS NOT DISTINCT FROM o.{c}" for c in keys) or "true"
         ph_new = "hash(" + ", ".join(f"coalesce(hex({c}), '')" if c.removeprefix('p_') not in CLEAR_KEYS
                                       else f"coalesce({c}, '')" for c in keys) + ")"  # fmt: skip
@@ -501,18 +500,18 @@ class Planner:
         o_pay = ", ".join(f"o.{c}" for c in keys)
         # each changed row against the member it was: what to do with it
         con.execute(f"""CREATE OR REPLACE TEMP TABLE cmp_{tag} AS
-            SELECT n.*, o.k IS NOT NULL AS known, o.st AS ost, o.at AS oat, o.pending AS opend, o.run AS orun,
+            SELECT n.*, o.k IS NOT NULL AS known, o.st AS ost, o.acc AS oat, o.pending AS opend, o.run AS orun,
                    o.b AS ob, o.c AS oc, {', '.join(f'o.{c} AS o_{c}' for c in keys)},
                    ({same_pay}) AS samepay, (n.c IS NOT DISTINCT FROM o.c) AS samec, {exp} AS expiring
             FROM cand_{tag} n LEFT JOIN (SELECT * FROM old_{tag} WHERE kind = {MEMBER}) o USING (k)""")
         keep = f"known AND samepay AND samec AND ost IN ({ON}, {REJECTED}) AND NOT expiring"
-        counts = con.sql(f"""SELECT
+        counts = con.execute(f"""SELECT
             count(*) FILTER (WHERE {keep}),
             count(*) FILTER (WHERE NOT known OR (NOT samepay AND ost NOT IN ({ON}, {MAYBE}))),
             count(*) FILTER (WHERE known AND NOT samepay AND ost IN ({ON}, {MAYBE})),
             count(*) FILTER (WHERE known AND samepay AND samec AND NOT ({keep})),
             count(*) FILTER (WHERE known AND samepay AND NOT samec)
-            FROM cmp_{tag}""").fetchone()  # fmt: skip
+            FROM cmp_{tag}""").fetchall()[0]  # fmt: skip
         assert counts is not None
         c = plan.counts
         c.unchanged += int(counts[0])
@@ -521,8 +520,8 @@ class Planner:
         c.adds += 0 if mirror else int(counts[2])
         c.resends += int(counts[3])
         c.consent_changes += int(counts[4])
-        leavers = con.sql(f"""SELECT count(*) FROM (SELECT DISTINCT k FROM gone_{tag}) g
-            JOIN old_{tag} o ON o.k = g.k AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})""").fetchone()
+        leavers = con.execute(f"""SELECT count(*) FROM (SELECT DISTINCT k FROM gone_{tag}) g
+            JOIN old_{tag} o ON o.k = g.k AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})""").fetchall()[0]
         c.removes += int(leavers[0]) if (leavers and mirror) else 0
         if self.dry_run:
             return
@@ -533,7 +532,7 @@ class Planner:
               CASE WHEN {keep} THEN (CASE WHEN opend THEN {SENT} ELSE ost END) ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN orun END) ELSE {R} END::UINTEGER AS run,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN ob END) END::INTEGER AS b,
-              CASE WHEN {keep} THEN oat END AS at, NOT ({keep}) AS send
+              CASE WHEN {keep} THEN oat END AS acc, NOT ({keep}) AS send
             FROM cmp_{tag}"""
         owed_new = f"""
             SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, {', '.join(f'o_{c} AS {c}' for c in keys)},
@@ -554,7 +553,7 @@ class Planner:
         con.execute(f"""INSERT INTO members_{tag}
             SELECT o.k, {MEMBER}, o.fp, {o_pay}, o.c,
               CASE WHEN o.pending THEN {SENT} ELSE o.st END, CASE WHEN o.pending OR o.st = {MAYBE} THEN o.run END,
-              CASE WHEN o.pending THEN o.b END, o.at, false
+              CASE WHEN o.pending THEN o.b END, o.acc, false
             FROM old_{tag} o WHERE o.kind = {MEMBER} AND o.k IN (SELECT k FROM touched_{tag})
               AND o.k NOT IN (SELECT k FROM cand_{tag})
               AND o.k NOT IN (SELECT k FROM gone_{tag} WHERE {'true' if mirror else 'false'})""")
@@ -567,8 +566,8 @@ class Planner:
               SELECT {ph_new} FROM old_{tag} WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE})
                 AND k NOT IN (SELECT k FROM touched_{tag}))""")
         size = inp.batch_size
-        n_rm = con.sql(f"SELECT count(*) FROM owed_{tag}").fetchone()
-        n_add = con.sql(f"SELECT count(*) FROM members_{tag} WHERE send").fetchone()
+        n_rm = con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0]
+        n_add = con.execute(f"SELECT count(*) FROM members_{tag} WHERE send").fetchall()[0]
         plan.remove_batches = -(-int(n_rm[0] if n_rm else 0) // size)
         plan.add_batches = -(-int(n_add[0] if n_add else 0) // size)
         plan.sends = int(n_rm[0] if n_rm else 0) + int(n_add[0] if n_add else 0)
@@ -577,9 +576,9 @@ class Planner:
         add_b = "0" if inp.full_refresh else f"({plan.remove_batches} + (row_number() OVER (ORDER BY k) - 1) // {size})"
         new_rows = f"""
             SELECT k, kind, fp, {pay_cols}, c, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
-                   {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS at FROM owed_{tag}
+                   {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS acc FROM owed_{tag}
             UNION ALL
-            SELECT k, kind, fp, {pay_cols}, c, st, run, {add_b}::INTEGER AS b, at FROM members_{tag} WHERE send
+            SELECT k, kind, fp, {pay_cols}, c, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
             UNION ALL
             SELECT {cols} FROM members_{tag} WHERE NOT send
             UNION ALL
@@ -607,14 +606,14 @@ class Planner:
         R = inp.run_id
         state = f"""SELECT {cols} FROM ({new_rows}) WHERE kind <> {GONE}
             UNION ALL SELECT {cols} FROM old_{tag} WHERE k NOT IN (SELECT k FROM touched_{tag})"""
-        n = self.con.sql(f"SELECT count(*) FROM ({state}) WHERE kind = {MEMBER} AND st <> {REJECTED}").fetchone()
+        n = self.con.execute(f"SELECT count(*) FROM ({state}) WHERE kind = {MEMBER} AND st <> {REJECTED}").fetchall()[0]
         plan.sends = int(n[0]) if n else 0
         name = inp.files.new_name("base", R)
         plan.file, plan.as_base = name, True
         _copy(self.con, inp.files, name, f"""SELECT k, kind, fp, {', '.join(payload_column(k) for k in inp.payload_keys)}, c,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN st ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN run ELSE {R} END::UINTEGER AS run,
-              CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, at
+              CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, acc
             FROM ({state}) ORDER BY st = {SENT} DESC""")  # fmt: skip
 
 

@@ -48,19 +48,22 @@ from connector.errors import (
     SourceError,
 )
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import CLEAR_KEYS, MEMBER, OWED, SENT, PairFiles, payload_column, sql_path
+from connector.ledger.files import CLEAR_KEYS, MEMBER, OWED, SENT, PairFiles, member_schema, payload_column, sql_path
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
 from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
 from connector.logs import log_context
 from connector.retry import RetryStats
 from connector.settings import (
     ConnectorSettings,
+    CsvSource,
+    ParquetSource,
     DestinationConfig,
     GoogleDestinationConfig,
     MetaDestinationConfig,
     SegmentConfig,
 )
 from connector.sources import open_source
+from connector.sources.base import reading
 
 log = logging.getLogger("connector.engine")
 
@@ -368,9 +371,15 @@ class Engine:
         )  # fmt: skip
         planner = Planner(con, spec, inputs, dry_run=opts.dry_run)
         source = open_source(seg.source, self.settings.base_dir)
-        rel = source.relation(con, planner.source_columns())
-        rel.create_view("src", replace=True)
-        plans = planner.run("src")
+        with reading(source):
+            rel = source.relation(con, planner.source_columns())
+            if isinstance(seg.source, CsvSource | ParquetSource):
+                rel.create_view("src", replace=True)
+            else:  # a one-shot stream (query results, pages): kept, since a plan may read it twice
+                rel.create("src")
+            plans = planner.run("src")
+            con.execute("DROP VIEW IF EXISTS src") if isinstance(seg.source, CsvSource | ParquetSource) else con.execute(
+                "DROP TABLE IF EXISTS src")
         for pair, plan in zip(pairs, plans, strict=True):
             pair.plan = plan
             pair.result.counts = plan.counts
@@ -630,8 +639,6 @@ class Engine:
 
 
 def _schema(payload_keys: Sequence[str]) -> pa.Schema:
-    from connector.ledger.files import member_schema
-
     return member_schema(payload_keys)
 
 

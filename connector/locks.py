@@ -25,7 +25,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, delete, 
 from sqlalchemy.exc import IntegrityError
 
 from connector.errors import LockHeldError
-from connector.ledger.store import SqlLedger, create_tables, now
+from connector.ledger.journal import Journal, create_tables, now
 
 log = logging.getLogger("connector.locks")
 
@@ -95,7 +95,7 @@ def holder_is_dead(holder: str) -> bool:
 
 
 class Coordinator:
-    def __init__(self, ledger: SqlLedger, *, lease_seconds: float = 60.0, holder: str | None = None) -> None:
+    def __init__(self, ledger: Journal, *, lease_seconds: float = 60.0, holder: str | None = None) -> None:
         self.ledger = ledger
         self.engine = ledger.engine
         self.lease = timedelta(seconds=lease_seconds)

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from connector.engine import DestinationFactory, Engine, RunResult, SyncOptions
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 from connector.locks import Coordinator
 from connector.settings import ConnectorSettings
 
@@ -53,7 +53,7 @@ class SyncService:
     def __init__(self, settings: ConnectorSettings, *, destination_factory: DestinationFactory | None = None,
                  jitter_seconds: float = 0.0, lease_seconds: float = 60.0) -> None:  # fmt: skip
         self.settings = settings
-        self.ledger = SqlLedger(settings.ledger_sqlalchemy_url(), index_dir=settings.index_path)
+        self.ledger = Journal(settings.ledger_sqlalchemy_url())
         self.coord = Coordinator(self.ledger, lease_seconds=lease_seconds)
         self.stop = threading.Event()
         self._wake = threading.Event()

@@ -286,9 +286,10 @@ class ConnectorSettings(BaseSettings):
         default=1.0, ge=0.0, description="a queued sync waits this long so a burst of triggers makes one run"
     )
     timezone: str = "UTC"
-    workers: int | None = Field(
-        default=None, ge=0, le=64,
-        description="processes that normalize and hash large batches; default one per core (0: none)",
+    threads: int | None = Field(default=None, ge=1, le=256, description="DuckDB threads; default one per core")
+    memory_limit: str = Field(
+        default="1200MB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
+        description="DuckDB's memory limit (it spills to state_dir/tmp beyond it), e.g. '2GB'",
     )  # fmt: skip
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     segments: dict[str, SegmentConfig] = Field(default_factory=dict)
@@ -329,11 +330,6 @@ class ConnectorSettings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.resolve(self.state_dir)
-
-    @property
-    def index_path(self) -> Path:
-        """Snapshots of each pair's ledger index (a cache: deleting it costs one slower run)."""
-        return self.state_path / "index"
 
     def ledger_sqlalchemy_url(self) -> str:
         if self.ledger_url is not None:

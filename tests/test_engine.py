@@ -124,9 +124,8 @@ def test_the_first_row_of_a_known_member_wins_even_when_it_is_unusable(harness: 
     (which row counted used to depend on whether the ledger knew the member)."""
     harness.sync([person(i) for i in range(10)])
     empty = person(1, email="", phone="", first_name="", last_name="", zip="", country="")
-    # read 3 rows at a time: the two rows of C1 arrive in different batches
     write_csv(harness.csv, [person(i) for i in range(10) if i != 1] + [empty, person(10), person(11), person(1)])
-    with Engine(harness.settings, destination_factory=harness.factory, batch_rows=3) as engine:
+    with Engine(harness.settings, destination_factory=harness.factory) as engine:
         res = {r.destination: r for r in engine.sync(None, SyncOptions(force=True))}
     for dest in ("meta", "google"):
         c = res[dest].counts
@@ -281,22 +280,27 @@ def test_member_whose_key_ends_in_a_zero_byte_is_removed(harness: Harness) -> No
 
 
 def test_google_members_are_resent_before_their_membership_expires(harness: Harness) -> None:
+    """A membership lasts `membership_days` from when Google accepted it: members whose acceptance is
+    older than membership_days - resend_before_expiry_days are sent again, once."""
     import sqlite3
     from datetime import UTC, datetime, timedelta
 
+    google = harness.destinations["google"]
+    google.capabilities = type(google.capabilities)(max_batch_size=2)
     rows = [person(i) for i in range(4)]
     harness.sync(rows)
     con = sqlite3.connect(harness.dir / "state" / "ledger.db")
-    soon = (datetime.now(UTC) + timedelta(days=3)).replace(tzinfo=None).isoformat(sep=" ")
-    con.execute("UPDATE members SET expires_at = ? WHERE destination = 'google' AND member_key IN "
-                "(SELECT member_key FROM members WHERE destination = 'google' LIMIT 2)", (soon,))
+    # the first batch (2 members) was accepted 512 days ago: 28 days of its 540 are left (< 30)
+    old = (datetime.now(UTC) - timedelta(days=512)).replace(tzinfo=None).isoformat(sep=" ")
+    assert con.execute("UPDATE batches SET acked_at = ? WHERE destination = 'google' AND seq = 0", (old,)).rowcount == 1
     con.commit()
     con.close()
-    before = harness.destinations["google"].write_calls
+    before = google.write_calls
     res = harness.sync(rows)
-    assert res["google"].write_calls == 1 and harness.destinations["google"].write_calls == before + 1
+    assert res["google"].counts.resends == 2 and res["google"].as_dict()["adds"] == 2
+    assert res["google"].write_calls == 1 and google.write_calls == before + 1
     assert res["meta"].write_calls == 0
-    assert harness.sync(rows)["google"].write_calls == 0  # re-sent once, with a new expiry
+    assert harness.sync(rows)["google"].write_calls == 0  # re-sent once, with a new acceptance time
 
 
 def test_duplicate_keys_with_a_destination_added_later(make_harness) -> None:  # type: ignore[no-untyped-def]

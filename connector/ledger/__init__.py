@@ -1,25 +1,10 @@
-"""Member ledger: per (segment, destination, member) record of what the platform accepted."""
+"""The ledger: what each platform accepted, per (segment, destination, member).
 
-from connector.ledger.store import (
-    ON_PLATFORM,
-    TO_ADD,
-    AudienceRecord,
-    LedgerIndex,
-    PendingMember,
-    RunRecord,
-    SqlLedger,
-    StagedMember,
-    open_ledger,
-)
+`files` holds the members (an immutable Parquet base and one cumulative delta per pair), `journal`
+the control plane (pairs, runs, acknowledged batches, rejections, audiences), `recovery` resolves a
+pair's rows against the journal, and `migrate` converts a ledger of the row-per-member design.
+"""
 
-__all__ = [
-    "ON_PLATFORM",
-    "TO_ADD",
-    "AudienceRecord",
-    "LedgerIndex",
-    "PendingMember",
-    "RunRecord",
-    "SqlLedger",
-    "StagedMember",
-    "open_ledger",
-]
+from connector.ledger.journal import ON_PLATFORM, AudienceRecord, Journal, RunRecord
+
+__all__ = ["ON_PLATFORM", "AudienceRecord", "Journal", "RunRecord"]

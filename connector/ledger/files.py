@@ -16,7 +16,7 @@ Columns (narrow and binary; never a raw identifier)::
                      once that batch is acknowledged (the control plane's `batches`), 4 maybe on the platform
     run    UINTEGER  the run that sent the row (add for members, removal for owed rows)
     b      INTEGER   the batch of that run
-    at     TIMESTAMP when the platform accepted the member (Google memberships expire from there)
+    acc    TIMESTAMP when the platform accepted the member (Google memberships expire from there)
 
 Files are written to a temporary name, fsynced and renamed: a reader sees a whole file or none.
 """
@@ -49,7 +49,7 @@ def member_schema(payload_keys: Sequence[str]) -> pa.Schema:
     fields += [pa.field(payload_column(k), pa.string() if k in CLEAR_KEYS else pa.binary()) for k in payload_keys]
     fields += [
         pa.field("c", pa.uint8()), pa.field("st", pa.uint8()), pa.field("run", pa.uint32()),
-        pa.field("b", pa.int32()), pa.field("at", pa.timestamp("us", tz="UTC")),
+        pa.field("b", pa.int32()), pa.field("acc", pa.timestamp("us", tz="UTC")),
     ]  # fmt: skip
     return pa.schema(fields)
 
@@ -102,7 +102,7 @@ class MemberWriter:
         self.rows = 0
         self._w = pq.ParquetWriter(
             self.tmp, schema, compression="none", use_dictionary=False,
-            write_statistics=["run", "b", "kind", "st"], row_group_size=1 << 20,
+            write_statistics=["run", "b", "kind", "st"],
         )  # fmt: skip
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:

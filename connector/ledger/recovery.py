@@ -65,17 +65,17 @@ def register_journal(con: duckdb.DuckDBPyConnection, journal: Journal, segment: 
 
 def resolved_sql(current: str, acks: str, rej: str) -> str:
     """`current` with each sent row's state settled: st becomes ON, REJECTED, MAYBE (members) or, for
-    owed removals, ON (done) / TO_SEND (owed still); `at` is when the platform accepted it; `pending`:
+    owed removals, ON (done) / TO_SEND (owed still); `acc` is when the platform accepted it; `pending`:
     Google has not confirmed its request yet."""
     return f"""
-    SELECT cur.* EXCLUDE (st, at),
+    SELECT cur.* EXCLUDE (st, acc),
       CASE WHEN cur.st <> {SENT} THEN cur.st
            WHEN cur.kind = {OWED} THEN CASE WHEN a.ok AND coalesce(NOT rj.deferred, true) THEN {ON} ELSE {TO_SEND} END
            WHEN rj.k IS NOT NULL AND rj.deferred THEN {TO_SEND}
            WHEN rj.k IS NOT NULL THEN {REJECTED}
            WHEN a.ok THEN {ON}
            ELSE {MAYBE} END::UTINYINT AS st,
-      CASE WHEN cur.st = {SENT} THEN a.acked_at ELSE cur.at END AS at,
+      CASE WHEN cur.st = {SENT} THEN a.acked_at ELSE cur.acc END AS acc,
       coalesce(cur.st = {SENT} AND a.pending, false) AS pending
     FROM ({current}) AS cur
     LEFT JOIN {acks} AS a ON cur.st = {SENT} AND a.run = cur.run AND a.b = cur.b
@@ -101,14 +101,14 @@ def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPoint
     dropped. Rows whose Google request is still pending keep their (run, b) so a FAILED status can still
     send them again."""
     schema = member_schema(payload_keys)
-    cols = ", ".join(f'"{f.name}"' for f in schema if f.name not in ("st", "run", "b", "at"))
+    cols = ", ".join(f'"{f.name}"' for f in schema if f.name not in ("st", "run", "b", "acc"))
     path = files.path(name)
     tmp = path.with_name(path.name + ".tmp")
     files.dir.mkdir(parents=True, exist_ok=True)
     con.sql(f"""COPY (
         SELECT {cols},
           (CASE WHEN pending THEN {SENT} ELSE st END)::UTINYINT AS st,
-          CASE WHEN pending OR st = {MAYBE} THEN run END AS run, CASE WHEN pending THEN b END AS b, at
+          CASE WHEN pending OR st = {MAYBE} THEN run END AS run, CASE WHEN pending THEN b END AS b, acc
         FROM ({resolved}) WHERE NOT (kind = {OWED} AND st = {ON})
     ) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)""")
     fsync_replace(tmp, path)
