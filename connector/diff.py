@@ -81,7 +81,7 @@ class PlanCounts:
         return {
             "source_rows": self.source_rows,
             "invalid": self.invalid,
-            "invalid_reasons": dict(sorted(self.invalid_reasons.items())),
+            "invalid_reasons": {k: v for k, v in sorted(self.invalid_reasons.items()) if v},
             "unchanged": self.unchanged,
             "adds": self.adds + self.changes + self.resends + self.consent_changes,
             "new_members": self.adds,

@@ -16,8 +16,6 @@ from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.settings import ConnectorSettings, load_settings
 
-# every index snapshot the tests use or write is compared with the ledger (subprocesses inherit it)
-os.environ["CONNECTOR_CHECK_INDEX_SNAPSHOTS"] = "1"
 
 IDENTIFIERS = (
     '{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", '

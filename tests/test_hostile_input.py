@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from connector.cli import app
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 
 N = 60
 FIELDS = ["id", "email", "phone"]
@@ -115,7 +115,7 @@ destinations = ["meta"]
         return len(aud["rows"])
 
     def ledger_counts(self) -> dict[str, int]:
-        ledger = SqlLedger(f"sqlite:///{self.dir / 'state' / 'ledger.db'}")
+        ledger = Journal(f"sqlite:///{self.dir / 'state' / 'ledger.db'}")
         try:
             return ledger.counts("vip", "meta")
         finally:

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 from connector.locks import Coordinator, holder_id, holder_is_dead
 
 HOLD = """
 import sys, time
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 from connector.locks import Coordinator
-c = Coordinator(SqlLedger(sys.argv[1]), lease_seconds=600)
+c = Coordinator(Journal(sys.argv[1]), lease_seconds=600)
 assert c.try_acquire("vip", "meta") is None
 print(c.holder, flush=True)
 time.sleep(600)
@@ -30,7 +30,7 @@ def test_a_killed_holder_frees_its_pair_without_waiting_for_the_lease(tmp_path: 
     proc = subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     holder = proc.stdout.readline().strip()
-    ledger = SqlLedger(url)
+    ledger = Journal(url)
     coord = Coordinator(ledger, lease_seconds=600)
     try:
         assert coord.try_acquire("vip", "meta") == holder  # alive: its 600 s lease holds

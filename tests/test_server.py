@@ -19,7 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 from connector.locks import Coordinator
 from connector.server import SyncService, create_app, sign
 from connector.settings import load_settings
@@ -186,9 +186,9 @@ def test_schedule_during_a_webhook_run_does_not_overlap(tmp_path: Path) -> None:
 
 HOLD = """
 import sys, time, json
-from connector.ledger.store import SqlLedger
+from connector.ledger.journal import Journal
 from connector.locks import Coordinator
-ledger = SqlLedger(sys.argv[1])
+ledger = Journal(sys.argv[1])
 lock = Coordinator(ledger, lease_seconds=5).pair_lock(wait=True)
 spans = []
 for _ in range(3):
@@ -200,7 +200,7 @@ print(json.dumps(spans))
 
 def test_two_processes_never_hold_the_same_pair(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    SqlLedger(url).close()
+    Journal(url).close()
     procs = [subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     spans = sorted(s for p in procs for s in json.loads(p.communicate(timeout=60)[0]))
     assert len(spans) == 6
@@ -211,7 +211,7 @@ def test_two_processes_never_hold_the_same_pair(tmp_path: Path) -> None:
 def test_manual_sync_no_wait_exits_1_naming_the_holder(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     settings = load_settings(cfg)
-    ledger = SqlLedger(settings.ledger_sqlalchemy_url())
+    ledger = Journal(settings.ledger_sqlalchemy_url())
     coord = Coordinator(ledger, holder="other-host:4242:abcd")
     assert coord.try_acquire("vip", "meta") is None
     from typer.testing import CliRunner
@@ -227,7 +227,7 @@ def test_manual_sync_no_wait_exits_1_naming_the_holder(tmp_path: Path) -> None:
 
 
 def test_expired_lease_of_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
-    ledger = SqlLedger(f"sqlite:///{tmp_path / 'l.db'}")
+    ledger = Journal(f"sqlite:///{tmp_path / 'l.db'}")
     dead = Coordinator(ledger, lease_seconds=0.2, holder="dead")
     alive = Coordinator(ledger, lease_seconds=5, holder="alive")
     assert dead.try_acquire("s", "d") is None
@@ -256,7 +256,7 @@ def test_sigterm_mid_sync_leaves_a_consistent_ledger_and_the_next_start_complete
         stamp = str(int(time.time()))
         httpx.post(f"{url}/webhooks/segments/vip", content=b"{}", headers={
             "X-Connector-Timestamp": stamp, "X-Connector-Signature": sign(SECRET, stamp, b"{}")})  # fmt: skip
-        ledger = SqlLedger(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
+        ledger = Journal(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
         while ledger.counts("vip", "meta").get("confirmed", 0) == 0:  # at least one batch committed
             assert time.time() < deadline + 60
             time.sleep(0.05)
@@ -320,7 +320,7 @@ def test_two_server_processes_never_sync_the_same_pair_at_once(tmp_path: Path) -
                     "X-Connector-Timestamp": stamp, "X-Connector-Signature": sign(SECRET, stamp, body)})  # fmt: skip
                 assert resp.status_code == 202
             time.sleep(0.3)
-        ledger = SqlLedger(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
+        ledger = Journal(f"sqlite:///{tmp_path / 'state' / 'ledger.db'}")
         deadline = time.time() + 120
         while True:
             runs = ledger.list_runs()

@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from connector.ledger.files import (
+    CLEAR_KEYS,
     GONE,
     MAYBE,
     MEMBER,
@@ -114,3 +115,21 @@ def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPoint
     fsync_replace(tmp, path)
     return path
 
+
+
+def read_pair(journal: Journal, root: Path, segment: str, destination: str, payload_keys: Sequence[str]) -> pa.Table:
+    """A pair's rows as they stand (states settled), payload as sent (hex digests, clear text): for
+    `status`, tests and audits. Columns: k, kind, st, pending, acc and one per payload key."""
+    files = PairFiles(root, segment, destination)
+    pointer = journal.pointer(segment, destination)
+    schema = member_schema(payload_keys)
+    current = current_sql(files, pointer, schema)
+    cols = ", ".join(f'"p_{k}" AS "{k}"' if k in CLEAR_KEYS else f'lower(hex("p_{k}")) AS "{k}"' for k in payload_keys)
+    con = duckdb.connect()
+    try:
+        if current is None:
+            return con.sql("SELECT NULL::BLOB AS k, 0::UTINYINT AS kind LIMIT 0").to_arrow_table()
+        acks, rej = register_journal(con, journal, segment, destination, "r")
+        return con.sql(f"SELECT k, kind, st, pending, acc, {cols} FROM ({resolved_sql(current, acks, rej)})").to_arrow_table()
+    finally:
+        con.close()

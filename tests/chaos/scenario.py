@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.store import SqlLedger
+from connector.ledger.files import MEMBER, ON, OWED, TO_SEND
+from connector.ledger.journal import Journal
+from connector.ledger.recovery import read_pair
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.google_ads import GoogleAdsEmulator
 from connector.sandbox.google_datamanager import DataManagerEmulator
@@ -264,7 +266,7 @@ def scan_for_leaks(seg: Segment, emus: Emulators, workdir: Path, out: Outcome) -
 
 def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome, name: str, ledger_url: str | None) -> None:
     scan_for_leaks(seg, emus, workdir, out)
-    ledger = SqlLedger(ledger_url or f"sqlite:///{workdir / 'state' / 'ledger.db'}")
+    ledger = Journal(ledger_url or f"sqlite:///{workdir / 'state' / 'ledger.db'}")
     try:
         for dest in DESTINATIONS:
             platform = "meta" if dest == "meta" else "google"
@@ -279,12 +281,13 @@ def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome, name: str,
             if have != want:
                 out.mismatches.append(f"{dest}: platform has {len(have)}, segment {len(want)}: "
                                       f"{len(have - want)} extra, {len(want - have)} missing")  # fmt: skip
-            present: set[frozenset[tuple[str, str]]] = set()
-            for batch in ledger.iter_present(name, dest, 10_000):
-                present |= {frozenset((k, v) for k, v in json.loads(m.payload).items() if v) for m in batch}
+            keys = Normalizer(platform, IDS, "US").schema()
+            rows = read_pair(ledger, workdir / "state" / "members", name, dest, keys).to_pylist()
+            present = {frozenset((k, r[k]) for k in keys if r[k]) for r in rows if r["kind"] == MEMBER and r["st"] == ON}
             if present != have:
                 out.mismatches.append(f"{dest}: ledger says {len(present)} on the platform, platform has {len(have)}")
-            adds, removes = ledger.pending_counts(name, dest)
+            adds = sum(1 for r in rows if r["kind"] == MEMBER and r["st"] not in (ON, 2))
+            removes = sum(1 for r in rows if r["kind"] == OWED and r["st"] == TO_SEND)
             if adds or removes:
                 out.mismatches.append(f"{dest}: ledger still has {adds} adds / {removes} removes pending")
     finally:
