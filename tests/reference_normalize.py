@@ -6,7 +6,8 @@ suites compute expected audiences with. Sources: tests/identifiers/golden/README
 connector's identifier fields (email, phone, first_name, last_name, zip, country, city, state, gender,
 date_of_birth, mobile_ad_id, external_id), each payload key the platform is sent with its normalized
 string and how it is sent ("sha256": its SHA-256 hex; "as_is": the string itself). `payload(...)` is
-what goes on the wire. Values that break a documented rule are left out (never sent).
+what goes on the wire. Values that break a documented rule are left out (never sent). Pass only the
+segment's mapped identifier fields (as the connector only normalizes those).
 
 Where the documents leave a choice open, the choice is written next to the rule (and in the README).
 """
