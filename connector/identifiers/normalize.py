@@ -12,12 +12,20 @@ and postal code unhashed; an address is sent only with all four parts.
 
 Meta (Custom Audiences): EMAIL trimmed and lowercased; PHONE digits only with country code;
 FN/LN lowercased without punctuation, accented letters kept; FI first initial; ZIP lowercase
-without spaces (US: 5 digits); CT letters only; ST US two-letter code; COUNTRY alpha-2 lowercase;
-GEN m/f; DOBY/DOBM/DOBD; MADID lowercase unhashed; EXTERN_ID exactly as given, unhashed.
+without spaces (US: 5 digits, UK: Area/District/Sector); CT letters a-z only; ST US two-letter code,
+elsewhere letters a-z only; COUNTRY alpha-2 lowercase; GEN m/f; DOBY/DOBM/DOBD; MADID lowercase
+unhashed; EXTERN_ID exactly as given, unhashed.
+
+Phones (both): parsed and validated by `phonenumbers` with the row's country or the segment's default
+region; only plain, valid NANP shapes skip it. Invalid numbers are dropped, never sent.
+
+The golden answer keys in tests/identifiers/golden/ (typed in from the platforms' pages) say what each
+rule must produce.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import unicodedata
@@ -57,9 +65,13 @@ PlatformName = Literal["meta", "google"]
 
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _PHONE_STRIP = re.compile(r"[\s\-.()/]")
-_E164_RE = re.compile(r"^\+[1-9]\d{7,14}$")
-_NANP_RE = re.compile(r"^1?([2-9]\d{2}[2-9]\d{6})$")
+# plain NANP shapes: "+1" and ten digits anywhere; in a US or CA segment also ten digits, or eleven from "1"
+_NANP_INTL_RE = re.compile(r"^\+1([2-9]\d{9})$")
+_NANP_NATIONAL_RE = re.compile(r"^1?([2-9]\d{9})$")
+_NANP_REGIONS = frozenset({"US", "CA"})
 _ZIP_US_RE = re.compile(r"^(\d{5})(?:-?\d{4})?$")
+# a full UK postcode with its spaces removed, lower case: outward code (area + district), sector digit, unit
+_UK_POSTCODE_RE = re.compile(r"^([a-z]{1,2}\d[a-z\d]?)(\d)[a-z]{2}$")
 _MADID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _DOB_FORMATS = (
     re.compile(r"^(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})(?:[T ].*)?$"),
@@ -143,41 +155,86 @@ def _google_email(e: str) -> str | None:
 
 @lru_cache(maxsize=200_000)
 def _parse_phone(value: str, region: str) -> str | None:
+    """E.164 of a number `phonenumbers` parses with this region and calls valid; None otherwise. The
+    region decides the national trunk prefix and the international prefix (00 in most of Europe, 011 in
+    NANP), and a trunk prefix written after the country code (`+44 (0)20 ...`) is dropped."""
     try:
         num = phonenumbers.parse(value, region)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_possible_number(num):
+    if not phonenumbers.is_valid_number(num):  # wrong length, unassigned country or area code
         return None
     return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _us_valid_pattern() -> re.Pattern[str] | None:
+    """The ten-digit national numbers `phonenumbers.is_valid_number` accepts as US numbers, as one
+    pattern built from phonenumbers' own metadata: a number matching the US general pattern and one of
+    the US number types is valid (US is the first region of country code 1 and has no leading digits,
+    so phonenumbers picks it before the other NANP regions). None when the metadata is not shaped so:
+    then every number goes through `phonenumbers`."""
+    try:
+        meta = phonenumbers.PhoneMetadata.metadata_for_region("US")
+        if meta is None or meta.leading_digits or phonenumbers.COUNTRY_CODE_TO_REGION_CODE[1][0] != "US":
+            return None
+        general = meta.general_desc
+        if general is None or not general.national_number_pattern or 10 not in general.possible_length:
+            return None
+        descs = (meta.premium_rate, meta.toll_free, meta.shared_cost, meta.voip, meta.personal_number, meta.pager,
+                 meta.uan, meta.voicemail, meta.fixed_line, meta.mobile)  # fmt: skip
+        types = [
+            d.national_number_pattern
+            for d in descs
+            if d is not None and d.national_number_pattern and (not d.possible_length or 10 in d.possible_length)
+        ]
+        if not types:
+            return None
+        return re.compile(f"(?=(?:{general.national_number_pattern})$)(?:{'|'.join(f'(?:{t})' for t in types)})$")
+    except Exception:  # noqa: BLE001 - metadata of another shape: no fast path
+        return None
+
+
+_US_VALID = _us_valid_pattern()
+
+
+def _nanp_fast(compact: str, region: str) -> str | None:
+    """E.164 of a plain NANP shape that is a valid US number (the same answer `phonenumbers` gives),
+    None for anything else (which then goes through `phonenumbers`)."""
+    if _US_VALID is None:
+        return None
+    m = _NANP_INTL_RE.match(compact)
+    if m is None and region in _NANP_REGIONS:
+        m = _NANP_NATIONAL_RE.match(compact)
+    if m is None or not _US_VALID.match(m.group(1)):
+        return None
+    return "+1" + m.group(1)
+
+
 def normalize_phone(value: str, region: str) -> str | None:
-    """E.164 with '+'. Fast paths for numbers already in E.164 shape and NANP national numbers;
-    everything else goes through `phonenumbers` with the row's or the segment's region."""
-    compact = _PHONE_STRIP.sub("", value.strip())
-    if compact.startswith("00"):
-        compact = "+" + compact[2:]
-    if _E164_RE.match(compact):
-        return compact
-    if region in ("US", "CA") and compact.isdigit():
-        m = _NANP_RE.match(compact)
-        if m:
-            return "+1" + m.group(1)
+    """E.164 with '+', or None for a number that is not valid. Only plain, valid NANP shapes skip
+    `phonenumbers`; everything else is parsed and validated by it with the row's or the segment's region."""
+    v = value.strip()
+    compact = _PHONE_STRIP.sub("", v)
+    fast = _nanp_fast(compact, region)
+    if fast is not None:
+        return fast
     if not any(c.isdigit() for c in compact) or len(value) > 64:
         return None
-    return _parse_phone(value.strip(), region)
+    return _parse_phone(v, region)
 
 
 def normalize_name(value: str) -> str | None:
+    """Lower case, letters (any script, accents kept) and one space between words; punctuation and
+    digits removed, not turned into a space (`Ruiz-Ortega` -> `ruizortega`, `O'Neil` -> `oneil`: both
+    platforms say "no punctuation"); titles before and suffixes after the name dropped."""
     s = unicodedata.normalize("NFC", value).lower()
-    s = "".join(c if c.isalpha() or c.isspace() else (" " if c in "-_" else "") for c in s)
+    s = "".join(c if c.isalpha() or unicodedata.category(c)[0] == "M" else (" " if c.isspace() else "") for c in s)
     tokens = s.split()
     while tokens and tokens[0] in _TITLES:
         tokens = tokens[1:]
     while len(tokens) > 1 and tokens[-1] in _SUFFIXES:
         tokens = tokens[:-1]
-    out = " ".join(tokens)
+    out = unicodedata.normalize("NFC", " ".join(tokens))
     return out or None
 
 
@@ -190,20 +247,30 @@ def normalize_country(value: str) -> str | None:
 
 
 def normalize_zip(value: str, country: str | None, platform: PlatformName) -> str | None:
+    """US: the 5-digit ZIP. Google: otherwise as written. Meta: lower case without white space, and a UK
+    postcode in Meta's Area/District/Sector form (`SW1A 1AA` -> `sw1a1`); without a country, a value
+    shaped like a US ZIP or a full UK postcode is read as one."""
     v = value.strip()
     if country == "US" or (country is None and _ZIP_US_RE.match(v)):
         m = _ZIP_US_RE.match(v)
         return m.group(1) if m else None
     if platform == "meta":
-        v = v.lower().replace(" ", "")
+        v = "".join(v.split()).lower()
+        if country in ("GB", None) and (uk := _UK_POSTCODE_RE.match(v)):
+            return uk.group(1) + uk.group(2)
     if not v or len(v) > 12 or not all(c.isalnum() or c in " -" for c in v):
         return None
     return v
 
 
+def _roman_letters(value: str) -> str:
+    """The letters a-z of a value, accents taken off (`Zürich` -> `zurich`, `Straße` -> `strasse`):
+    Meta's rule for CT and ST, "a-z only ... no special characters, no white space"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", value.casefold()) if "a" <= c <= "z")
+
+
 def normalize_city(value: str) -> str | None:
-    s = "".join(c for c in unicodedata.normalize("NFC", value).lower() if c.isalpha())
-    return s or None
+    return _roman_letters(value) or None
 
 
 def normalize_state(value: str, country: str | None) -> str | None:
@@ -216,8 +283,7 @@ def normalize_state(value: str, country: str | None) -> str | None:
             return code
         if country == "US":
             return None
-    s = "".join(c for c in v if c.isalpha())
-    return s or None
+    return _roman_letters(v) or None
 
 
 def normalize_gender(value: str) -> str | None:
@@ -243,7 +309,7 @@ def normalize_dob(value: str, region: str) -> tuple[str, str, str] | None:
             return None
         a, b, y = int(hit["a"]), int(hit["b"]), int(hit["y"])
         m, d = (a, b) if region in _MONTH_FIRST else (b, a)
-    if not (1900 <= y <= 2100 and 1 <= m <= 12 and 1 <= d <= 31):
+    if not (1900 <= y <= datetime.date.today().year and 1 <= m <= 12 and 1 <= d <= 31):  # Meta: 1900 to this year
         return None
     return f"{y:04d}", f"{m:02d}", f"{d:02d}"
 

@@ -4,12 +4,19 @@ the engine, the ledger, the official client libraries and the emulators' wire pr
 After any sequence of source changes the platform audience holds exactly the segment's hashed
 members; zero changes make zero write calls; N changes make ceil(N / 10,000) write calls per kind;
 faults (transient errors, throttling, dropped connections) do not change the outcome.
+
+The expected audience comes from tests/reference_normalize.py (written from the platforms' pages and
+checked against the golden answer keys in tests/identifiers/golden/), never from `connector.identifiers`:
+a normalization bug in the connector makes the audiences differ. The members carry what the rules act
+on: Gmail addresses with dots and `+tags`, phones written with the UK trunk prefix after the country
+code, surnames with punctuation and accents.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +25,10 @@ from typing import Any
 import pytest
 
 from connector.engine import Engine, RunResult, SyncOptions
-from connector.identifiers.normalize import Normalizer
 from connector.settings import load_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import reference_normalize
 
 PLATFORMS = ["meta", "google", "google_ads"]  # google_ads: Google Ads API offline user data jobs
 FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
@@ -27,9 +36,16 @@ IDS = ["email", "phone", "first_name", "last_name", "zip", "country"]
 TOKEN_META = "sandbox-token"
 
 
+LAST_NAMES = ["O'Neil", "Ruiz-Ortega", "Smith", "García", "D\u2019Angelo", "Müller Jr.", "Le Pen"]
+
+
 def person(i: int, **over: str) -> dict[str, str]:
-    row = {"customer_id": f"C{i}", "email": f"Person.{i}@Example.com", "phone": f"+1 415 555 {i % 10000:04d}",
-           "first_name": "Mary", "last_name": f"Smith{i % 7}", "zip": "94107", "country": "US", "consent": "granted"}  # fmt: skip
+    # every member keeps three valid identifiers (email, phone, address): the google_ads request count
+    # below packs whole people by identifier count
+    email = f"Person.{i}+shop@GMail.com" if i % 3 == 0 else f"Person.{i}@Example.com"
+    phone = f"+44 (0)20 7946 {i % 10000:04d}" if i % 5 == 0 else f"+1 415 555 {i % 10000:04d}"
+    row = {"customer_id": f"C{i}", "email": email, "phone": phone, "first_name": "Mary", "last_name": LAST_NAMES[i % 7],
+           "zip": "94107", "country": "US", "consent": "granted"}  # fmt: skip
     row.update(over)
     return row
 
@@ -76,12 +92,12 @@ destinations = ["d"]
         return Engine(load_settings(self.dir / "connector.toml"))
 
     def expected(self) -> set[frozenset[tuple[str, str]]]:
-        n = Normalizer(self.platform, IDS, "US")
+        """The audience the platform must hold: each member's payload per the reference normalizer."""
         out = set()
         for r in self.rows:
             if self.platform == "google" and r["consent"] == "denied":
                 continue
-            payload = n.normalize({k: r[k] for k in IDS}).payload
+            payload = reference_normalize.payload(self.platform, {k: r[k] for k in IDS}, "US")
             if payload:
                 out.add(frozenset(payload.items()))
         return out
@@ -121,6 +137,19 @@ def sync(p: Pair, rows: list[dict[str, str]] | None = None, faults: dict[str, An
         (res,) = engine.sync(None, SyncOptions(**opts))
         emu.faults.error_rates, emu.faults.throttle_rate, emu.faults.drop_rate = {}, 0.0, 0.0
         return res, p.audience(engine, res), p.write_paths(engine)
+
+
+def test_members_exercise_the_normalization_rules() -> None:
+    # the expected audiences differ from a naive normalization: Gmail dots and +tags (Google), the UK
+    # trunk prefix after +44, '+' kept for Google and not for Meta, punctuation removed from names
+    raw = {k: person(0)[k] for k in IDS}
+    sha = reference_normalize.sha256_hex
+    assert reference_normalize.payload("google", raw) == {
+        "email": sha("person0@gmail.com"), "phone": sha("+442079460000"), "first_name": sha("mary"),
+        "last_name": sha("oneil"), "country_code": "US", "postal_code": "94107"}  # fmt: skip
+    meta = reference_normalize.payload("meta", raw)
+    assert meta["EMAIL"] == sha("person.0+shop@gmail.com") and meta["PHONE"] == sha("442079460000")
+    assert meta["LN"] == sha("oneil") and reference_normalize.payload("meta", person(1))["LN"] == sha("ruizortega")
 
 
 def test_sequence_of_changes_mirrors_the_segment_exactly(pair: Pair) -> None:

@@ -83,7 +83,21 @@ def test_bad_emails(raw: str) -> None:
         ("07911 123456", "GB", "+447911123456"),
         ("+44 7911 123456", "US", "+447911123456"),
         ("030 901820", "DE", "+4930901820"),
-        ("0049 30 901820", "US", "+4930901820"),
+        ("0049 30 901820", "DE", "+4930901820"),  # 00: the international prefix in Germany
+        ("011 49 30 901820", "US", "+4930901820"),  # 011: the international prefix in NANP
+        ("011 49 30 901820", "CA", "+4930901820"),
+        ("0044 20 7946 0958", "GB", "+442079460958"),
+        ("001 650 253 0000", "GB", "+16502530000"),
+        ("00 49 30 901820", "CH", "+4930901820"),
+        ("+44 (0)20 7946 0958", "US", "+442079460958"),  # the trunk prefix after the country code is dropped
+        ("+44 (0) 20 7946 0958", "DE", "+442079460958"),
+        ("+44 07911 123456", "US", "+447911123456"),
+        ("+1 650 253 0000", "GB", "+16502530000"),
+        ("16502530000", "US", "+16502530000"),
+        ("650/253-0000", "CA", "+16502530000"),
+        ("+1 264 497 1234", "US", "+12644971234"),  # NANP outside the US (Anguilla): phonenumbers decides
+        ("(800)555-0100", "US", "+18005550100"),  # Google's Data Manager example
+        ("+44 844 412 4653", "US", "+448444124653"),  # Meta's customer list example
         ("01 45 67 89 10", "FR", "+33145678910"),
         ("098765 43210", "IN", "+919876543210"),
         ("(11) 91234-5678", "BR", "+5511912345678"),
@@ -97,11 +111,74 @@ def test_phones_several_regions(raw: str, region: str, e164: str) -> None:
     assert m == sha256_hex(e164[1:])  # Meta: digits only, country code, no '+'
 
 
-@pytest.mark.parametrize("raw", ["n/a", "12", "+", "phone", "555", "+1 (000) 000"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "n/a", "12", "+", "phone", "555", "+1 (000) 000",
+        "0044 20 7946 0958",  # 00 is not the international prefix in the US (011 is)
+        "0049 30 901820",
+        "+1 650 253 00001",  # too many digits
+        "+1 650 253 000",  # too few
+        "+999 123 456 789",  # unassigned country code
+        "+80 1234 5678",
+        "(555) 234-5678",  # a plain NANP shape, but an unassigned area code
+        "+1 555 987 6543",
+        "+1 123 456 7890",
+        "+44 20 7946 09581",  # too long for the UK
+        "+49 30",  # too short for Germany
+        "555-0134",
+    ],
+)  # fmt: skip
 def test_bad_phones(raw: str) -> None:
+    assert normalize_phone(raw, "US") is None
     out = Normalizer("google", ["phone", "email"]).normalize({"phone": raw, "email": "a@example.com"})
     assert out.errors == {"phone": PHONE_INVALID}
     assert "email" in out.payload  # the other identifier survives
+    meta = Normalizer("meta", ["phone", "email"]).normalize({"phone": raw, "email": "a@example.com"})
+    assert meta.errors == {"phone": PHONE_INVALID} and "PHONE" not in meta.payload
+
+
+def _phonenumbers_e164(raw: str, region: str) -> str | None:
+    """What phonenumbers alone says: E.164 of a valid number, None otherwise."""
+    try:
+        num = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164) if phonenumbers.is_valid_number(num) else None
+
+
+def test_the_nanp_fast_path_is_active_and_agrees_with_phonenumbers_for_every_area_code() -> None:
+    from connector.identifiers import normalize
+
+    assert normalize._US_VALID is not None  # the fast path must not be silently off
+    fast = 0
+    for npa in range(200, 1000):
+        for rest in ("2530000", "5550134", "2345678", "9876543", "1234567"):
+            digits = f"{npa}{rest}"
+            for raw, region in ((digits, "US"), (f"+1 {digits}", "GB"), (f"1-{npa}-{rest[:3]}-{rest[3:]}", "CA")):
+                assert normalize_phone(raw, region) == _phonenumbers_e164(raw, region), (raw, region)
+                fast += normalize._nanp_fast(normalize._PHONE_STRIP.sub("", raw), region) is not None
+    assert fast > 3_000  # valid NANP numbers skip phonenumbers
+
+
+nanp_shapes = st.builds(
+    lambda pre, npa, nxx, line, seps, region: (
+        f"{pre}{seps[0]}{npa}{seps[1]}{nxx}{seps[2]}{line:04d}", region),
+    st.sampled_from(["", "1", "+1", "+1 ", "1-", "(1)", "001", "011 1"]),
+    st.integers(0, 999).map(lambda n: f"{n:03d}"),
+    st.integers(0, 999).map(lambda n: f"{n:03d}"),
+    st.integers(0, 9999),
+    st.lists(st.sampled_from(["", " ", "-", ".", "/", ") ", " (", "  "]), min_size=3, max_size=3),
+    st.sampled_from(["US", "CA", "GB", "DE", "MX"]),
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(nanp_shapes)
+def test_phones_agree_with_phonenumbers(shape: tuple[str, str]) -> None:
+    # the fast path may only skip phonenumbers where it gives phonenumbers' own answer
+    raw, region = shape
+    assert normalize_phone(raw, region) == _phonenumbers_e164(raw.strip(), region), shape
 
 
 def test_row_country_is_the_phone_region() -> None:
@@ -111,10 +188,54 @@ def test_row_country_is_the_phone_region() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("  Mary ", "mary"), ("Dr. José", "josé"), ("O'Neil", "oneil"), ("Smith Jr.", "smith"), ("MRS ZOË", "zoë")],
-)
-def test_names_keep_accents_drop_titles_and_punctuation(raw: str, expected: str) -> None:
+    [
+        ("  Mary ", "mary"), ("Dr. José", "josé"), ("O'Neil", "oneil"), ("Smith Jr.", "smith"), ("MRS ZOË", "zoë"),
+        ("Ruiz-Ortega", "ruizortega"),  # punctuation removed, not turned into a space
+        ("Mary-Jane", "maryjane"), ("D\u2019Angelo", "dangelo"), ("Smith-Jones", "smithjones"),
+        ("Mrs. Jane", "jane"), ("Doe Jr.", "doe"), ("García III", "garcía"), ("Le Pen, PhD", "le pen"),
+        ("  MARY  ANN ", "mary ann"), ("F.", "f"), ("Émilie", "émilie"), ("E\u0301milie", "émilie"),
+        ("Saint-Exupéry Sr.", "saintexupéry"), ("Anne_Marie", "annemarie"), ("Jürg", "jürg"),
+        ("Ms. Anne-Marie", "annemarie"), ("-", None), ("Dr.", None),
+    ],
+)  # fmt: skip
+def test_names_keep_accents_drop_titles_and_punctuation(raw: str, expected: str | None) -> None:
     assert normalize_name(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "country", "meta", "google"),
+    [
+        ("SW1A 1AA", "GB", "sw1a1", "SW1A 1AA"),  # Meta: UK Area/District/Sector
+        ("M1 1AE", "GB", "m11", "M1 1AE"),
+        ("ec1a1bb", "GB", "ec1a1", "ec1a1bb"),
+        ("SW1A 1AA", None, "sw1a1", "SW1A 1AA"),  # a full UK postcode without a country
+        ("SW1A", "GB", "sw1a", "SW1A"),  # an outward code only: lower case, no spaces
+        ("94107-1234", "US", "94107", "94107"),
+        ("941071234", None, "94107", "94107"),
+        ("1234", "US", None, None),
+        ("WC2H 8LG", "SG", "wc2h8lg", "WC2H 8LG"),
+        ("75001", "FR", "75001", "75001"),
+        ("K1A 0B1", "CA", "k1a0b1", "K1A 0B1"),
+    ],
+)  # fmt: skip
+def test_postal_codes(raw: str, country: str | None, meta: str | None, google: str | None) -> None:
+    assert normalize_zip(raw, country, "meta") == meta
+    assert normalize_zip(raw, country, "google") == google
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("San Francisco", "sanfrancisco"), ("Zürich", "zurich"), ("Saint-Étienne", "saintetienne"),
+     ("São Paulo", "saopaulo"), ("New York", "newyork"), ("Straße", "strasse"), ("東京", None)],
+)  # fmt: skip
+def test_cities_are_letters_a_to_z(raw: str, expected: str | None) -> None:
+    assert normalize_city(raw) == expected
+
+
+def test_states() -> None:
+    assert normalize_state("California", "US") == "ca" and normalize_state("NY", None) == "ny"
+    assert normalize_state("Île-de-France", "FR") == "iledefrance" and normalize_state("Zürich", "CH") == "zurich"
+    assert normalize_state("Atlantis", "US") is None
 
 
 def test_meta_all_keys() -> None:
