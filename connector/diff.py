@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 
 from connector.errors import GuardrailError
 from connector.identifiers import sql as idsql
-from connector.identifiers.normalize import FIELD_REASONS, NO_IDENTIFIER, Normalizer
+from connector.identifiers.columns import ColumnNormalizer
+from connector.identifiers.normalize import NO_IDENTIFIER
 from connector.ledger.files import (
     CLEAR_KEYS,
     GONE,
@@ -52,10 +53,6 @@ CONSENT_WORDS = {
     "denied": 2, "false": 2, "no": 2, "n": 2, "0": 2, "f": 2,
 }  # fmt: skip
 _CONSENT_DEFAULT = {"unspecified": 0, "granted": 1, "denied": 2}
-# the fields SQL normalizes itself; a segment with others goes through the Python rules row by row
-SQL_FIELDS = frozenset({"email", "phone"})
-PLATFORM_KEY = {("meta", "email"): "EMAIL", ("meta", "phone"): "PHONE",
-                ("google", "email"): "email", ("google", "phone"): "phone"}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -170,8 +167,8 @@ class Planner:
         self.seg = seg
         self.plans = [PairPlan(p) for p in pairs]
         self.dry_run = dry_run
-        self.fast = set(seg.identifiers) <= SQL_FIELDS
         self.platforms = sorted({p.platform for p in pairs})
+        self.ids = ColumnNormalizer(seg.identifiers, self.platforms, seg.default_region)
         self.duplicates = 0
         self.source_rows = 0
 
@@ -199,11 +196,12 @@ class Planner:
 
     def _pass_sql(self, src: str, dedupe: bool) -> str:
         cols = self._columns()
-        key, _ = idsql.member_key(self.seg.key, [self.seg.identifiers[f] for f in self.seg.identifiers])
-        if self.seg.key is not None:
-            key = _unicode_trim_key(self.seg.key)
-        raw = ", ".join(idsql.quote(c) for c in cols)
-        s = f"SELECT __row AS r, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw} FROM {src}"
+        key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
+        # source columns under names of ours (a source column may be called `k` or `fp`)
+        alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
+        raw = ", ".join(f"{idsql.quote(c)} AS {a}" for c, a in alias.items())
+        cons = f", {self._consent_sql()} AS cons0" if "google" in self.platforms else ""
+        s = f"SELECT __row AS r, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw}{cons} FROM {src}"
         if dedupe:
             # the first row of a key wins; the others are counted as duplicates
             s = f"SELECT * FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
@@ -234,32 +232,11 @@ class Planner:
         outs += [f"same{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None]
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
-            outs.append(f"CASE WHEN {anytodo} THEN {self._consent_sql()} END AS cons")
-        if not self.fast:
-            outs += [f"CASE WHEN {anytodo} THEN {idsql.quote(self.seg.identifiers[f])} END AS raw_{f}"
-                     for f in self.seg.identifiers]  # fmt: skip
-            return f"SELECT {', '.join(outs)} FROM ({t})"
-        region = self.seg.default_region
-        for f, col in self.seg.identifiers.items():
-            cl = idsql.clean_email(col) if f == "email" else idsql.clean_phone(col, region)
-            outs += [
-                f"CASE WHEN ({anytodo}) AND NOT {cl.fallback} THEN {cl.clean} END AS c_{f}",
-                f"coalesce(({anytodo}) AND {cl.fallback}, false) AS fb_{f}",
-                f"CASE WHEN ({anytodo}) AND {cl.fallback} THEN {idsql.quote(col)} END AS raw_{f}",
-                f"coalesce(({anytodo}) AND {cl.present}, false) AS pr_{f}",
-            ]
-        n = f"SELECT {', '.join(outs)} FROM ({t})"
-        digests = []
-        for f in self.seg.identifiers:
-            for p in self.platforms:
-                shared = f"d_meta_{f}" if (f == "email" and p == "google" and "meta" in self.platforms) else None
-                if shared:
-                    continue
-                digests.append(f"{idsql.digest(f, p, f'c_{f}')} AS d_{p}_{f}")
-        d1 = f"SELECT *, {', '.join(digests)} FROM ({n})"
-        if "email" in self.seg.identifiers and {"meta", "google"} <= set(self.platforms):
-            d1 = f"SELECT *, {idsql.digest('email', 'google', 'c_email', shared='d_meta_email')} AS d_google_email FROM ({d1})"
-        return d1
+            outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
+        outs += list(alias.values())
+        ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
+                               self.seg.default_region)  # fmt: skip
+        return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({ids.select(f'SELECT {chr(44).join(outs)} FROM ({t})', 'anytodo')})"
 
     def run(self, src: str) -> list[PairPlan]:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
@@ -337,7 +314,7 @@ class Planner:
                 plan.counts.invalid_reasons["key_missing"] += n_nokey
         if not anytodo.any() and not any(p.input.resolved is not None for p in self.plans):
             return
-        digests = self._digests(rb, anytodo)
+        digests = {p: self.ids.payloads(rb, p, anytodo) for p in self.platforms}
         cons = rb.column("cons") if "cons" in rb.schema.names else None
         for i, plan in enumerate(self.plans):
             c = plan.counts
@@ -362,66 +339,9 @@ class Planner:
                 self._write_base(plan, rb, member, payload, ccol)
             else:
                 self._collect(plan, rb, i, member, todo, payload, ccol)
-        if self.fast:
-            for plan in self.plans:
-                plan.counts.fallback_values += sum(int(_np(rb, f"fb_{f}").sum()) for f in self.seg.identifiers)
-
-    def _digests(self, rb: pa.RecordBatch, anytodo: np.ndarray) -> dict[str, tuple[dict[str, pa.Array], dict[str, np.ndarray]]]:  # type: ignore[type-arg]
-        """Per platform: payload column (as written: digest bytes or clear text) and the rows each reason
-        dropped a value of."""
-        out: dict[str, tuple[dict[str, pa.Array], dict[str, np.ndarray]]] = {}  # type: ignore[type-arg]
-        if self.fast:
-            for p in self.platforms:
-                payload: dict[str, pa.Array] = {}
-                reasons: dict[str, np.ndarray] = {}  # type: ignore[type-arg]
-                for f in self.seg.identifiers:
-                    d = _arr(rb.column(f"d_{p}_{f}"))
-                    fb = _np(rb, f"fb_{f}")
-                    bad = _np(rb, f"pr_{f}") & ~fb & _isnull(d)
-                    if fb.any():
-                        d, fb_bad = self._fallback(rb, f, p, d, fb)
-                        bad |= fb_bad
-                    payload[PLATFORM_KEY[(p, f)]] = d
-                    reasons[FIELD_REASONS[f]] = bad
-                out[p] = (payload, reasons)
-            return out
-        for p in self.platforms:
-            out[p] = self._python_rows(rb, p, anytodo)
-        return out
-
-    def _fallback(self, rb: pa.RecordBatch, f: str, platform: str, d: pa.Array,
-                  fb: np.ndarray) -> tuple[pa.Array, np.ndarray]:  # type: ignore[type-arg]  # fmt: skip
-        """The values SQL left alone, through the Python rules (the reference), one by one."""
-        norm = Normalizer(platform, [f], self.seg.default_region)
-        key = PLATFORM_KEY[(platform, f)]
-        values = d.to_pylist()
-        raws = rb.column(f"raw_{f}").to_pylist()
-        bad = np.zeros(len(values), dtype=bool)
-        for i in np.flatnonzero(fb).tolist():
-            res = norm.normalize({f: raws[i]})
-            v = res.payload.get(key)
-            values[i] = bytes.fromhex(v) if v is not None else None
-            bad[i] = f in res.errors
-        return pa.array(values, pa.binary()), bad
-
-    def _python_rows(self, rb: pa.RecordBatch, platform: str, anytodo: np.ndarray) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:  # type: ignore[type-arg]
-        """Segments with fields SQL does not normalize: each changed row through the Python rules."""
-        fields = list(self.seg.identifiers)
-        norm = Normalizer(platform, fields, self.seg.default_region)
-        keys = list(norm.schema())
-        cols = {f: rb.column(f"raw_{f}").to_pylist() for f in fields}
-        vals: dict[str, list[object]] = {k: [None] * rb.num_rows for k in keys}
-        reasons: dict[str, np.ndarray] = {}  # type: ignore[type-arg]
-        for i in np.flatnonzero(anytodo).tolist():
-            res = norm.normalize({f: cols[f][i] for f in fields})
-            for k, v in res.payload.items():
-                if k in vals:
-                    vals[k][i] = v if k in CLEAR_KEYS else bytes.fromhex(v)
-            for reason in res.errors.values():
-                if reason != NO_IDENTIFIER:
-                    reasons.setdefault(reason, np.zeros(rb.num_rows, dtype=bool))[i] = True
-        payload = {k: pa.array(v, pa.string() if k in CLEAR_KEYS else pa.binary()) for k, v in vals.items()}
-        return payload, reasons
+        fallback = self.ids.fallback_count(rb)
+        for plan in self.plans:
+            plan.counts.fallback_values += fallback
 
     def _payload_arrays(self, plan: PairPlan, payload: dict[str, pa.Array], mask: pa.Array) -> list[pa.Array]:
         out = []
@@ -645,16 +565,3 @@ def _np(rb: pa.RecordBatch, name: str) -> np.ndarray:  # type: ignore[type-arg]
 
 def _isnull(col: pa.Array | pa.ChunkedArray) -> np.ndarray:  # type: ignore[type-arg]
     return np.asarray(_arr(col).is_null().to_numpy(zero_copy_only=False), dtype=bool)
-
-
-# Python's str.strip() removes every character str.isspace() calls whitespace; DuckDB's trim() only spaces
-_PY_SPACE = "".join(ch for ch in map(chr, range(0x3001)) if ch.isspace())
-
-
-def _unicode_trim_key(col: str) -> str:
-    q = idsql.quote(col)
-    cls = "".join(f"\\x{{{ord(ch):x}}}" for ch in _PY_SPACE)
-    trimmed = f"CASE WHEN {idsql.printable(q)} THEN trim({q}) ELSE regexp_replace({q}, '^[{cls}]+|[{cls}]+$', '', 'g') END"
-    ns = idsql.literal(idsql.KEY_NAMESPACE)
-    return f"CASE WHEN {trimmed} <> '' THEN unhex(left(sha256({ns} || {trimmed}), 32)) END"
-

@@ -4,7 +4,6 @@ in-memory destinations that survive across engine instances (like a real platfor
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.settings import ConnectorSettings, load_settings
-
 
 IDENTIFIERS = (
     '{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", '

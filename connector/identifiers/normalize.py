@@ -26,17 +26,16 @@ rule must produce.
 from __future__ import annotations
 
 import datetime
-import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, cast
+from typing import Literal
 
 import phonenumbers
 
-from connector.identifiers.hashing import hash_once, is_sha256_hex, sha256_hexes
+from connector.identifiers.hashing import hash_once, is_sha256_hex
 
 EMAIL_INVALID = "email_invalid"
 PHONE_INVALID = "phone_invalid"
@@ -167,7 +166,7 @@ def _parse_phone(value: str, region: str) -> str | None:
     return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
 
 
-def _us_valid_pattern() -> re.Pattern[str] | None:
+def _us_valid_parts() -> tuple[str, str] | None:
     """The ten-digit national numbers `phonenumbers.is_valid_number` accepts as US numbers, as one
     pattern built from phonenumbers' own metadata: a number matching the US general pattern and one of
     the US number types is valid (US is the first region of country code 1 and has no leading digits,
@@ -189,12 +188,16 @@ def _us_valid_pattern() -> re.Pattern[str] | None:
         ]
         if not types:
             return None
-        return re.compile(f"(?=(?:{general.national_number_pattern})$)(?:{'|'.join(f'(?:{t})' for t in types)})$")
+        return str(general.national_number_pattern), "|".join(f"(?:{t})" for t in types)
     except Exception:  # noqa: BLE001 - metadata of another shape: no fast path
         return None
 
 
-_US_VALID = _us_valid_pattern()
+# (general pattern, any valid type): what `phonenumbers` checks of a US number, also as SQL (RE2) patterns
+US_VALID_PARTS = _us_valid_parts()
+_US_VALID = (
+    re.compile(f"(?=(?:{US_VALID_PARTS[0]})$)(?:{US_VALID_PARTS[1]})$") if US_VALID_PARTS is not None else None
+)
 
 
 def _nanp_fast(compact: str, region: str) -> str | None:
@@ -359,6 +362,11 @@ class Normalizer:
 
     def normalize(self, raw: Mapping[str, str | None]) -> Normalized:
         out = Normalized()
+        broken = [f for f, v in raw.items() if v and _LONE_SURROGATE.search(v)]
+        if broken:  # not Unicode text (a JSON source's lone surrogate, handed on as U+FFFD): never an identifier
+            raw = {f: (None if f in broken else v) for f, v in raw.items()}
+            for f in broken:
+                out.errors[f] = FIELD_REASONS.get(f, f"{f}_invalid")
         try:
             if self.platform == "google":
                 self._google(raw, out)
@@ -493,161 +501,6 @@ class Normalizer:
 
 # ----------------------------------------------------------------------------- batches
 
-# what json.dumps escapes (with ensure_ascii=False): a payload without any is built directly
-_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
-
-
-def dump_payload(payload: Mapping[str, str]) -> str:
-    """Canonical JSON of a payload (sorted keys, no spaces): the form stored in the ledger."""
-    if _JSON_ESCAPED.search("".join((*payload, *payload.values()))):
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "{" + ",".join([f'"{k}":"{payload[k]}"' for k in sorted(payload)]) + "}"
-
-
 def is_already_hashed(value: str) -> bool:
     """A value that is a SHA-256 already (64 hex digits, any case): sent as is, never hashed again."""
     return len(value) == 64 and is_sha256_hex(value)
-
-
-@lru_cache(maxsize=64)
-def _normalizer(platform: str, fields: tuple[str, ...], region: str) -> Normalizer:
-    return Normalizer(platform, fields, region)
-
-
-NormalizedBatch = tuple[list[str | None], dict[str, int]]
-
-
-def normalize_many(platform: str, region: str, columns: Sequence[tuple[str, Sequence[str | None]]]) -> NormalizedBatch:
-    """Normalize the rows of these (identifier field, values) columns for one platform.
-
-    Returns each row's canonical payload JSON (None: no identifier left) and the count of every
-    reason a value was dropped. A plain function of plain data, so a worker process can run it.
-    """
-    return normalize_for([(platform, region)], columns)[0]
-
-
-def normalize_for(
-    specs: Sequence[tuple[str, str]], columns: Sequence[tuple[str, Sequence[str | None]]]
-) -> list[NormalizedBatch]:
-    """`normalize_many` of the same rows for each (platform, region) in `specs`, in that order. Email and
-    phone columns with one region are cleaned once for all platforms, and a value both platforms send
-    alike (an email outside Gmail) is hashed once."""
-    names = [f for f, _ in columns]
-    # columns holding a lone surrogate (JSON sources can carry one: not Unicode, never an identifier),
-    # found with one scan of each column's text
-    broken = {f for f, col in columns if _LONE_SURROGATE.search("".join(filter(None, col)))}
-    regions = {r.upper() for _, r in specs}
-    if names and not broken and set(names) <= {"email", "phone"} and len(set(names)) == len(names) and len(regions) == 1:
-        try:
-            return _email_phone_many([p for p, _ in specs], regions.pop(), columns)
-        except Exception:  # noqa: BLE001, S110 - a rule that fails on some value: the row-by-row path below says which member
-            pass
-    return [_row_by_row(platform, region, columns, broken) for platform, region in specs]
-
-
-def _row_by_row(
-    platform: str, region: str, columns: Sequence[tuple[str, Sequence[str | None]]], broken: set[str]
-) -> NormalizedBatch:
-    norm = _normalizer(platform, tuple(f for f, _ in columns), region)
-    names = [f for f, _ in columns]
-    payloads: list[str | None] = []
-    reasons: dict[str, int] = {}
-    for values in zip(*(col for _, col in columns), strict=True):
-        raw = dict(zip(names, values, strict=True))
-        dropped = [f for f in broken if (v := raw[f]) and _LONE_SURROGATE.search(v)]
-        for f in dropped:
-            raw[f] = None
-        out = norm.normalize(raw)
-        for f in dropped:
-            out.errors[f] = FIELD_REASONS.get(f, f"{f}_invalid")
-        for reason in out.errors.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        payloads.append(dump_payload(out.payload) if out.payload else None)
-    return payloads, reasons
-
-
-def _email_phone_many(
-    platforms: Sequence[str], region: str, columns: Sequence[tuple[str, Sequence[str | None]]]
-) -> list[NormalizedBatch]:
-    """`normalize_for` of email and phone columns only (the usual Customer Match segment), column by
-    column: the same payloads and reasons as `Normalizer.normalize` row by row, without building a
-    row, a `Normalized` and a payload dict per member (they cost more than the rules and the hashes).
-    Each value is cleaned once; each platform's form of it derives from that (Google's Gmail rule, Meta's
-    phone without its `+`) and is hashed unless another platform's same form already was."""
-    n = len(columns[0][1])
-    hashed: list[dict[str, list[str | None]]] = [{} for _ in platforms]
-    invalid: list[dict[str, int]] = [{} for _ in platforms]
-    for fld, values in columns:
-        outs: list[list[str | None]] = [[None] * n for _ in platforms]
-        at: list[int] = []  # rows with a value to normalize
-        base: list[str | None] = []  # their cleaned values (Meta's email, E.164 phone); None: invalid
-        for i, v in enumerate(values):
-            if not v or not (v := v.strip()):
-                continue
-            if is_already_hashed(v):
-                for out in outs:
-                    out[i] = v.lower()
-                continue
-            at.append(i)
-            base.append(normalize_email(v, "meta") if fld == "email" else normalize_phone(v, region))
-        forms = [_platform_form(fld, p, base) for p in platforms]
-        base_hashes = _hashes(base) if any(f is base for f in forms) else None
-        for j, (out, form) in enumerate(zip(outs, forms, strict=True)):
-            fh: list[str | None] | None
-            if form is base:
-                fh = base_hashes
-            elif base_hashes is not None:  # a form the same as the cleaned value has its hash already
-                fh = list(base_hashes)
-                other = [r for r, (x, b) in enumerate(zip(form, base, strict=True)) if x is not None and x != b]
-                for r, h in zip(other, sha256_hexes(cast(list[str], [form[r] for r in other])), strict=True):
-                    fh[r] = h
-                for r, x in enumerate(form):
-                    if x is None:
-                        fh[r] = None
-            else:
-                fh = _hashes(form)
-            assert fh is not None
-            for i, hx in zip(at, fh, strict=True):
-                out[i] = hx
-            invalid[j][fld] = form.count(None)
-            hashed[j][fld] = out
-    return [
-        _email_phone_payloads(p == "google", n, hashed[j], invalid[j]) for j, p in enumerate(platforms)
-    ]  # fmt: skip
-
-
-_GMAIL_AT = tuple(f"@{d}" for d in _GMAIL)
-
-
-def _platform_form(fld: str, platform: str, base: list[str | None]) -> list[str | None]:
-    """A platform's form of cleaned email or phone values (`base` itself where it is the same)."""
-    if fld == "email" and platform == "google":
-        return [_google_email(x) if x is not None and x.endswith(_GMAIL_AT) else x for x in base]
-    if fld == "phone" and platform != "google":
-        return [x[1:] if x is not None else None for x in base]
-    return base
-
-
-def _hashes(values: list[str | None]) -> list[str | None]:
-    """The SHA-256 of each value, None for None."""
-    it = iter(sha256_hexes([x for x in values if x is not None]))
-    return [None if x is None else next(it) for x in values]
-
-
-def _email_phone_payloads(
-    google: bool, n: int, hashed: dict[str, list[str | None]], invalid: dict[str, int]
-) -> NormalizedBatch:
-    reasons: dict[str, int] = {FIELD_REASONS[fld]: bad for fld, bad in invalid.items() if bad}
-    ekey, pkey = ("email", "phone") if google else ("EMAIL", "PHONE")
-    emails, phones = hashed.get("email", [None] * n), hashed.get("phone", [None] * n)
-    payloads: list[str | None] = []
-    add = payloads.append
-    for e, p in zip(emails, phones, strict=True):  # `dump_payload`'s form: sorted keys, hex needs no escaping
-        if e:
-            add(f'{{"{ekey}":"{e}","{pkey}":"{p}"}}' if p else f'{{"{ekey}":"{e}"}}')
-        else:
-            add(f'{{"{pkey}":"{p}"}}' if p else None)
-    empty = payloads.count(None)
-    if empty:
-        reasons[NO_IDENTIFIER] = empty
-    return payloads, reasons

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KEY_NAMESPACE = "connector:key:"
+from connector.identifiers.hashing import KEY_NAMESPACE
+from connector.identifiers.normalize import US_VALID_PARTS
+
 _ASCII = "'[ -~]*'"
 _GMAIL = "('gmail.com', 'googlemail.com')"
 _NANP_REGIONS = ("US", "CA")
@@ -33,15 +35,25 @@ def printable(col: str) -> str:
     return f"({col} IS NULL OR regexp_full_match({col}, {_ASCII}))"
 
 
-def member_key(key_col: str | None, id_cols: list[str]) -> tuple[str, str]:
-    """(key expression, SQL-can-take-it expression). With a key column: sha256 of the trimmed key (a blank
-    key is NULL: the row has no member); without: of the identifiers' raw values joined by U+001F."""
+# Python's str.strip() removes every character str.isspace() calls white space; DuckDB's trim() only spaces
+_PY_SPACE = "".join(ch for ch in map(chr, range(0x3001)) if ch.isspace())
+
+
+def _strip(col: str) -> str:
+    cls = "".join(f"\\x{{{ord(ch):x}}}" for ch in _PY_SPACE)
+    return f"CASE WHEN {printable(col)} THEN trim({col}) ELSE regexp_replace({col}, '^[{cls}]+|[{cls}]+$', '', 'g') END"
+
+
+def member_key(key_col: str | None, id_cols: list[str]) -> str:
+    """The 16-byte member key (BLOB), as `hashing.member_key` gives it. With a key column: of the key
+    stripped as Python strips (a blank key is NULL: the row has no member); without one: of the
+    identifiers' raw values joined by U+001F."""
+    ns = literal(KEY_NAMESPACE)
     if key_col is None:
         joined = ", ".join(f"coalesce({quote(c)}, '')" for c in id_cols)
-        return f"unhex(left(sha256({literal(KEY_NAMESPACE)} || concat_ws(chr(31), {joined})), 32))", "true"
-    k = quote(key_col)
-    expr = f"CASE WHEN trim({k}) <> '' THEN unhex(left(sha256({literal(KEY_NAMESPACE)} || trim({k})), 32)) END"
-    return expr, printable(k)
+        return f"unhex(left(sha256({ns} || concat_ws(chr(31), {joined})), 32))"
+    k = _strip(quote(key_col))
+    return f"CASE WHEN {k} <> '' THEN unhex(left(sha256({ns} || {k}), 32)) END"
 
 
 def fingerprint(cols: list[str]) -> str:
@@ -77,14 +89,21 @@ def clean_email(col: str) -> Cleaned:
 
 
 def clean_phone(col: str, region: str) -> Cleaned:
-    """Phones SQL can vouch for: plain NANP numbers, with `+1` or `1`, or bare in a NANP region."""
+    """Phones SQL can vouch for: plain NANP shapes (`+1` and ten digits; in a US or CA segment also ten
+    digits, or eleven from `1`) that phonenumbers' US metadata calls valid, as `normalize_phone` takes
+    them without phonenumbers. Everything else is the Python rules'."""
     v = quote(col)
     t = f"trim({v})"
     compact = f"regexp_replace({t}, '[\\s\\-.()/]', '', 'g')"
-    bare = "?" if region.upper() in _NANP_REGIONS else ""
-    nanp = f"regexp_full_match({compact}, '(\\+1|1){bare}[2-9][0-9]{{2}}[2-9][0-9]{{6}}')"
-    clean = f"CASE WHEN {_hashed(t)} THEN 'h' || lower({t}) WHEN {nanp} THEN 'p' || right({compact}, 10) END"
-    fallback = f"(NOT {printable(v)} OR ({t} <> '' AND NOT {_hashed(t)} AND NOT {nanp}))"
+    national = "1?" if region.upper() in _NANP_REGIONS else "\\+1"
+    ten = f"CASE WHEN regexp_full_match({compact}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({compact}, 10) END"
+    if US_VALID_PARTS is None:
+        valid = "false"
+    else:
+        general, types = US_VALID_PARTS
+        valid = f"(regexp_full_match({ten}, {literal(general)}) AND regexp_full_match({ten}, {literal(types)}))"
+    clean = f"CASE WHEN {_hashed(t)} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"
+    fallback = f"(NOT {printable(v)} OR ({t} <> '' AND NOT {_hashed(t)} AND NOT coalesce({valid}, false)))"
     return Cleaned(clean=clean, present=f"({t} <> '')", fallback=fallback)
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# payload fields a platform wants unhashed (Meta MADID/EXTERN_ID; Google address parts and raw ids)
-CLEAR_KEYS = frozenset({"MADID", "EXTERN_ID", "country_code", "postal_code", "mobile_id", "user_id"})
+from connector.identifiers.columns import CLEAR_KEYS
+
 
 MEMBER, OWED, GONE = 0, 1, 2
 TO_SEND, ON, REJECTED, SENT, MAYBE = 0, 1, 2, 3, 4

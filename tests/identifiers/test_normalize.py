@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.identifiers.hashing import (
-    fingerprint,
-    fingerprints,
-    hash_once,
-    hex_of_keys,
-    is_sha256_hex,
-    member_key,
-    member_key_array,
-    member_keys,
-    sha256_hex,
-    sha256_hexes,
-)
+from connector.identifiers.hashing import hash_once, is_sha256_hex, sha256_hex, sha256_hexes
 from connector.identifiers.normalize import (
     ADDRESS_INCOMPLETE,
     COUNTRY_INVALID,
@@ -31,14 +17,11 @@ from connector.identifiers.normalize import (
     NO_IDENTIFIER,
     PHONE_INVALID,
     Normalizer,
-    dump_payload,
     normalize_city,
     normalize_country,
     normalize_email,
-    normalize_for,
     normalize_gender,
     normalize_madid,
-    normalize_many,
     normalize_name,
     normalize_phone,
     normalize_state,
@@ -294,167 +277,7 @@ def test_every_bad_value_has_its_reason_and_no_identifier_left() -> None:
     assert out.payload == {} and out.errors["member"] == NO_IDENTIFIER
 
 
-def test_keys_and_fingerprints() -> None:
-    assert member_key("C1") != member_key("C2") and is_sha256_hex(member_key("C1"))
-    assert fingerprint(["a", None]) != fingerprint(["a", ""])
-    assert fingerprint(["a", "b"]) == fingerprint(["a", "b"]) and fingerprint(["ab", ""]) != fingerprint(["a", "b"])
-    # ledgers keep fingerprints and keys across upgrades: both are pinned to their definition
-    joined = "a\x1f\x00\x1f\U0001f600".encode()
-    assert fingerprint(["a", None, "\U0001f600"]) == int.from_bytes(hashlib.blake2b(joined, digest_size=8).digest(), "little")
-    assert member_key("C1") == hashlib.sha256(b"connector:key:C1").hexdigest()
-
-
-@given(st.lists(st.tuples(st.one_of(st.none(), st.text(max_size=20)), st.one_of(st.none(), st.text(max_size=20))),
-                max_size=30))  # fmt: skip
-def test_batch_keys_and_fingerprints_equal_the_per_row_ones(rows: list[tuple[str | None, str | None]]) -> None:
-    columns = [[a for a, _ in rows], [b for _, b in rows]]
-    assert fingerprints(columns).tolist() == [fingerprint(list(r)) for r in rows]
-    firsts = [a or "" for a, _ in rows]
-    assert member_keys(firsts) == [member_key(v)[:32] for v in firsts]
-    assert member_key_array(firsts).tobytes().hex() == "".join(member_key(v)[:32] for v in firsts)
-
-
-def test_hex_of_keys_keeps_trailing_nul_bytes() -> None:
-    keys = np.frombuffer(bytes.fromhex("01" + "00" * 15 + "ff" * 16), dtype="S16")
-    assert hex_of_keys(keys) == ["01" + "00" * 15, "ff" * 16]
-    assert hex_of_keys(keys[[1, 0]]) == ["ff" * 16, "01" + "00" * 15]
-
-
-def test_fingerprints_and_keys_of_lone_surrogates() -> None:
-    # JSON sources can carry a lone surrogate: it is fingerprinted and keyed as it is, not an error
-    assert fingerprints([["a\ud800", "b"]]).tolist() == [fingerprint(["a\ud800"]), fingerprint(["b"])]
-    assert fingerprint(["a\ud800"]) != fingerprint(["a\ud801"])
-    keys = member_keys(["a\ud800", "a\ud801", "b"])
-    assert keys == [member_key(v)[:32] for v in ["a\ud800", "a\ud801", "b"]] and len(set(keys)) == 3
-
-
-@pytest.mark.parametrize("platform", ["meta", "google"])
-def test_a_lone_surrogate_drops_that_identifier_only(platform: str) -> None:
-    phone = "+1 415 555 0134"
-    columns = [("email", ["a\ud800@example.com", "a@example.com"]), ("phone", [phone, phone])]
-    payloads, reasons = normalize_many(platform, "US", columns)
-    clean, _ = normalize_many(platform, "US", [("email", [None, "a@example.com"]), ("phone", [phone, phone])])
-    assert payloads == clean and reasons == {"email_invalid": 1}
-    only, reasons = normalize_many("meta", "US", [("external_id", ["x\udc00"])])
-    assert only == [None] and reasons == {"extern_id_invalid": 1, "no_identifier": 1}
-
-
 text = st.one_of(st.none(), st.text(max_size=80), st.sampled_from(["+1 415 555 0134", "a@b.co", "US", "1990-01-02"]))
-
-
-def _row_by_row(platform: str, region: str, columns: list[tuple[str, list[str | None]]]) -> tuple[list, dict]:
-    """What `normalize_many` must return, built from `Normalizer.normalize` one row at a time."""
-    norm = Normalizer(platform, [f for f, _ in columns], region)
-    payloads: list[str | None] = []
-    reasons: dict[str, int] = {}
-    for values in zip(*(col for _, col in columns), strict=True):
-        out = norm.normalize(dict(zip([f for f, _ in columns], values, strict=True)))
-        for r in out.errors.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        payloads.append(dump_payload(out.payload) if out.payload else None)
-    return payloads, reasons
-
-
-MESSY_EMAILS = [
-    None,
-    "",
-    "   ",
-    " Mary@Example.COM ",
-    "Jane.Doe+news@Gmail.com",
-    " j.a.n.e@googlemail.com",
-    "+x@gmail.com",
-    ".@gmail.com",
-    "no-at-sign",
-    "a@b",
-    "a@@b.com",
-    "é@exämple.de",
-    "x" * 65 + "@a.com",
-    "F1904CF1A9D73A55FA5DE0AC823C4403DED71AFD4C3248D00BDCD0866552BB79",
-    "g" * 64,
-    "a b@c.com",
-]
-MESSY_PHONES = [
-    None,
-    "",
-    " ",
-    "+1 415 555 0134",
-    "(415) 555-0134",
-    "415.555.0134",
-    "0044 20 7946 0958",
-    "020 7946 0958",
-    "+49 30 901820",
-    "12",
-    "phone",
-    "+1415555013412345678",
-    "1-800-FLOWERS",
-    "9B436BCA284EE447E77D2B7A5CD2F7E36B18127E498AEC4AFD7539B7638FDF40",
-    "+",
-    "٤١٥٥٥٥٠١٣٤",
-]
-
-
-@pytest.mark.parametrize("platform", ["meta", "google"])
-@pytest.mark.parametrize("region", ["US", "gb", "DE"])
-def test_email_and_phone_columns_normalize_as_row_by_row(platform: str, region: str) -> None:
-    emails = [e for e in MESSY_EMAILS for _ in MESSY_PHONES]
-    phones = MESSY_PHONES * len(MESSY_EMAILS)
-    for columns in ([("email", emails), ("phone", phones)], [("phone", phones), ("email", emails)],
-                    [("email", emails)], [("phone", phones)]):  # fmt: skip
-        got = normalize_many(platform, region, columns)
-        want = _row_by_row(platform, region, columns)
-        assert got[0] == want[0] and got[1] == want[1]
-    assert sum(p is not None for p in normalize_many(platform, region, [("email", emails), ("phone", phones)])[0])
-
-
-@pytest.mark.parametrize("region", ["US", "gb"])
-@pytest.mark.parametrize("platforms", [("meta", "google"), ("google", "meta"), ("google", "meta", "google")])
-def test_email_and_phone_cleaned_once_for_several_platforms_normalize_as_row_by_row(
-    platforms: tuple[str, ...], region: str
-) -> None:
-    # Gmail addresses and phones differ between the platforms (one hash each), other emails are the same
-    emails = [e for e in MESSY_EMAILS for _ in MESSY_PHONES]
-    phones = MESSY_PHONES * len(MESSY_EMAILS)
-    for columns in ([("email", emails), ("phone", phones)], [("phone", phones)], [("email", emails)]):
-        got = normalize_for([(p, region) for p in platforms], columns)
-        assert got == [_row_by_row(p, region, columns) for p in platforms]
-    # regions that differ: each platform on its own
-    columns = [("email", emails), ("phone", phones)]
-    assert normalize_for([("meta", "US"), ("google", "GB")], columns) == [
-        _row_by_row("meta", "US", columns), _row_by_row("google", "GB", columns)
-    ]  # fmt: skip
-
-
-def test_a_rule_that_fails_on_one_value_costs_that_member_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    # a failure inside a rule (here the phonenumbers library) must not sink the batch: the columns are
-    # normalized row by row again, and only the member it failed on is dropped, with its reason
-    real = phonenumbers.parse
-
-    def parse(value: str, region: str | None = None) -> phonenumbers.PhoneNumber:
-        if value == "+44 (0) 20 7946 0959 ext":
-            raise RuntimeError("library bug")
-        return real(value, region)
-
-    monkeypatch.setattr(phonenumbers, "parse", parse)
-    columns = [
-        ("email", ["a@example.com", None, "b@example.com"]),
-        ("phone", ["020 7946 0958", "+44 (0) 20 7946 0959 ext", None]),
-    ]
-    payloads, reasons = normalize_many("meta", "GB", columns)
-    assert payloads[0] == normalize_many("meta", "GB", [("email", ["a@example.com"]), ("phone", ["020 7946 0958"])])[0][0]
-    assert payloads[1] is None and payloads[2] is not None
-    assert reasons == {"normalize_error": 1, "no_identifier": 1}
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["meta", "google"]),
-       st.lists(st.tuples(text, st.one_of(text, st.from_regex(r"\+?[0-9 ().-]{0,20}", fullmatch=True))),
-                min_size=1, max_size=20))  # fmt: skip
-def test_any_email_and_phone_columns_normalize_as_row_by_row(platform: str, rows: list[tuple[str | None, str | None]]) -> None:
-    columns = [("email", [e for e, _ in rows]), ("phone", [p for _, p in rows])]
-    assert normalize_many(platform, "US", columns) == _row_by_row(platform, "US", columns)
-    assert normalize_for([("meta", "US"), ("google", "US")], columns) == [
-        _row_by_row("meta", "US", columns), _row_by_row("google", "US", columns)
-    ]  # fmt: skip
 
 
 @settings(max_examples=300, deadline=None)
@@ -512,3 +335,14 @@ def test_every_field_rule_never_raises_and_is_idempotent(rule: str, value: str) 
     if once is not None:
         assert isinstance(once, str)
         assert f(once) == once, (rule, value, once)
+
+
+@pytest.mark.parametrize("platform", ["meta", "google"])
+def test_a_lone_surrogate_or_replacement_character_drops_that_identifier_only(platform: str) -> None:
+    # JSON sources can carry a lone surrogate (handed on as U+FFFD): never an identifier, never an error
+    norm = Normalizer(platform, ["email", "phone"], "US")
+    for broken in ("a\ud800@example.com", "a\ufffd@example.com"):
+        out = norm.normalize({"email": broken, "phone": "+1 415 555 0134"})
+        assert out.errors == {"email": EMAIL_INVALID}
+        assert out.payload == norm.normalize({"email": None, "phone": "+1 415 555 0134"}).payload
+

@@ -1,0 +1,132 @@
+"""Identifier columns of a whole table, normalized and hashed for each platform.
+
+Email and phone columns (the usual Customer Match segment) take the SQL rules of `sql.py` inside the
+query that reads them; the values SQL does not vouch for come back flagged and go through the Python
+rules one by one. Segments with other fields (names, addresses...) go through the Python rules row by
+row. Either way the result is one payload column per platform key (SHA-256 digests as bytes, clear
+fields as text) and, per reason, the rows a value was dropped for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from connector.identifiers import sql as idsql
+from connector.identifiers.normalize import FIELD_REASONS, NO_IDENTIFIER, Normalizer
+
+SQL_FIELDS = frozenset({"email", "phone"})
+PLATFORM_KEY = {("meta", "email"): "EMAIL", ("meta", "phone"): "PHONE",
+                ("google", "email"): "email", ("google", "phone"): "phone"}  # fmt: skip
+# payload fields a platform wants unhashed (Meta MADID/EXTERN_ID; Google address parts and raw ids)
+CLEAR_KEYS = frozenset({"MADID", "EXTERN_ID", "country_code", "postal_code", "mobile_id", "user_id"})
+
+Mask = npt.NDArray[np.bool_]
+Payload = tuple[dict[str, pa.Array], dict[str, Mask]]
+
+
+def as_bool(col: pa.Array | pa.ChunkedArray) -> Mask:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return np.asarray(arr.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class ColumnNormalizer:
+    """Normalizes a segment's identifier columns for some platforms, in SQL where it can."""
+
+    def __init__(self, identifiers: Mapping[str, str], platforms: Sequence[str], region: str) -> None:
+        self.identifiers = dict(identifiers)
+        self.platforms = sorted(set(platforms))
+        self.region = region
+        self.in_sql = set(self.identifiers) <= SQL_FIELDS
+
+    def select(self, relation: str, gate: str) -> str:
+        """`relation` with the columns `payloads` reads added: for each row where `gate` holds, the cleaned
+        values and the platforms' digests (SQL fields), or the raw values (the Python rules')."""
+        if not self.in_sql:
+            raw = [f"CASE WHEN {gate} THEN {idsql.quote(c)} END AS raw_{f}" for f, c in self.identifiers.items()]
+            return f"SELECT *, {', '.join(raw)} FROM ({relation})"
+        cleaned = []
+        for f, col in self.identifiers.items():
+            cl = idsql.clean_email(col) if f == "email" else idsql.clean_phone(col, self.region)
+            cleaned += [
+                f"CASE WHEN ({gate}) AND NOT {cl.fallback} THEN {cl.clean} END AS c_{f}",
+                f"coalesce(({gate}) AND {cl.fallback}, false) AS fb_{f}",
+                f"CASE WHEN ({gate}) AND {cl.fallback} THEN {idsql.quote(col)} END AS raw_{f}",
+                f"coalesce(({gate}) AND {cl.present}, false) AS pr_{f}",
+            ]
+        q = f"SELECT *, {', '.join(cleaned)} FROM ({relation})"
+        # a Google email outside Gmail is Meta's: hashed once, in a second step that reuses Meta's digest
+        shared = "email" in self.identifiers and {"meta", "google"} <= set(self.platforms)
+        digests = [
+            f"{idsql.digest(f, p, f'c_{f}')} AS d_{p}_{f}"
+            for f in self.identifiers
+            for p in self.platforms
+            if not (shared and f == "email" and p == "google")
+        ]
+        q = f"SELECT *, {', '.join(digests)} FROM ({q})"
+        if shared:
+            q = f"SELECT *, {idsql.digest('email', 'google', 'c_email', shared='d_meta_email')} AS d_google_email FROM ({q})"
+        return q
+
+    def fallback_count(self, rb: pa.RecordBatch) -> int:
+        return sum(int(as_bool(rb.column(f"fb_{f}")).sum()) for f in self.identifiers) if self.in_sql else 0
+
+    def payloads(self, rb: pa.RecordBatch, platform: str, gate: Mask) -> Payload:
+        """A batch of `select`'s rows for one platform: payload columns and, per reason, the gated rows
+        a value was dropped for (`no_identifier` not included: a row without any payload value)."""
+        if not self.in_sql:
+            return self._rows(rb, platform, gate)
+        payload: dict[str, pa.Array] = {}
+        reasons: dict[str, Mask] = {}
+        for f in self.identifiers:
+            d = _arr(rb.column(f"d_{platform}_{f}"))
+            fb = as_bool(rb.column(f"fb_{f}"))
+            bad = as_bool(rb.column(f"pr_{f}")) & ~fb & _isnull(d)
+            if fb.any():
+                d, fb_bad = self._fallback(rb, f, platform, d, fb)
+                bad |= fb_bad
+            payload[PLATFORM_KEY[(platform, f)]] = d
+            reasons[FIELD_REASONS[f]] = bad & gate
+        return payload, reasons
+
+    def _fallback(self, rb: pa.RecordBatch, f: str, platform: str, d: pa.Array, fb: Mask) -> tuple[pa.Array, Mask]:
+        """The values SQL left alone, through the Python rules (the reference), one by one."""
+        norm = Normalizer(platform, [f], self.region)
+        key = PLATFORM_KEY[(platform, f)]
+        values = d.to_pylist()
+        raws = rb.column(f"raw_{f}").to_pylist()
+        bad = np.zeros(len(values), dtype=bool)
+        for i in np.flatnonzero(fb).tolist():
+            res = norm.normalize({f: raws[i]})
+            v = res.payload.get(key)
+            values[i] = bytes.fromhex(v) if v is not None else None
+            bad[i] = f in res.errors
+        return pa.array(values, pa.binary()), bad
+
+    def _rows(self, rb: pa.RecordBatch, platform: str, gate: Mask) -> Payload:
+        fields = list(self.identifiers)
+        norm = Normalizer(platform, fields, self.region)
+        keys = list(norm.schema())
+        cols = {f: rb.column(f"raw_{f}").to_pylist() for f in fields}
+        vals: dict[str, list[object]] = {k: [None] * rb.num_rows for k in keys}
+        reasons: dict[str, Mask] = {}
+        for i in np.flatnonzero(gate).tolist():
+            res = norm.normalize({f: cols[f][i] for f in fields})
+            for k, v in res.payload.items():
+                vals[k][i] = v if k in CLEAR_KEYS else bytes.fromhex(v)
+            for reason in res.errors.values():
+                if reason != NO_IDENTIFIER:
+                    reasons.setdefault(reason, np.zeros(rb.num_rows, dtype=bool))[i] = True
+        payload = {k: pa.array(v, pa.string() if k in CLEAR_KEYS else pa.binary()) for k, v in vals.items()}
+        return payload, reasons
+
+
+def _arr(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _isnull(col: pa.Array) -> Mask:
+    return np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
