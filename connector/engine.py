@@ -64,6 +64,7 @@ from connector.ledger.store import (
     now,
 )
 from connector.logs import log_context
+from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
 from connector.settings import (
     ConnectorSettings,
@@ -77,7 +78,6 @@ from connector.sources import open_source
 log = logging.getLogger("connector.engine")
 
 DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destination]
-Progress = Callable[[str, int], None]
 # (segment, destination) -> a context manager held while the pair is planned and pushed
 PairLock = Callable[[str, str], AbstractContextManager[object]]
 
@@ -523,7 +523,7 @@ class Engine:
             _submit(self._normalize, works, batch.columns, id_fields)
             inflight = works
             if self._progress:
-                self._progress(segment, total)
+                self._progress(ProgressEvent(segment, None, "reading", total, None))
         for work in inflight:
             self._plan_normalized(segment, work)
         for plan in plans:
@@ -746,13 +746,15 @@ class Engine:
               ttl: int | None, res: RunResult, index: LedgerIndex) -> int:  # fmt: skip
         size = dest.capabilities.max_batch_size
         n_remove, n_add = self.ledger.pending_counts(segment, dest_name)
-        calls = 0
+        calls = sent = 0
         if n_remove:
             sessions = self._sessions(n_remove, size)
             for batch in self.ledger.iter_removals(segment, dest_name, size, index):
                 self._check_stop()
                 out = dest.remove_members(audience, to_members(batch), next(sessions))
-                calls += 1
+                calls, sent = calls + 1, sent + len(batch)
+                if self._progress:
+                    self._progress(ProgressEvent(segment, dest_name, "sending", sent, n_remove + n_add))
                 done = [p.key for p in batch if p.key not in out.deferred]
                 self.ledger.commit_removals(segment, dest_name, done)
                 if out.deferred:
@@ -763,7 +765,9 @@ class Engine:
             for batch in self.ledger.iter_additions(segment, dest_name, size):
                 self._check_stop()
                 out = dest.add_members(audience, to_members(batch), next(sessions))
-                calls += 1
+                calls, sent = calls + 1, sent + len(batch)
+                if self._progress:
+                    self._progress(ProgressEvent(segment, dest_name, "sending", sent, n_remove + n_add))
                 res.deferred += len(out.deferred)
                 self.ledger.commit_additions(
                     segment, dest_name, [p.key for p in batch],
@@ -773,6 +777,8 @@ class Engine:
                 )  # fmt: skip
         if calls:
             dest.finish(audience)
+            if self._progress:
+                self._progress(ProgressEvent(segment, dest_name, "done", sent, n_remove + n_add))
         return calls
 
     def _check_stop(self) -> None:
