@@ -324,6 +324,13 @@ class ConnectorSettings(BaseSettings):
                         f"segments.{name}.destinations names {dest!r}, which is not a "
                         f"[destinations.*] table (known: {known})"
                     )
+        for name, d in self.destinations.items():
+            if isinstance(d, GoogleDestinationConfig) and d.membership_days <= d.resend_before_expiry_days:
+                # every member would always be "close to expiry": each run would re-send the whole list
+                raise ValueError(
+                    f"destinations.{name}: membership_days ({d.membership_days}) must be larger than "
+                    f"resend_before_expiry_days ({d.resend_before_expiry_days}), or every run re-sends every member"
+                )
         return self
 
     @property
@@ -403,13 +410,13 @@ def sqlite_url_relative_to(url: str, base: Path) -> str:
 def _format_validation_error(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
-        msg = err["msg"]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README 'Configuration')"
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  - {loc}: {msg}")
+        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 
