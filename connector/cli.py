@@ -1,26 +1,37 @@
-"""`connector` command line: validate, sync, status, runs.
+"""`connector` command line: validate, sync, status, runs, serve.
 
 Exit codes: 0 success, 1 a sync failed (or was stopped by a guardrail), 2 bad config or usage (also a
 configuration mistake found while syncing, such as a missing secret).
-`--json` prints exactly one JSON document on stdout; progress and logs go to stderr.
+`--json` prints exactly one JSON document on stdout, errors included (``{"error": ..., "error_kind": ...}``);
+progress and logs go to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
+from connector import __version__
 from connector.engine import Engine, RunResult, SyncOptions
-from connector.errors import ConfigError, ConnectorError
+from connector.errors import ConfigError, ConnectorError, LedgerError, LockHeldError, SourceError
 from connector.ledger.journal import ON_PLATFORM, Journal
 from connector.locks import Coordinator
 from connector.logs import setup_logging
+from connector.preflight import problems as preflight_problems
+from connector.progress import renderer as progress_renderer
 from connector.settings import ConnectorSettings, load_settings
 
 app = typer.Typer(
@@ -46,24 +57,71 @@ def _setup_logging(verbose: bool, fmt: str | None = None) -> None:
     setup_logging(fmt or "text", verbose)
 
 
-def _load(config: Path | None) -> ConnectorSettings:
+_LABELS = {"config": "config error", "usage": "usage error"}
+
+
+def _fail(message: str, *, kind: str, code: int, json_out: bool) -> NoReturn:
+    """Report an error once: as the JSON document with --json, else one line on stderr."""
+    if json_out:
+        _emit_json({"error": message, "error_kind": kind})
+    else:
+        err.print(f"[red]{_LABELS.get(kind, 'error')}:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _error_kind(exc: ConnectorError) -> str:
+    for cls, kind in ((ConfigError, "config"), (SourceError, "source"), (LedgerError, "ledger"),
+                      (LockHeldError, "locked")):  # fmt: skip
+        if isinstance(exc, cls):
+            return kind
+    return "error"
+
+
+@contextmanager
+def _reported(json_out: bool) -> Iterator[None]:
+    """Errors of a command as one JSON document (--json) or one line: config mistakes exit 2, others 1."""
+    try:
+        yield
+    except ConnectorError as exc:
+        kind = _error_kind(exc)
+        _fail(str(exc), kind=kind, code=2 if kind == "config" else 1, json_out=json_out)
+
+
+def _load(config: Path | None, json_out: bool = False) -> ConnectorSettings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]config error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc), kind="config", code=2, json_out=json_out)
+
+
+_json_emitted = False
 
 
 def _emit_json(doc: Any) -> None:
+    global _json_emitted
+    _json_emitted = True
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"connector {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    """Mirror customer segments into Google Customer Match and Meta Custom Audiences."""
+
+
 @app.command()
 def validate(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """Check the config file and environment; print what would be synced."""
-    settings = _load(config)
-    doc = {
+    """Check what a sync needs: the config, credentials, files, sources and their columns (headers only)."""
+    settings = _load(config, json_out)
+    doc: dict[str, Any] = {
         "config": str(settings.config_path),
         "segments": {
             name: {"destinations": seg.destinations, "mode": seg.mode, "schedule": seg.schedule}
@@ -73,50 +131,108 @@ def validate(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
             name: {"type": d.type, "sandbox": d.sandbox} for name, d in settings.destinations.items()
         },
     }
-    missing = [
-        f"destinations.{name}: no credentials (set {_token_env(name, d.type)} or use sandbox = true)"
-        for name, d in settings.destinations.items()
-        if not d.sandbox and not _has_credentials(d)
-    ]
+    found = preflight_problems(settings)
+    verdict = f"{len(found)} problem(s) in {settings.config_path}: a sync would fail or do less than configured"
     if json_out:
-        _emit_json({**doc, "ok": not missing, "problems": missing})
+        _emit_json({**doc, "ok": not found, "problems": found,
+                    **({"error": verdict, "error_kind": "config"} if found else {})})  # fmt: skip
+    elif found:
+        for p in found:
+            err.print(f"[red]problem:[/red] {p}", highlight=False)
+        err.print(verdict, highlight=False)
     else:
         out.print(f"[green]ok[/green] {settings.config_path}: {len(settings.segments)} segment(s), "
-                  f"{len(settings.destinations)} destination(s)")  # fmt: skip
+                  f"{len(settings.destinations)} destination(s)", highlight=False)  # fmt: skip
         for name, seg in settings.segments.items():
-            out.print(f"  segment {name}: {seg.source.type} -> {', '.join(seg.destinations)} ({seg.mode})")
-        for p in missing:
-            err.print(f"[red]problem:[/red] {p}")
-    if missing:
+            out.print(f"  segment {name}: {seg.source.type} -> {', '.join(seg.destinations)} ({seg.mode})",
+                      highlight=False)  # fmt: skip
+    if found:
         raise typer.Exit(2)
 
 
-def _token_env(name: str, kind: str) -> str:
-    field = "ACCESS_TOKEN" if kind == "meta" else "OAUTH_REFRESH_TOKEN"
-    return f"CONNECTOR_DESTINATIONS__{name.upper()}__{field}"
+def _n(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def _has_credentials(d: Any) -> bool:
-    if d.type == "meta":
-        return d.access_token is not None
-    return d.service_account_file is not None or d.oauth_refresh_token is not None
+# a column: (header, kind); "number" is right-aligned, "id" (audience ids...) is never wrapped
+Column = tuple[str, Literal["text", "number", "id"]]
 
 
-def _results_table(results: list[RunResult], dry_run: bool) -> Table:
-    t = Table(title="plan (dry run: nothing sent)" if dry_run else "sync results")
-    for col in ("segment", "destination", "status", "rows", "invalid", "adds", "removes", "unchanged",
-                "rejected", "calls", "audience"):  # fmt: skip
-        t.add_column(col, justify="right" if col not in ("segment", "destination", "status", "audience") else "left")
+def show_table(console: Console, title: str, columns: list[Column], rows: list[list[str]], *, key: int = 2) -> None:
+    """A table when it fits the console; otherwise one block per row, so no cell is ever cut ("…").
+
+    In a block the first `key` cells make its heading, the others follow as "header value".
+    """
+    t = Table(title=title)
+    for name, kind in columns:
+        if kind == "id":
+            width = max([len(name), *(len(Text.from_markup(r[len(t.columns)]).plain) for r in rows)])
+            t.add_column(name, no_wrap=True, min_width=width)
+        else:
+            t.add_column(name, justify="right" if kind == "number" else "left")
+    for row in rows:
+        t.add_row(*row)
+    if Measurement.get(console, console.options.update_width(100_000), t).maximum <= console.width:
+        console.print(t)
+        return
+    console.print(Text(title, style="italic"))
+    for row in rows:
+        console.print(Text(" ".join(Text.from_markup(c).plain for c in row[:key]), style="bold"), soft_wrap=False)
+        cells = "  ".join(f"{name} {cell}" for (name, _), cell in zip(columns[key:], row[key:], strict=True))
+        # wrapped between words (never cropped, even on a soft-wrapping console): numbers and ids stay whole
+        console.print(Padding(cells, (0, 0, 0, 2), expand=False), highlight=False, soft_wrap=False)
+
+
+RESULT_COLUMNS: list[Column] = [
+    ("segment", "text"), ("destination", "text"), ("status", "text"), ("rows", "number"), ("invalid", "number"),
+    ("adds", "number"), ("removes", "number"), ("unchanged", "number"), ("rejected", "number"), ("calls", "number"),
+    ("audience", "id"),
+]  # fmt: skip
+
+
+def show_results(console: Console, results: list[RunResult], dry_run: bool) -> None:
+    rows = []
     for r in results:
         d = r.as_dict()
         status = r.status + (" (sandbox)" if r.sandbox else "") + (" [replace]" if r.full_refresh else "")
         color = {"success": "green", "dry_run": "cyan", "warning": "yellow"}.get(r.status, "red")
-        t.add_row(
-            r.segment, r.destination, f"[{color}]{status}[/{color}]", str(d["source_rows"]), str(d["invalid"]),
-            str(d["adds"]), str(d["removes"]), str(d["unchanged"]), str(r.rejected), str(r.write_calls),
+        rows.append([
+            escape(r.segment), escape(r.destination), f"[{color}]{escape(status)}[/{color}]", _n(d["source_rows"]),
+            _n(d["invalid"]), _n(d["adds"]), _n(d["removes"]), _n(d["unchanged"]), _n(r.rejected), _n(r.write_calls),
             r.audience_id or "-",
-        )  # fmt: skip
-    return t
+        ])  # fmt: skip
+    show_table(console, "plan (dry run: nothing sent)" if dry_run else "sync results", RESULT_COLUMNS, rows)
+
+
+class _ShownAtTheEnd(logging.Filter):
+    """The engine logs a failed run's error; `sync` prints it once under the results instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "connector.engine" and record.levelno >= logging.ERROR)
+
+
+def _check_selection(settings: ConnectorSettings, segments: list[str] | None, destinations: list[str] | None,
+                     json_out: bool) -> None:  # fmt: skip
+    """Unknown segments, and destinations that are not the chosen segments' own, are usage errors."""
+    unknown = [s for s in segments or [] if s not in settings.segments]
+    if unknown:
+        known = ", ".join(settings.segments) or "none"
+        _fail(f"unknown segment(s): {', '.join(unknown)} (configured: {known})", kind="usage", code=2, json_out=json_out)
+    if not destinations:
+        return
+    chosen = segments or list(settings.segments)
+    for seg in chosen:
+        own = settings.segments[seg].destinations
+        if segments and not any(d in own for d in destinations):
+            _fail(f"segment {seg} has no destination {', '.join(destinations)}; its destinations: {', '.join(own)}",
+                  kind="usage", code=2, json_out=json_out)  # fmt: skip
+    reachable = {d for seg in chosen for d in settings.segments[seg].destinations}
+    stray = [d for d in destinations if d not in reachable]
+    if stray:
+        where = f"segment(s) {', '.join(chosen)}" if segments else "any segment"
+        listing = "; ".join(f"{s}: {', '.join(settings.segments[s].destinations)}" for s in chosen) or "no segments"
+        _fail(f"destination(s) {', '.join(stray)} not used by {where} (destinations: {listing})",
+              kind="usage", code=2, json_out=json_out)  # fmt: skip
 
 
 @app.command()
@@ -133,34 +249,29 @@ def sync(
     log_format: Annotated[str | None, typer.Option("--log-format", help="text or json")] = None,
 ) -> None:
     """Sync segments to their destinations (adds and removes only what changed)."""
-    settings = _load(config)
+    settings = _load(config, json_out)
     _setup_logging(verbose, log_format or settings.log_format)
-    if destination:
-        unknown = [d for d in destination if d not in settings.destinations]
-        if unknown:
-            err.print(f"[red]usage error:[/red] unknown destination(s): {', '.join(unknown)}")
-            raise typer.Exit(2)
+    _check_selection(settings, segments, destination, json_out)
     opts = SyncOptions(
         dry_run=dry_run, full_refresh=full_refresh, force=force, trigger="manual",
         destinations=frozenset(destination) if destination else None,
     )  # fmt: skip
-    progress = _progress_printer() if sys.stderr.isatty() else None
+    if not json_out:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ShownAtTheEnd())
 
     def waiting(segment: str, dest: str, holder: str) -> None:
         err.print(f"waiting: {segment} -> {dest} is being synced by {holder}", highlight=False)
 
-    try:
+    with _reported(json_out):
         ledger = Journal(settings.ledger_sqlalchemy_url())
-        lock = Coordinator(ledger).pair_lock(wait=not no_wait, on_wait=waiting)
-        with Engine(settings, ledger=ledger, progress=progress, pair_lock=lock) as engine:  # type: ignore[arg-type]
-            results = engine.sync(segments, opts)
-        ledger.close()
-    except ConfigError as exc:
-        err.print(f"[red]config error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except ConnectorError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        try:
+            lock = Coordinator(ledger).pair_lock(wait=not no_wait, on_wait=waiting)
+            with progress_renderer(err) as progress, \
+                    Engine(settings, ledger=ledger, progress=progress, pair_lock=lock) as engine:  # type: ignore[arg-type]
+                results = engine.sync(segments, opts)
+        finally:
+            ledger.close()
     failed = [r for r in results if r.status in ("failed", "stopped")]
     if json_out:
         _emit_json({"dry_run": dry_run, "runs": [r.as_dict() for r in results]})
@@ -168,41 +279,63 @@ def sync(
         if any(r.sandbox for r in results):
             out.print("[yellow]note:[/yellow] sandbox destinations: members went to the bundled emulators, "
                       "not to a real ad account")  # fmt: skip
-        out.print(_results_table(results, dry_run))
+        show_results(out, results, dry_run)
         for r in results:
+            pair = f"{r.segment} -> {r.destination}"
             if r.counts.invalid_reasons:
-                reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.invalid_reasons.items()))
-                out.print(f"  {r.segment} -> {r.destination}: identifier problems: {reasons}")
+                reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(r.counts.invalid_reasons.items()))
+                out.print(f"  {pair}: identifier problems: {reasons}", highlight=False)
             if r.counts.consent_denied:
-                out.print(f"  {r.segment} -> {r.destination}: {r.counts.consent_denied} members not sent "
-                          "(ad_user_data consent denied)")  # fmt: skip
+                out.print(f"  {pair}: {r.counts.consent_denied:,} members not sent (ad_user_data consent denied)",
+                          highlight=False)  # fmt: skip
             if r.lookalike_id or r.lookalike_state:
-                out.print(f"  {r.segment} -> {r.destination}: lookalike {r.lookalike_id or '-'} ({r.lookalike_state})")
+                out.print(f"  {pair}: lookalike {r.lookalike_id or '-'} ({r.lookalike_state})", highlight=False)
             if r.warning:
-                out.print(f"  [yellow]warning[/yellow] {r.segment} -> {r.destination}: {r.warning}")
-        for r in failed:
-            err.print(f"[red]{r.status}:[/red] {r.error}", highlight=False)
+                out.print(f"  [yellow]warning[/yellow] {pair}: {r.warning}", highlight=False)
+        # a segment that failed fails each of its pairs with the same error: print it once
+        for status, error in dict.fromkeys((r.status, r.error) for r in failed):
+            err.print(f"[red]{status}:[/red] {error}", highlight=False)
     if any(r.error_kind == "config" for r in failed):
         raise typer.Exit(2)  # a configuration mistake (a missing secret...): fix the config, not the data
     if failed:
         raise typer.Exit(1)
 
 
-def _progress_printer() -> Any:
-    last: dict[str, int] = {}
-
-    def show(segment: str, rows: int) -> None:
-        if rows - last.get(segment, 0) >= 200_000:
-            last[segment] = rows
-            err.print(f"  reading {segment}: {rows:,} rows", highlight=False)
-
-    return show
-
-
 @app.command()
 def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Per segment and destination: audience, members in the ledger, last success, lookalike."""
-    settings = _load(config)
+    settings = _load(config, json_out)
+    with _reported(json_out):
+        pairs = _status(settings)
+    if json_out:
+        _emit_json({"pairs": pairs})
+        return
+    rows = []
+    for p in pairs:
+        st = p["platform_status"] or {}
+        lo, hi = st.get("size_lower"), st.get("size_upper")
+        size = "-" if lo is None else (_n(lo) if lo == hi else f"{_n(lo)}-{_n(hi)}")
+        mr = st.get("match_rate")
+        rows.append([
+            escape(p["segment"]), escape(p["destination"]) + (" (sandbox)" if p["sandbox"] else ""), p["audience_id"] or "-",
+            _n(p["members_on_platform"]), size, "-" if mr is None else f"{mr:.0f}%", str(st.get("state", "-")),
+            p["last_success"] or "never", _lookalike(p),
+        ])  # fmt: skip
+    show_table(out, "status", STATUS_COLUMNS, rows)
+
+
+STATUS_COLUMNS: list[Column] = [
+    ("segment", "text"), ("destination", "text"), ("audience", "id"), ("in ledger", "number"),
+    ("platform size", "number"), ("match rate", "number"), ("platform state", "text"), ("last success", "text"),
+    ("lookalike", "id"),
+]  # fmt: skip
+
+
+def _lookalike(p: dict[str, Any]) -> str:
+    return f"{p['lookalike_id']} ({p['lookalike_state']})" if p["lookalike_id"] else "-"
+
+
+def _status(settings: ConnectorSettings) -> list[dict[str, Any]]:
     ledger = Journal(settings.ledger_sqlalchemy_url())
     try:
         pairs: list[dict[str, Any]] = []
@@ -230,24 +363,7 @@ def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
                 })  # fmt: skip
     finally:
         ledger.close()
-    if json_out:
-        _emit_json({"pairs": pairs})
-        return
-    t = Table(title="status")
-    for col in ("segment", "destination", "audience", "in ledger", "platform size", "match rate",
-                "platform state", "last success", "lookalike"):  # fmt: skip
-        t.add_column(col)
-    for p in pairs:
-        st = p["platform_status"] or {}
-        lo, hi = st.get("size_lower"), st.get("size_upper")
-        size = "-" if lo is None else (f"{lo}" if lo == hi else f"{lo}-{hi}")
-        mr = st.get("match_rate")
-        t.add_row(
-            p["segment"], p["destination"] + (" (sandbox)" if p["sandbox"] else ""), p["audience_id"] or "-",
-            str(p["members_on_platform"]), size, "-" if mr is None else f"{mr:.0f}%", str(st.get("state", "-")),
-            p["last_success"] or "never", f"{p['lookalike_id']} ({p['lookalike_state']})" if p["lookalike_id"] else "-",
-        )  # fmt: skip
-    out.print(t)
+    return pairs
 
 
 def _next_run(schedule: str | None, tz: str) -> str | None:
@@ -268,12 +384,13 @@ def runs(
     limit: Annotated[int, typer.Option("--limit", "-n", help="how many recent runs")] = 20,
 ) -> None:
     """Recent runs: trigger, pair, timing, status, counts, error."""
-    settings = _load(config)
-    ledger = Journal(settings.ledger_sqlalchemy_url())
-    try:
-        records = ledger.list_runs(limit)
-    finally:
-        ledger.close()
+    settings = _load(config, json_out)
+    with _reported(json_out):
+        ledger = Journal(settings.ledger_sqlalchemy_url())
+        try:
+            records = ledger.list_runs(limit)
+        finally:
+            ledger.close()
     docs: list[dict[str, Any]] = [
         {
             "id": r.id, "trigger": r.trigger, "segment": r.segment, "destination": r.destination,
@@ -285,17 +402,16 @@ def runs(
     if json_out:
         _emit_json({"runs": docs})
         return
-    t = Table(title="recent runs")
-    for col in ("id", "trigger", "segment", "destination", "started", "status", "adds", "removes", "error"):
-        t.add_column(col)
-    for d in docs:
-        c = d["counts"]
-        t.add_row(
-            str(d["id"]), d["trigger"], d["segment"], d["destination"], d["started_at"][:19],
-            d["status"] + (" (dry run)" if d["dry_run"] else ""), str(c.get("adds", "-")),
-            str(c.get("removes", "-")), (d["error"] or "")[:80],
-        )  # fmt: skip
-    out.print(t)
+    rows = [
+        [str(d["id"]), d["trigger"], escape(d["segment"]), escape(d["destination"]), d["started_at"][:19],
+         d["status"] + (" (dry run)" if d["dry_run"] else ""), _n(d["counts"].get("adds", "-")),
+         _n(d["counts"].get("removes", "-")), escape((d["error"] or "")[:80])]
+        for d in docs
+    ]  # fmt: skip
+    columns: list[Column] = [("id", "number"), ("trigger", "text"), ("segment", "text"), ("destination", "text"),
+                             ("started", "text"), ("status", "text"), ("adds", "number"), ("removes", "number"),
+                             ("error", "text")]  # fmt: skip
+    show_table(out, "recent runs", columns, rows, key=1)
 
 
 @app.command()
@@ -316,13 +432,32 @@ def serve(
     run_server(settings, host, port, jitter)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `connector` entry point. With --json, even a usage error or a crash leaves one JSON document."""
+    global _json_emitted
+    _json_emitted = False
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" not in args:
+        app(args=args, prog_name="connector")
+        return
     try:
-        app()
-    except SystemExit as exc:
-        # click uses exit code 2 for usage errors already; keep ours as they are
-        raise exc
-
+        code = typer.main.get_command(app).main(args=args, prog_name="connector", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+        if not _json_emitted:
+            _emit_json({"error": "aborted", "error_kind": "interrupted"})
+    except Exception as exc:
+        if _json_emitted:
+            raise
+        message, exit_code = getattr(exc, "format_message", None), getattr(exc, "exit_code", None)
+        if callable(message) and isinstance(exit_code, int):  # click's usage errors (bad option, missing value...)
+            _emit_json({"error": str(message()), "error_kind": "usage" if exit_code == 2 else "error"})
+            sys.exit(exit_code)
+        # the traceback goes to stderr; its text may hold data, the JSON document only the type
+        _emit_json({"error": f"internal error ({type(exc).__name__}); the traceback is on stderr",
+                    "error_kind": "internal"})  # fmt: skip
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

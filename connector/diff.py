@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -162,7 +162,7 @@ class Planner:
     """Plans every pair of one segment in one pass over its source (`src`, a DuckDB relation)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, seg: SegmentSpec, pairs: Sequence[PairInput],
-                 *, dry_run: bool, progress: object = None) -> None:  # fmt: skip
+                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.con = con
         self.seg = seg
         self.plans = [PairPlan(p) for p in pairs]
@@ -171,6 +171,7 @@ class Planner:
         self.ids = ColumnNormalizer(seg.identifiers, self.platforms, seg.default_region)
         self.duplicates = 0
         self.source_rows = 0
+        self._on_rows = on_rows
 
     # ------------------------------------------------------------------ the pass
 
@@ -270,6 +271,8 @@ class Planner:
         try:
             for rb in self.con.sql(sql).to_arrow_reader(100_000):
                 self._batch(rb, new_keys)
+                if self._on_rows:
+                    self._on_rows(self.source_rows)
         except BaseException:
             for plan in self.plans:
                 if plan._writer is not None:

@@ -52,6 +52,7 @@ from connector.ledger.files import CLEAR_KEYS, MEMBER, OWED, SENT, PairFiles, me
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
 from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
 from connector.logs import log_context
+from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
 from connector.settings import (
     ConnectorSettings,
@@ -68,7 +69,6 @@ from connector.sources.base import reading
 log = logging.getLogger("connector.engine")
 
 DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destination]
-Progress = Callable[[str, int], None]
 # (segment, destination) -> a context manager held while the pair is planned and pushed
 PairLock = Callable[[str, str], AbstractContextManager[object]]
 
@@ -369,7 +369,13 @@ class Engine:
             consent_columns=(seg.consent.ad_user_data_column, seg.consent.ad_personalization_column),
             consent_defaults=(seg.consent.ad_user_data, seg.consent.ad_personalization),
         )  # fmt: skip
-        planner = Planner(con, spec, inputs, dry_run=opts.dry_run)
+        progress = self._progress
+
+        def reading(rows: int) -> None:
+            if progress:
+                progress(ProgressEvent(segment, None, "reading", rows, None))
+
+        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=reading)
         source = open_source(seg.source, self.settings.base_dir)
         with reading(source):
             rel = source.relation(con, planner.source_columns())
@@ -385,8 +391,6 @@ class Engine:
             pair.result.counts = plan.counts
             if plan.as_base and plan.file and not plan.input.full_refresh:
                 plan.add_batches = -(-plan.counts.adds // plan.input.batch_size)
-        if self._progress:
-            self._progress(segment, planner.source_rows)
         fallback = plans[0].counts.fallback_values if plans else 0
         if fallback:
             log.info("%s: %d identifier values went through the Python rules (not a plain shape)", segment, fallback)
@@ -507,7 +511,7 @@ class Engine:
         assert plan is not None and pair.audience is not None
         size = plan.input.batch_size
         sid = int(time.time() * 1000) % (1 << 62)
-        calls = 0
+        calls = sent = 0
         seq = {OWED: 0, MEMBER: 0}
         totals = {OWED: plan.remove_batches, MEMBER: plan.add_batches}
         estimated = {OWED: plan.counts.removes + plan.counts.changes, MEMBER: plan.sends}
@@ -524,10 +528,14 @@ class Engine:
                 out = dest.add_members(pair.audience, batch, session)
                 ack = BatchAck(pair.run_id, b, "add", len(batch), out.request_id, "pending" if out.pending else "ok",
                                rejected=dict(out.rejected))  # fmt: skip
-            calls += 1
+            calls, sent = calls + 1, sent + len(batch)
             self.ledger.ack_batch(segment, pair.name, ack)
+            if self._progress:
+                self._progress(ProgressEvent(segment, pair.name, "sending", sent, plan.sends))
         if calls:
             dest.finish(pair.audience)
+            if self._progress:
+                self._progress(ProgressEvent(segment, pair.name, "done", sent, plan.sends))
         return calls
 
     def _replace(self, con: duckdb.DuckDBPyConnection, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:

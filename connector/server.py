@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -70,6 +70,10 @@ class SyncService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        schedules = [f"{name} ({seg.schedule}, {self.settings.timezone})"
+                     for name, seg in self.settings.segments.items() if seg.schedule]  # fmt: skip
+        log.info("schedules active: %s", ", ".join(schedules) if schedules else "none")
+        log.info("webhooks: %s", webhook_mode(self.settings))
         for target, name in ((self._worker, "connector-worker"), (self._scheduler, "connector-scheduler")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -80,6 +84,7 @@ class SyncService:
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Finish and commit the batch in flight; leave queued work queued."""
+        log.info("shutting down: the batch in flight is finished and committed, queued syncs stay queued")
         self.stop.set()
         self._wake.set()
         for t in self._threads:
@@ -105,6 +110,9 @@ class SyncService:
                 self._wake.clear()
                 continue
             segment, destinations, trigger, run_ids = item
+            log.info("run start: %s -> %s (trigger %s, run ids %s)", segment,
+                     ", ".join(destinations or self.settings.segments[segment].destinations), trigger,
+                     ", ".join(map(str, sorted(run_ids.values()))) or "-")  # fmt: skip
             try:
                 opts = SyncOptions(trigger=trigger, destinations=frozenset(destinations) if destinations else None,
                                    run_ids=run_ids)  # fmt: skip
@@ -114,6 +122,11 @@ class SyncService:
                 results = []
             finally:
                 self.current = None
+            for r in results:
+                c = r.counts
+                log.info("run end: %s -> %s %s (run %s): %s adds, %s removes, %s unchanged, %s rejected in %.1f s",
+                         r.segment, r.destination, r.status, r.run_id, f"{c.adds + c.changes:,}",
+                         f"{c.removes + c.changes:,}", f"{c.unchanged:,}", f"{r.rejected:,}", r.seconds)  # fmt: skip
             self._record(results)
             if any(r.status == "interrupted" for r in results):
                 # shutting down mid-sync: the rest is sent after the next start
@@ -179,13 +192,16 @@ class SyncService:
                 if last is not None:
                     lines.append(f'connector_last_success_timestamp_seconds{{segment="{seg_name}",destination="{dest}"}} '
                                  f"{last.timestamp():.0f}")  # fmt: skip
-        lines += ["# HELP connector_retries_total Platform calls retried.", "# TYPE connector_retries_total counter",
-                  "# HELP connector_throttle_wait_seconds_total Time spent waiting for throttling.",
+        stats = sorted(self.engine.stats.items())
+        # each family's samples follow its own HELP and TYPE lines (the exposition format wants them together)
+        lines += ["# HELP connector_retries_total Platform calls retried.", "# TYPE connector_retries_total counter"]
+        lines += [f'connector_retries_total{{destination="{dest}"}} {st.retries}' for dest, st in stats]
+        lines += ["# HELP connector_throttle_wait_seconds_total Time spent waiting for throttling.",
                   "# TYPE connector_throttle_wait_seconds_total counter"]  # fmt: skip
-        for dest, stats in sorted(self.engine.stats.items()):
-            lines.append(f'connector_retries_total{{destination="{dest}"}} {stats.retries}')
-            lines.append(f'connector_throttle_wait_seconds_total{{destination="{dest}"}} {stats.throttle_wait_seconds:.3f}')
-        lines.append(f"connector_queue_length {len(self.coord.pending())}")
+        lines += [f'connector_throttle_wait_seconds_total{{destination="{dest}"}} {st.throttle_wait_seconds:.3f}'
+                  for dest, st in stats]  # fmt: skip
+        lines += ["# HELP connector_queue_length Segments queued for a sync.", "# TYPE connector_queue_length gauge",
+                  f"connector_queue_length {len(self.coord.pending())}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 
@@ -199,6 +215,14 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def webhook_mode(settings: ConnectorSettings) -> str:
+    """Whether webhooks are enabled and how callers authenticate (never the secret itself)."""
+    ways = [w for w, on in (("HMAC signature", settings.webhook_secret), ("bearer token", settings.webhook_bearer_token)) if on]
+    if not ways:
+        return "disabled (set CONNECTOR_WEBHOOK_SECRET or CONNECTOR_WEBHOOK_BEARER_TOKEN to enable them)"
+    return "enabled (" + " or ".join(ways) + ")"
 
 
 def _authenticate(settings: ConnectorSettings, request: Request, body: bytes) -> tuple[JSONResponse | None, str | None]:
@@ -232,6 +256,19 @@ def create_app(settings: ConnectorSettings, service: SyncService | None = None, 
     svc = service or SyncService(settings)
 
     async def webhook(request: Request) -> Response:
+        response = await handle_webhook(request)
+        # the segment name comes from the URL: shown quoted and cut short; never a header (secret, signature)
+        name = repr(str(request.path_params.get("name", ""))[:100])
+        if response.status_code == 202:
+            doc = json.loads(bytes(response.body))
+            log.info("webhook for segment %s accepted: %s, run ids %s", name, doc["status"],
+                     ", ".join(map(str, sorted(doc["run_ids"].values()))) or "-")  # fmt: skip
+        else:
+            reason = json.loads(bytes(response.body)).get("error", "")
+            log.warning("webhook for segment %s refused: %d %s", name, response.status_code, reason)
+        return response
+
+    async def handle_webhook(request: Request) -> JSONResponse:
         name = request.path_params["name"]
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
@@ -305,11 +342,28 @@ def create_app(settings: ConnectorSettings, service: SyncService | None = None, 
 
 
 def serve(settings: ConnectorSettings, host: str, port: int, jitter_seconds: float = 0.0) -> None:
+    """Serve until SIGTERM or Ctrl-C; a graceful shutdown returns normally (exit code 0)."""
     import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn raises the signal again once it shut down, so the process dies of it (exit 143 for
+            # SIGTERM), which Docker, systemd and CI report as a failure. A finished shutdown is a success.
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
 
     app = create_app(settings, SyncService(settings, jitter_seconds=jitter_seconds))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which runs the lifespan's shutdown
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    server = GracefulServer(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # could not start (the port is taken...): uvicorn logged why
+    log.info("stopped")
 
 
 OPENAPI: dict[str, Any] = {

@@ -307,6 +307,14 @@ class ConnectorSettings(BaseSettings):
         # env overrides the file; the file arrives as init kwargs from `load_settings`.
         return (env_settings, init_settings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_relative_to_the_config(cls, data: Any) -> Any:
+        """Every relative path in the config (file or environment) is relative to the config file."""
+        if not isinstance(data, dict) or data.get("config_path") is None:
+            return data
+        return resolve_paths(data, Path(data["config_path"]).parent)
+
     @model_validator(mode="after")
     def _references(self) -> ConnectorSettings:
         for name, seg in self.segments.items():
@@ -317,6 +325,13 @@ class ConnectorSettings(BaseSettings):
                         f"segments.{name}.destinations names {dest!r}, which is not a "
                         f"[destinations.*] table (known: {known})"
                     )
+        for name, d in self.destinations.items():
+            if isinstance(d, GoogleDestinationConfig) and d.membership_days <= d.resend_before_expiry_days:
+                # every member would always be "close to expiry": each run would re-send the whole list
+                raise ValueError(
+                    f"destinations.{name}: membership_days ({d.membership_days}) must be larger than "
+                    f"resend_before_expiry_days ({d.resend_before_expiry_days}), or every run re-sends every member"
+                )
         return self
 
     @property
@@ -333,20 +348,71 @@ class ConnectorSettings(BaseSettings):
 
     def ledger_sqlalchemy_url(self) -> str:
         if self.ledger_url is not None:
-            return self.ledger_url.get_secret_value()
+            return sqlite_url_relative_to(self.ledger_url.get_secret_value(), self.base_dir)
         return f"sqlite:///{self.state_path / 'ledger.db'}"
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if not isinstance(value, str | Path):
+        return value
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _with_path(item: Any, key: str, base: Path) -> Any:
+    """`item[key]` made absolute, for a raw mapping or an already built model."""
+    if isinstance(item, dict) and item.get(key) is not None:
+        return {**item, key: _absolute(item[key], base)}
+    if isinstance(item, BaseModel) and getattr(item, key, None) is not None:
+        return item.model_copy(update={key: _absolute(getattr(item, key), base)})
+    return item
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """state_dir, file sources' paths and service_account_file made absolute against `base`."""
+    data = {**data, "state_dir": _absolute(data.get("state_dir", Path(".connector")), base)}
+    if isinstance(data.get("destinations"), dict):
+        data["destinations"] = {name: _with_path(d, "service_account_file", base) for name, d in data["destinations"].items()}
+    if isinstance(data.get("segments"), dict):
+        segments = {}
+        for name, seg in data["segments"].items():
+            if isinstance(seg, dict) and "source" in seg:
+                seg = {**seg, "source": _with_path(seg["source"], "path", base)}
+            elif isinstance(seg, SegmentConfig):
+                seg = seg.model_copy(update={"source": _with_path(seg.source, "path", base)})
+            segments[name] = seg
+        data["segments"] = segments
+    return data
+
+
+def sqlite_url_relative_to(url: str, base: Path) -> str:
+    """A SQLite URL with a relative file path, made relative to `base` (other URLs unchanged)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url  # the ledger reports a bad URL (without printing it)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return url
+    path = Path(db).expanduser()
+    if path.is_absolute():
+        return url
+    return parsed.set(database=str(base / path)).render_as_string(hide_password=False)
 
 
 def _format_validation_error(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
-        msg = err["msg"]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README 'Configuration')"
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  - {loc}: {msg}")
+        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 

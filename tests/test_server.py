@@ -338,3 +338,89 @@ def test_two_server_processes_never_sync_the_same_pair_at_once(tmp_path: Path) -
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=60)
+
+
+def test_serve_exits_0_after_sigterm_and_logs_what_it_runs(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, schedule="0 3 * * *")
+    port = free_port()
+    env = {**os.environ, "CONNECTOR_CONFIG": str(cfg)}
+    proc = subprocess.Popen([sys.executable, "-m", "connector.cli", "serve", "--port", str(port)], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err  # uvicorn re-raised SIGTERM after its graceful shutdown: 143
+    assert "schedules active: vip (0 3 * * *, UTC)" in err
+    assert "webhooks: enabled (HMAC signature)" in err
+    assert "shutting down" in err and "stopped" in err
+    assert SECRET not in err
+
+
+def test_webhooks_and_runs_are_logged_without_secret_or_signature(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="connector.server")
+    r = Running(write_config(tmp_path))
+    try:
+        body = json.dumps({"event_id": "evt-log"}).encode()
+        stamp = str(int(time.time()))
+        signature = sign(SECRET, stamp, body)
+        assert r.post(body, ts=float(stamp)).status_code == 202
+        r.wait_idle()
+        assert r.post(b"{}", secret="wrong-secret").status_code == 401
+        assert r.post(b"{}", segment="nope").status_code == 404
+    finally:
+        r.stop()
+    messages = [rec.getMessage() for rec in caplog.records if rec.name == "connector.server"]
+    text = "\n".join(messages)
+    assert "webhooks: enabled (HMAC signature)" in text and "schedules active: none" in text
+    assert any(m.startswith("webhook for segment 'vip' accepted: queued, run ids ") for m in messages), text
+    assert any(m.startswith("run start: vip -> meta (trigger webhook") for m in messages), text
+    assert any(m.startswith("run end: vip -> meta success (run ") and "50 adds" in m for m in messages), text
+    assert "webhook for segment 'vip' refused: 401 bad signature" in text
+    assert "webhook for segment 'nope' refused: 404 unknown segment 'nope'" in text
+    assert SECRET not in caplog.text and signature not in caplog.text and "wrong-secret" not in caplog.text
+
+
+def test_webhooks_disabled_is_logged_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace(f'webhook_secret = "{SECRET}"\n', ""))
+    caplog.set_level(logging.INFO, logger="connector.server")
+    r = Running(cfg)
+    r.stop()
+    assert "webhooks: disabled (set CONNECTOR_WEBHOOK_SECRET or CONNECTOR_WEBHOOK_BEARER_TOKEN to enable them)" in caplog.text
+
+
+def test_every_metrics_family_has_help_and_type(running: Running) -> None:
+    assert running.post(json.dumps({"event_id": "evt-metrics"}).encode()).status_code == 202
+    running.wait_idle()
+    text = httpx.get(f"{running.url}/metrics", timeout=10).text
+    helped: set[str] = set()
+    typed: set[str] = set()
+    families: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            assert name in helped and name in typed, f"{name} has no HELP or TYPE"
+            if not families or families[-1] != name:
+                assert name not in families, f"samples of {name} are not together"
+                families.append(name)
+    assert {"connector_runs_total", "connector_queue_length", "connector_retries_total",
+            "connector_throttle_wait_seconds_total"} <= set(families)  # fmt: skip

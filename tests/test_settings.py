@@ -53,3 +53,52 @@ def test_bad_toml_and_unknown_destination(tmp_path: Path) -> None:
     cfg.write_text(BASE.replace('destinations = ["meta_ads"]', 'destinations = ["google"]'))
     with pytest.raises(ConfigError, match="names 'google', which is not a"):
         load_settings(cfg)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    cfg = conf_dir / "c.toml"
+    cfg.write_text(
+        'state_dir = "var/state"\n'
+        '[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\nservice_account_file = "keys/sa.json"\n'
+        '[segments.vip]\nsource = { type = "csv", path = "data/x.csv" }\nidentifiers = { email = "email" }\n'
+        'destinations = ["g"]\n'
+        '[segments.shoes]\nsource = { type = "parquet", path = "data/x.parquet" }\nidentifiers = { email = "email" }\n'
+        'destinations = ["g"]\n'
+    )
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    s = load_settings(Path("conf/c.toml"))
+    # the state directory's parent ("conf/var") is not the config's directory: the old resolution used it
+    assert s.destinations["g"].service_account_file == conf_dir / "keys" / "sa.json"  # type: ignore[union-attr]
+    assert s.segments["vip"].source.path == conf_dir / "data" / "x.csv"  # type: ignore[union-attr]
+    assert s.segments["shoes"].source.path == conf_dir / "data" / "x.parquet"  # type: ignore[union-attr]
+    assert s.state_path == conf_dir / "var" / "state"
+    # an environment override is a path in the config too
+    monkeypatch.setenv("CONNECTOR_DESTINATIONS__G__SERVICE_ACCOUNT_FILE", "other.json")
+    assert load_settings(cfg).destinations["g"].service_account_file == conf_dir / "other.json"  # type: ignore[union-attr]
+    # absolute paths stay as they are
+    monkeypatch.setenv("CONNECTOR_DESTINATIONS__G__SERVICE_ACCOUNT_FILE", str(tmp_path / "abs.json"))
+    assert load_settings(cfg).destinations["g"].service_account_file == tmp_path / "abs.json"  # type: ignore[union-attr]
+
+
+def test_relative_sqlite_ledger_url_resolves_against_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('ledger_url = "sqlite:///db/ledger.db"\n' + BASE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_settings(cfg).ledger_sqlalchemy_url() == f"sqlite:///{tmp_path / 'db' / 'ledger.db'}"
+
+
+def test_google_destination_reads_the_service_account_file_beside_the_config(tmp_path: Path) -> None:
+    from connector.destinations import build_destination
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('state_dir = "var/state"\n[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\n'
+                   'service_account_file = "sa.json"\n')  # fmt: skip
+    s = load_settings(cfg)
+    # the file is missing: the error names where it was looked for, which must be beside the config
+    with pytest.raises(ConfigError) as err:
+        build_destination("g", s.destinations["g"], s.state_path)
+    assert f"{tmp_path / 'sa.json'} not found" in str(err.value)

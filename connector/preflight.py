@@ -1,0 +1,239 @@
+"""What `connector validate` checks beyond the config's own shape: what a sync will need.
+
+- credentials complete for the path each destination takes (sandboxes need none);
+- every file the config names exists (and a service account file looks like one);
+- each segment's source is reachable and has the mapped columns: only headers are read (a CSV
+  header, a Parquet schema, the SQL query's columns with ``LIMIT 0``, the first page of an HTTP source);
+- settings that do nothing together (a lookalike for a platform the segment does not sync to).
+
+Settings that cannot work together at all (``membership_days <= resend_before_expiry_days``) are
+refused when the config is loaded, by every command.
+
+A problem is a plain line naming the setting (``destinations.meta_ads.access_token: ...``); secrets,
+URLs with credentials and row contents never appear in one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from connector.errors import ConnectorError
+from connector.settings import (
+    ConnectorSettings,
+    CsvSource,
+    DestinationConfig,
+    GoogleDestinationConfig,
+    HttpSource,
+    MetaDestinationConfig,
+    ParquetSource,
+    SegmentConfig,
+    SqlSource,
+)
+
+GOING_TO_PRODUCTION = "README 'Going to production'"
+
+
+def env_var(dest: str, field: str) -> str:
+    """The environment variable that sets `destinations.<dest>.<field>`."""
+    return f"CONNECTOR_DESTINATIONS__{dest.upper()}__{field.upper()}"
+
+
+def problems(settings: ConnectorSettings, *, sources: bool = True) -> list[str]:
+    """Every problem found, in config order; empty when a sync has what it needs."""
+    found: list[str] = []
+    if settings.state_path.exists() and not settings.state_path.is_dir():
+        found.append(f"state_dir: {settings.state_path} is a file, not a directory")
+    for name, dest in settings.destinations.items():
+        found += destination_problems(settings, name, dest)
+    for name, seg in settings.segments.items():
+        found += segment_problems(settings, name, seg)
+        if sources:
+            found += source_problems(settings, name, seg)
+    return found
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def destination_problems(settings: ConnectorSettings, name: str, dest: DestinationConfig) -> list[str]:
+    if dest.sandbox:
+        return []  # the bundled emulators (or the ones at the endpoints) need no account
+    where = f"destinations.{name}"
+    if isinstance(dest, MetaDestinationConfig):
+        if dest.access_token is None:
+            return [f"{where}.access_token: missing; set {env_var(name, 'access_token')} to a system user token "
+                    f"with the ads_management permission (see {GOING_TO_PRODUCTION}), or use sandbox = true"]  # fmt: skip
+        return []
+    return _google_problems(settings, name, dest)
+
+
+def _google_problems(settings: ConnectorSettings, name: str, dest: GoogleDestinationConfig) -> list[str]:
+    where = f"destinations.{name}"
+    found: list[str] = []
+    oauth = {
+        "oauth_client_id": dest.oauth_client_id is not None,
+        "oauth_client_secret": dest.oauth_client_secret is not None,
+        "oauth_refresh_token": dest.oauth_refresh_token is not None,
+    }
+    if dest.service_account_file is not None:
+        found += _service_account_problems(f"{where}.service_account_file", settings.resolve(dest.service_account_file))
+        if any(oauth.values()):
+            set_ = ", ".join(k for k, v in oauth.items() if v)
+            found.append(f"{where}: both service_account_file and {set_} are set; keep one kind of credentials")
+    elif all(oauth.values()):
+        pass
+    elif any(oauth.values()):
+        missing = [k for k, v in oauth.items() if not v]
+        found.append(f"{where}: OAuth credentials need oauth_client_id, oauth_client_secret and oauth_refresh_token; "
+                     f"missing {', '.join(missing)} (e.g. {env_var(name, missing[-1])})")  # fmt: skip
+    else:
+        found.append(f"{where}: no Google credentials: set service_account_file, or oauth_client_id + "
+                     f"oauth_client_secret + oauth_refresh_token ({env_var(name, 'oauth_refresh_token')}); "
+                     f"see {GOING_TO_PRODUCTION}, or use sandbox = true")  # fmt: skip
+    if dest.developer_token is None:
+        if dest.upload_api == "google_ads":
+            found.append(f"{where}.developer_token: missing; upload_api = \"google_ads\" needs an allowlisted developer "
+                         f"token ({env_var(name, 'developer_token')}), or use upload_api = \"datamanager\"")  # fmt: skip
+        seeds = [s for s, seg in settings.segments.items() if seg.lookalike.google and name in seg.destinations]
+        if seeds:
+            found.append(f"{where}.developer_token: missing; Google lookalikes (segments {', '.join(seeds)}) are "
+                         "made through the Google Ads API, which needs a developer token "
+                         f"({env_var(name, 'developer_token')})")  # fmt: skip
+    return found
+
+
+def _service_account_problems(where: str, path: Path) -> list[str]:
+    if not path.is_file():
+        return [f"{where}: {path} not found"]
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return [f"{where}: {path} is not a JSON key file (download one for the service account in the Cloud console)"]
+    if not isinstance(doc, dict) or not doc.get("client_email") or not doc.get("private_key"):
+        return [f"{where}: {path} is not a service account key (no client_email or private_key)"]
+    return []
+
+
+# ----------------------------------------------------------------------------- segments
+
+
+def segment_problems(settings: ConnectorSettings, name: str, seg: SegmentConfig) -> list[str]:
+    kinds = {settings.destinations[d].type for d in seg.destinations}
+    found: list[str] = []
+    for platform in ("meta", "google"):
+        if getattr(seg.lookalike, platform) is not None and platform not in kinds:
+            found.append(f"segments.{name}.lookalike.{platform}: the segment has no {platform} destination "
+                         f"(destinations = {seg.destinations}); the lookalike would never be made")  # fmt: skip
+    return found
+
+
+def mapped_columns(seg: SegmentConfig) -> list[str]:
+    """The source columns a sync of the segment reads, in config order."""
+    consent = [c for c in (seg.consent.ad_user_data_column, seg.consent.ad_personalization_column) if c]
+    return list(dict.fromkeys([*seg.identifiers.values(), *consent, *([seg.key] if seg.key else [])]))
+
+
+def source_problems(settings: ConnectorSettings, name: str, seg: SegmentConfig) -> list[str]:
+    where = f"segments.{name}.source"
+    wanted = mapped_columns(seg)
+    src = seg.source
+    try:
+        if isinstance(src, CsvSource):
+            path = settings.resolve(src.path)
+            return _columns(where, f"CSV file {path}", wanted, _csv_header(src, path))
+        if isinstance(src, ParquetSource):
+            path = settings.resolve(src.path)
+            return _columns(where, f"Parquet file {path}", wanted, _parquet_names(path))
+        if isinstance(src, SqlSource):
+            return _sql_problems(where, src, settings.base_dir, wanted)
+        if isinstance(src, HttpSource):
+            return _http_problems(where, src, wanted)
+    except ConnectorError as exc:
+        return [f"{where}: {exc}"]
+    return []
+
+
+def _columns(where: str, what: str, wanted: Sequence[str], available: Sequence[str]) -> list[str]:
+    missing = [c for c in wanted if c not in available]
+    found = []
+    if missing:
+        found.append(f"{where}: {what} has no column(s) {', '.join(map(repr, missing))}; it has: "
+                     f"{', '.join(map(repr, available)) or 'none'} (fix the segment's key, identifiers or consent "
+                     "columns, or the export)")  # fmt: skip
+    dupes = sorted({c for c in available if list(available).count(c) > 1} & set(wanted))
+    if dupes:
+        found.append(f"{where}: {what}: column(s) {', '.join(map(repr, dupes))} appear more than once")
+    return found
+
+
+def _csv_header(src: CsvSource, path: Path) -> list[str]:
+    from connector.errors import SourceError
+
+    enc = "utf-8-sig" if codecs.lookup(src.encoding).name == "utf-8" else src.encoding
+    try:
+        with path.open(newline="", encoding=enc) as f:
+            row = next(csv.reader(f, delimiter=src.delimiter), None)
+    except FileNotFoundError:
+        raise SourceError(f"CSV file {path} not found") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"CSV file {path}: the header is not valid {src.encoding}; set the source's `encoding`") from None
+    except OSError as exc:
+        raise SourceError(f"CSV file {path}: cannot read ({exc.strerror})") from None
+    if not row:
+        raise SourceError(f"CSV file {path} is empty (no header row)")
+    return [c.strip() for c in row]
+
+
+def _parquet_names(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from connector.errors import SourceError
+
+    if not path.is_file():
+        raise SourceError(f"Parquet file {path} not found")
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowInvalid, OSError):
+        raise SourceError(f"Parquet file {path} is not a readable Parquet file") from None
+
+
+def _sql_problems(where: str, src: SqlSource, base_dir: Path, wanted: Sequence[str]) -> list[str]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from connector.sources.sql import SqlQuerySource
+
+    source = SqlQuerySource(src, base_dir)  # resolves a relative SQLite file; refuses a missing one
+    query = src.query.strip().rstrip(";")
+    engine = create_engine(source.url)
+    try:
+        with engine.connect() as conn:
+            # the query's columns without its rows (and without the time a full scan or sort takes)
+            names = list(conn.execute(text(f"SELECT * FROM ({query}) AS connector_check LIMIT 0")).keys())  # noqa: S608
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or type(exc).__name__).split("\n", 1)[0][:300]
+        return [f"{where}: {source.description}: the query failed: {detail}"]
+    finally:
+        engine.dispose()
+    return _columns(where, f"the query on {source.description.removeprefix('sql query on ')}", wanted, names)
+
+
+def _http_problems(where: str, src: HttpSource, wanted: Sequence[str]) -> list[str]:
+    from connector.retry import RetryPolicy
+    from connector.sources.http import HttpJsonSource
+
+    # the first page only (the source checks its records' fields); one attempt: validate should answer fast
+    source = HttpJsonSource(src, policy=RetryPolicy(max_attempts=1))
+    batches = source.read_batches(wanted, 1)
+    try:
+        next(batches, None)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return []
