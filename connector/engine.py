@@ -371,11 +371,11 @@ class Engine:
         )  # fmt: skip
         progress = self._progress
 
-        def reading(rows: int) -> None:
+        def rows_read(rows: int) -> None:
             if progress:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
-        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=reading)
+        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read)
         source = open_source(seg.source, self.settings.base_dir)
         with reading(source):
             rel = source.relation(con, planner.source_columns())
