@@ -162,7 +162,7 @@ class Planner:
     """Plans every pair of one segment in one pass over its source (`src`, a DuckDB relation)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, seg: SegmentSpec, pairs: Sequence[PairInput],
-                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None, batch_rows: int = 100_000) -> None:  # fmt: skip
         self.con = con
         self.seg = seg
         self.plans = [PairPlan(p) for p in pairs]
@@ -172,6 +172,7 @@ class Planner:
         self.duplicates = 0
         self.source_rows = 0
         self._on_rows = on_rows
+        self._batch_rows = batch_rows
 
     # ------------------------------------------------------------------ the pass
 
@@ -269,7 +270,7 @@ class Planner:
                 plan.file, plan.as_base = name, True
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
         try:
-            for rb in self.con.sql(sql).to_arrow_reader(100_000):
+            for rb in self.con.sql(sql).to_arrow_reader(self._batch_rows):
                 self._batch(rb, new_keys)
                 if self._on_rows:
                     self._on_rows(self.source_rows)

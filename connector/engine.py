@@ -170,8 +170,10 @@ class Engine:
         progress: Progress | None = None,
         pair_lock: PairLock | None = None,
         stop: threading.Event | None = None,
+        batch_rows: int = 100_000,
     ) -> None:
         self.settings = settings
+        self._batch_rows = batch_rows  # source rows planned (and reported) together
         self._pair_lock = pair_lock
         self.stop = stop or threading.Event()
         self.ledger = ledger or Journal(settings.ledger_sqlalchemy_url())
@@ -375,7 +377,7 @@ class Engine:
             if progress:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
-        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read)
+        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows)
         source = open_source(seg.source, self.settings.base_dir)
         with reading(source):
             rel = source.relation(con, planner.source_columns())
@@ -389,7 +391,8 @@ class Engine:
         for pair, plan in zip(pairs, plans, strict=True):
             pair.plan = plan
             pair.result.counts = plan.counts
-            if plan.as_base and plan.file and not plan.input.full_refresh:
+            if plan.input.resolved is None:  # a first base: every member in it is an add
+                plan.sends = plan.counts.adds
                 plan.add_batches = -(-plan.counts.adds // plan.input.batch_size)
         fallback = plans[0].counts.fallback_values if plans else 0
         if fallback:

@@ -15,8 +15,6 @@ URLs with credentials and row contents never appear in one.
 
 from __future__ import annotations
 
-import codecs
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +22,10 @@ from pathlib import Path
 from connector.errors import ConnectorError
 from connector.settings import (
     ConnectorSettings,
-    CsvSource,
     DestinationConfig,
     GoogleDestinationConfig,
-    HttpSource,
     MetaDestinationConfig,
-    ParquetSource,
     SegmentConfig,
-    SqlSource,
 )
 
 GOING_TO_PRODUCTION = "README 'Going to production'"
@@ -138,23 +132,16 @@ def mapped_columns(seg: SegmentConfig) -> list[str]:
 
 
 def source_problems(settings: ConnectorSettings, name: str, seg: SegmentConfig) -> list[str]:
+    """The source is reachable and has the mapped columns: its header, schema, the query's columns or the
+    first page's fields, never its rows."""
+    from connector.sources import open_source
+
     where = f"segments.{name}.source"
-    wanted = mapped_columns(seg)
-    src = seg.source
     try:
-        if isinstance(src, CsvSource):
-            path = settings.resolve(src.path)
-            return _columns(where, f"CSV file {path}", wanted, _csv_header(src, path))
-        if isinstance(src, ParquetSource):
-            path = settings.resolve(src.path)
-            return _columns(where, f"Parquet file {path}", wanted, _parquet_names(path))
-        if isinstance(src, SqlSource):
-            return _sql_problems(where, src, settings.base_dir, wanted)
-        if isinstance(src, HttpSource):
-            return _http_problems(where, src, wanted)
+        source = open_source(seg.source, settings.base_dir)
+        return _columns(where, source.description, mapped_columns(seg), source.columns())
     except ConnectorError as exc:
         return [f"{where}: {exc}"]
-    return []
 
 
 def _columns(where: str, what: str, wanted: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -168,72 +155,3 @@ def _columns(where: str, what: str, wanted: Sequence[str], available: Sequence[s
     if dupes:
         found.append(f"{where}: {what}: column(s) {', '.join(map(repr, dupes))} appear more than once")
     return found
-
-
-def _csv_header(src: CsvSource, path: Path) -> list[str]:
-    from connector.errors import SourceError
-
-    enc = "utf-8-sig" if codecs.lookup(src.encoding).name == "utf-8" else src.encoding
-    try:
-        with path.open(newline="", encoding=enc) as f:
-            row = next(csv.reader(f, delimiter=src.delimiter), None)
-    except FileNotFoundError:
-        raise SourceError(f"CSV file {path} not found") from None
-    except UnicodeDecodeError:
-        raise SourceError(f"CSV file {path}: the header is not valid {src.encoding}; set the source's `encoding`") from None
-    except OSError as exc:
-        raise SourceError(f"CSV file {path}: cannot read ({exc.strerror})") from None
-    if not row:
-        raise SourceError(f"CSV file {path} is empty (no header row)")
-    return [c.strip() for c in row]
-
-
-def _parquet_names(path: Path) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from connector.errors import SourceError
-
-    if not path.is_file():
-        raise SourceError(f"Parquet file {path} not found")
-    try:
-        return list(pq.read_schema(path).names)
-    except (pa.ArrowInvalid, OSError):
-        raise SourceError(f"Parquet file {path} is not a readable Parquet file") from None
-
-
-def _sql_problems(where: str, src: SqlSource, base_dir: Path, wanted: Sequence[str]) -> list[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from connector.sources.sql import SqlQuerySource
-
-    source = SqlQuerySource(src, base_dir)  # resolves a relative SQLite file; refuses a missing one
-    query = src.query.strip().rstrip(";")
-    engine = create_engine(source.url)
-    try:
-        with engine.connect() as conn:
-            # the query's columns without its rows (and without the time a full scan or sort takes)
-            names = list(conn.execute(text(f"SELECT * FROM ({query}) AS connector_check LIMIT 0")).keys())  # noqa: S608
-    except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or type(exc).__name__).split("\n", 1)[0][:300]
-        return [f"{where}: {source.description}: the query failed: {detail}"]
-    finally:
-        engine.dispose()
-    return _columns(where, f"the query on {source.description.removeprefix('sql query on ')}", wanted, names)
-
-
-def _http_problems(where: str, src: HttpSource, wanted: Sequence[str]) -> list[str]:
-    from connector.retry import RetryPolicy
-    from connector.sources.http import HttpJsonSource
-
-    # the first page only (the source checks its records' fields); one attempt: validate should answer fast
-    source = HttpJsonSource(src, policy=RetryPolicy(max_attempts=1))
-    batches = source.read_batches(wanted, 1)
-    try:
-        next(batches, None)
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-    return []
