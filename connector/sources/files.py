@@ -206,15 +206,17 @@ class ParquetFileSource(BatchAdapter):
     def relation(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
         if not self.path.exists():
             raise SourceError(f"{self.description}: file not found")
-        scan = f"read_parquet({literal(str(self.path))}, file_row_number = true)"
+        scan = f"read_parquet({literal(str(self.path))})"
         try:
             schema = con.sql(f"SELECT * FROM {scan}")  # noqa: S608 - the path is a literal()
         except duckdb.Error as exc:
             raise self._unreadable(exc) from None
-        names = [n for n in schema.columns if n != "file_row_number"]
-        check_columns(self.description, columns, names)
+        check_columns(self.description, columns, schema.columns)
         types = dict(zip(schema.columns, schema.types, strict=True))
         picks = ", ".join(f"{as_text(ident(c), types[c].id)} AS {ident(c)}" for c in columns)
+        if "file_row_number" in schema.columns:  # DuckDB cannot add its own: the scan's order is the file's
+            return con.sql(f"SELECT {row_number()}, {picks} FROM {scan}")  # noqa: S608 - quoted
+        scan = f"read_parquet({literal(str(self.path))}, file_row_number = true)"
         return con.sql(f"SELECT file_row_number::BIGINT AS {ROW}, {picks} FROM {scan}")  # noqa: S608 - quoted
 
     def explain(self, exc: Exception) -> SourceError | None:

@@ -282,3 +282,9 @@ def test_parquet_binary_column_that_is_not_utf8_is_a_clear_error(tmp_path: Path)
     with pytest.raises(SourceError, match="not UTF-8 text") as err:
         scan(src, ["id"])
     assert "secret" not in str(err.value)
+
+
+def test_parquet_with_a_column_named_file_row_number(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"file_row_number": ["a", "b"], "id": ["x", "y"]}), tmp_path / "m.parquet")
+    src = open_source(ParquetSource(type="parquet", path=tmp_path / "m.parquet"), tmp_path)
+    assert scan(src, ["id", "file_row_number"])[2] == [(0, "x", "a"), (1, "y", "b")]
