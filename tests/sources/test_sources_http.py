@@ -189,3 +189,14 @@ def test_relation_keeps_a_lone_surrogate_as_a_replacement_character(pages: tuple
     handler.pages = [[{"id": "X\ud800", "email": "a\udfff@x.com"}, {"id": "Y", "email": "b@x.com"}]]
     src = fast(HttpSource(type="http", url=f"{url}/people", next_cursor_path="meta.next"))
     assert scan(src, ["id", "email"])[2] == [(0, "X\ufffd", "a\ufffd@x.com"), (1, "Y", "b@x.com")]
+
+
+def test_relation_is_one_shot_and_a_second_scan_says_so(pages: tuple[Pages, str]) -> None:
+    handler, url = pages
+    handler.pages = [[{"id": 1}]]
+    src = fast(HttpSource(type="http", url=f"{url}/people", next_cursor_path="meta.next"))
+    rel = src.relation(duckdb.connect(), ["id"])
+    with reading(src):
+        assert rel.fetchall() == [(0, "1")]
+    with pytest.raises(duckdb.InvalidInputException, match="already been consumed"), reading(src):
+        rel.fetchall()
