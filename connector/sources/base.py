@@ -156,7 +156,7 @@ class ArrowStream:
     def explain(self, exc: Exception) -> SourceError | None:
         if self.failure is not None:
             return self.failure
-        if "Arrow source" in str(exc) or "RecordBatchReader" in str(exc):
+        if "reading the Arrow source failed" in str(exc):  # not "already consumed": scanning twice is the caller's bug
             return SourceError(f"{self.description}: reading failed ({type(exc).__name__})")
         return None
 

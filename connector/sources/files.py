@@ -45,6 +45,7 @@ _ROW_QUOTE = re.compile(r"(:\s*(got|Expected)[^:]*?)(:.*)$", re.S)
 _CSV_LINE = re.compile(r"CSV Error on Line: (\d+)")
 _FIELD_COUNT = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
 _NATIVE = ("utf-8", "utf-8-sig")
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def _safe_arrow_message(exc: BaseException) -> str:
@@ -71,20 +72,21 @@ class CsvFileSource(BatchAdapter):
         enc = _encoding_name(self.config.encoding)
         if enc == "utf-8":
             enc = "utf-8-sig"  # a UTF-8 BOM is not part of the first column's name
+        # undecodable bytes are kept as lone surrogates: only the header's own bytes must decode here
+        bad = f"{self.description}: header is not valid {self.config.encoding}; set the source's `encoding`"
         try:
-            with self.path.open(newline="", encoding=enc) as f:
+            with self.path.open(newline="", encoding=enc, errors="surrogateescape") as f:
                 row = next(csv.reader(f, delimiter=self.config.delimiter), None)
         except FileNotFoundError:
             raise SourceError(f"{self.description}: file not found") from None
-        except UnicodeError as exc:
-            where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
-            raise SourceError(
-                f"{self.description}: header is not valid {self.config.encoding}{where}; set the source's `encoding`"
-            ) from None
+        except UnicodeError:
+            raise SourceError(bad) from None
         except csv.Error as exc:
             raise SourceError(f"{self.description}: header row unreadable ({str(exc)[:100]})") from None
         except OSError as exc:
             raise SourceError(f"{self.description}: cannot read ({exc.strerror})") from None
+        if row and any(_ESCAPED.search(c) for c in row):
+            raise SourceError(bad)
         if not row:
             raise SourceError(f"{self.description}: empty file (no header row)")
         return [c.strip() for c in row]
@@ -134,7 +136,7 @@ class CsvFileSource(BatchAdapter):
                 ),
             )
         except (pa.ArrowInvalid, UnicodeError) as exc:
-            raise SourceError(f"{self.description}: {self._arrow_reason(exc)}") from None
+            raise SourceError(f"{self.description}: parse error in the first rows: {self._arrow_reason(exc)}") from None
         except OSError as exc:
             raise SourceError(f"{self.description}: cannot read ({_safe_arrow_message(exc)})") from None
 
@@ -204,15 +206,17 @@ class ParquetFileSource(BatchAdapter):
     def relation(self, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> duckdb.DuckDBPyRelation:
         if not self.path.exists():
             raise SourceError(f"{self.description}: file not found")
-        scan = f"read_parquet({literal(str(self.path))}, file_row_number = true)"
+        scan = f"read_parquet({literal(str(self.path))})"
         try:
             schema = con.sql(f"SELECT * FROM {scan}")  # noqa: S608 - the path is a literal()
         except duckdb.Error as exc:
             raise self._unreadable(exc) from None
-        names = [n for n in schema.columns if n != "file_row_number"]
-        check_columns(self.description, columns, names)
+        check_columns(self.description, columns, schema.columns)
         types = dict(zip(schema.columns, schema.types, strict=True))
         picks = ", ".join(f"{as_text(ident(c), types[c].id)} AS {ident(c)}" for c in columns)
+        if "file_row_number" in schema.columns:  # DuckDB cannot add its own: the scan's order is the file's
+            return con.sql(f"SELECT {row_number()}, {picks} FROM {scan}")  # noqa: S608 - quoted
+        scan = f"read_parquet({literal(str(self.path))}, file_row_number = true)"
         return con.sql(f"SELECT file_row_number::BIGINT AS {ROW}, {picks} FROM {scan}")  # noqa: S608 - quoted
 
     def explain(self, exc: Exception) -> SourceError | None:

@@ -226,7 +226,7 @@ def _adbc_errors(source: SqlQuerySource, rows: Callable[[], int] | None = None) 
 def _column_plan(description: str, field: pa.Field) -> tuple[pa.DataType, Callable[[pa.Array], pa.Array], bool]:
     """(type handed to DuckDB, how to turn the driver's array into it, is it NUMERIC-as-text)."""
     t = field.type
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         storage = t.storage_type
         name = getattr(t, "type_name", None) or t.extension_name
         if t.extension_name == "arrow.uuid":
