@@ -25,8 +25,6 @@ def one(seed: int, verbose: bool, ledger_url: str | None) -> Outcome:
 
 
 def main() -> int:
-    # the sync processes compare every index snapshot they use or write with the ledger
-    os.environ.setdefault("CONNECTOR_CHECK_INDEX_SNAPSHOTS", "1")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=200, help="how many scenarios")
     ap.add_argument("--first", type=int, default=1, help="first seed")

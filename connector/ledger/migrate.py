@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import inspect, text
 
+from connector.errors import LedgerError
 from connector.ledger.files import CLEAR_KEYS, MAYBE, MEMBER, ON, OWED, REJECTED, TO_SEND, PairFiles, member_schema, payload_column
 from connector.ledger.journal import Journal, PairPointer, rejected
 
@@ -43,6 +44,10 @@ def _owed(prev: str | None) -> list[dict[str, str]]:
     return [json.loads(x) if isinstance(x, str) else x for x in items]
 
 
+def _is_hex(v: object) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def _ts(v: Any) -> datetime | None:
     if v is None:
         return None
@@ -62,12 +67,16 @@ def migrate_legacy(journal: Journal, root: Path) -> None:
         if "plan_journal" in tables:
             pair_rows += conn.execute(text("SELECT DISTINCT segment, destination FROM plan_journal")).all()
     for segment, destination in sorted(set(pair_rows)):
-        n = _convert_pair(journal, root, segment, destination, "plan_journal" in tables)
+        if journal.pointer(segment, destination).version:
+            continue  # converted by an earlier (interrupted) conversion, or by another process just now
+        try:
+            n = _convert_pair(journal, root, segment, destination, "plan_journal" in tables)
+        except LedgerError:
+            continue  # another process converted it at the same moment: its pointer won
         log.warning("ledger converted to member files: %s -> %s, %d members", segment, destination, n)
     with journal.engine.begin() as conn:
         for t in ("members", "pair_versions", "plan_journal"):
-            if t in tables:
-                conn.execute(text(f"DROP TABLE {t}"))
+            conn.execute(text(f"DROP TABLE IF EXISTS {t}"))
     journal.mark_current_schema()
 
 
@@ -110,7 +119,11 @@ def _convert_pair(journal: Journal, root: Path, segment: str, destination: str, 
     schema = member_schema(payload_keys)
     cols: dict[str, list[Any]] = defaultdict(list)
     seen_members: set[bytes] = set()
+    skipped = 0
     for r in rows:
+        if any(not (pk in CLEAR_KEYS or _is_hex(v)) for pk, v in r["p"].items()):
+            skipped += 1  # not what this connector ever wrote (a hash that is not one): nothing to carry over
+            continue
         if r["kind"] == MEMBER:
             if r["k"] in seen_members:
                 continue
@@ -126,6 +139,9 @@ def _convert_pair(journal: Journal, root: Path, segment: str, destination: str, 
         cols["run"].append(None)
         cols["b"].append(None)
         cols["acc"].append(r["acc"])
+    if skipped:
+        log.warning("%s -> %s: %d ledger rows whose payload is not hashed were not converted", segment, destination,
+                    skipped)  # fmt: skip
     files = PairFiles(root, segment, destination)
     name = files.new_name("base", 0)
     files.write(name, pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema))
