@@ -9,7 +9,6 @@ all three emulators with faults on). Exit code 1 when any scenario ends with a m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed

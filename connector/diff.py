@@ -27,10 +27,9 @@ import pyarrow.compute as pc
 
 from connector.errors import GuardrailError
 from connector.identifiers import sql as idsql
-from connector.identifiers.columns import ColumnNormalizer
+from connector.identifiers.columns import CLEAR_KEYS, ColumnNormalizer, Mask, as_bool, is_null, whole
 from connector.identifiers.normalize import NO_IDENTIFIER
 from connector.ledger.files import (
-    CLEAR_KEYS,
     GONE,
     MAYBE,
     MEMBER,
@@ -220,8 +219,8 @@ class Planner:
                 f"AS l{i} ON {prev} = l{i}.k"
             )
             prev = f"coalesce({prev}, l{i}.k)"
-            flags.append(f"l{i}.k IS NOT NULL AS in{i}, "
-                         f"coalesce(l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp, false) AS same{i}")  # fmt: skip
+            same = f"l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp"
+            flags.append(f"l{i}.k IS NOT NULL AS in{i}, coalesce({same}, false) AS same{i}")
         j = f"SELECT s.*, {prev} AS kk{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}"
         todo = []
         for i, plan in enumerate(self.plans):
@@ -238,7 +237,8 @@ class Planner:
         outs += list(alias.values())
         ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                self.seg.default_region)  # fmt: skip
-        return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({ids.select(f'SELECT {chr(44).join(outs)} FROM ({t})', 'anytodo')})"
+        normalized = ids.select(f"SELECT {', '.join(outs)} FROM ({t})", "anytodo")
+        return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
 
     def run(self, src: str) -> list[PairPlan]:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
@@ -297,17 +297,17 @@ class Planner:
     def _batch(self, rb: pa.RecordBatch, new_keys: list[pa.Array]) -> None:
         n_src = rb.num_rows - rb.column("r").null_count
         self.source_rows += n_src
-        nokey = _np(rb, "nokey")
-        anytodo = _np(rb, "anytodo")
-        has_row = ~_isnull(rb.column("r"))
+        nokey = as_bool(rb.column("nokey"))
+        anytodo = as_bool(rb.column("anytodo"))
+        has_row = ~is_null(rb.column("r"))
         known_any = np.zeros(rb.num_rows, dtype=bool)
         for i, plan in enumerate(self.plans):
             if plan.input.resolved is not None:
-                inl = _np(rb, f"in{i}")
+                inl = as_bool(rb.column(f"in{i}"))
                 known_any |= inl
                 plan._matched += int((inl & has_row & ~nokey).sum())
                 plan._left += int((inl & ~has_row).sum())
-                plan.counts.unchanged += int(_np(rb, f"same{i}").sum())
+                plan.counts.unchanged += int(as_bool(rb.column(f"same{i}")).sum())
         rows_new = has_row & ~nokey & ~known_any
         if rows_new.any():
             new_keys.append(rb.column("k").filter(pa.array(rows_new)))
@@ -322,11 +322,11 @@ class Planner:
         cons = rb.column("cons") if "cons" in rb.schema.names else None
         for i, plan in enumerate(self.plans):
             c = plan.counts
-            todo = _np(rb, f"todo{i}")
+            todo = as_bool(rb.column(f"todo{i}"))
             payload, reasons = digests[plan.input.platform]
             has = np.zeros(rb.num_rows, dtype=bool)
             for arr in payload.values():
-                has |= ~_isnull(arr)
+                has |= ~is_null(arr)
             for reason, mask in reasons.items():
                 c.invalid_reasons[reason] += int((mask & todo).sum())
             no_id = todo & ~has
@@ -335,7 +335,7 @@ class Planner:
             member = todo & has
             ccol: pa.Array | None = None
             if plan.input.platform == "google" and cons is not None:
-                ccol = _arr(cons)
+                ccol = whole(cons)
                 denied = member & (np.asarray(pc.fill_null(ccol, 0).to_numpy(zero_copy_only=False)) // 3 == 2)
                 c.consent_denied += int(denied.sum())
                 member &= ~denied
@@ -355,8 +355,8 @@ class Planner:
             out.append(arr.filter(mask) if arr is not None else pa.nulls(int(pc.sum(mask).as_py() or 0), typ))
         return out
 
-    def _write_base(self, plan: PairPlan, rb: pa.RecordBatch, member: np.ndarray, payload: dict[str, pa.Array],
-                    ccol: pa.Array | None) -> None:  # type: ignore[type-arg]  # fmt: skip
+    def _write_base(self, plan: PairPlan, rb: pa.RecordBatch, member: Mask, payload: dict[str, pa.Array],
+                    ccol: pa.Array | None) -> None:  # fmt: skip
         n = int(member.sum())
         if not n:
             return
@@ -370,7 +370,7 @@ class Planner:
         b = np.zeros(n, dtype=np.int32) if plan.input.full_refresh else (pos // size).astype(np.int32)
         plan._written += n
         cols = [
-            _arr(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), _arr(rb.column("fp")).filter(mask),
+            whole(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), whole(rb.column("fp")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
             ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
             pa.array(np.full(n, SENT, np.uint8)), pa.array(np.full(n, plan.input.run_id, np.uint32)),
@@ -378,19 +378,19 @@ class Planner:
         ]  # fmt: skip
         plan._writer.write(pa.RecordBatch.from_arrays(cols, schema=member_schema(plan.input.payload_keys)))
 
-    def _collect(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: np.ndarray, todo: np.ndarray,
-                 payload: dict[str, pa.Array], ccol: pa.Array | None) -> None:  # type: ignore[type-arg]  # fmt: skip
-        inl = _np(rb, f"in{i}")
-        gone = inl & ((todo & ~member) | _isnull(rb.column("r")))
+    def _collect(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: Mask, todo: Mask,
+                 payload: dict[str, pa.Array], ccol: pa.Array | None) -> None:  # fmt: skip
+        inl = as_bool(rb.column(f"in{i}"))
+        gone = inl & ((todo & ~member) | is_null(rb.column("r")))
         if gone.any():
-            plan._gone.append(_arr(rb.column("k")).filter(pa.array(gone)))
+            plan._gone.append(whole(rb.column("k")).filter(pa.array(gone)))
         if not member.any():
             return
         mask = pa.array(member)
         n = int(member.sum())
         names = ["k", "r", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c"]
         cols = [
-            _arr(rb.column("k")).filter(mask), _arr(rb.column("r")).filter(mask), _arr(rb.column("fp")).filter(mask),
+            whole(rb.column("k")).filter(mask), whole(rb.column("r")).filter(mask), whole(rb.column("fp")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
             ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
         ]  # fmt: skip
@@ -556,16 +556,3 @@ def _has_duplicates(keys: list[pa.Array]) -> bool:
         return False
     arr = pa.concat_arrays([k.cast(pa.binary()) for k in keys])
     return len(pc.unique(arr)) != len(arr)
-
-
-def _arr(col: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-
-def _np(rb: pa.RecordBatch, name: str) -> np.ndarray:  # type: ignore[type-arg]
-    col = _arr(rb.column(name))
-    return np.asarray(col.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _isnull(col: pa.Array | pa.ChunkedArray) -> np.ndarray:  # type: ignore[type-arg]
-    return np.asarray(_arr(col).is_null().to_numpy(zero_copy_only=False), dtype=bool)

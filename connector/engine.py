@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ from connector.errors import (
     QuotaExhaustedError,
     SourceError,
 )
+from connector.identifiers.columns import CLEAR_KEYS
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import CLEAR_KEYS, MEMBER, OWED, SENT, PairFiles, member_schema, payload_column, sql_path
+from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_schema, payload_column, sql_path
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
 from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
 from connector.logs import log_context
@@ -57,10 +59,10 @@ from connector.retry import RetryStats
 from connector.settings import (
     ConnectorSettings,
     CsvSource,
-    ParquetSource,
     DestinationConfig,
     GoogleDestinationConfig,
     MetaDestinationConfig,
+    ParquetSource,
     SegmentConfig,
 )
 from connector.sources import open_source
@@ -367,7 +369,8 @@ class Engine:
                 expire_before=expire_before, full_refresh=full,
             ))  # fmt: skip
         spec = SegmentSpec(
-            key=seg.key, identifiers=dict(seg.identifiers), default_region=seg.default_region, mode=seg.mode,
+            key=seg.key, identifiers={str(f): c for f, c in seg.identifiers.items()}, default_region=seg.default_region,
+            mode=seg.mode,
             consent_columns=(seg.consent.ad_user_data_column, seg.consent.ad_personalization_column),
             consent_defaults=(seg.consent.ad_user_data, seg.consent.ad_personalization),
         )  # fmt: skip
@@ -495,7 +498,7 @@ class Engine:
         for rb in con.sql(query).to_arrow_reader(size):
             b = rb.column("b").to_numpy(zero_copy_only=False)
             starts = [0, *(np.flatnonzero(np.diff(b)) + 1).tolist(), len(b)]
-            for s, e in zip(starts, starts[1:], strict=False):
+            for s, e in pairwise(starts):
                 if s == e:
                     continue
                 value = int(b[s])

@@ -29,8 +29,7 @@ Payload = tuple[dict[str, pa.Array], dict[str, Mask]]
 
 
 def as_bool(col: pa.Array | pa.ChunkedArray) -> Mask:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return np.asarray(arr.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.asarray(whole(col).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 class ColumnNormalizer:
@@ -82,9 +81,9 @@ class ColumnNormalizer:
         payload: dict[str, pa.Array] = {}
         reasons: dict[str, Mask] = {}
         for f in self.identifiers:
-            d = _arr(rb.column(f"d_{platform}_{f}"))
+            d = whole(rb.column(f"d_{platform}_{f}"))
             fb = as_bool(rb.column(f"fb_{f}"))
-            bad = as_bool(rb.column(f"pr_{f}")) & ~fb & _isnull(d)
+            bad = as_bool(rb.column(f"pr_{f}")) & ~fb & is_null(d)
             if fb.any():
                 d, fb_bad = self._fallback(rb, f, platform, d, fb)
                 bad |= fb_bad
@@ -124,9 +123,9 @@ class ColumnNormalizer:
         return payload, reasons
 
 
-def _arr(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+def whole(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def _isnull(col: pa.Array) -> Mask:
-    return np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+def is_null(col: pa.Array | pa.ChunkedArray) -> Mask:
+    return np.asarray(whole(col).is_null().to_numpy(zero_copy_only=False), dtype=bool)

@@ -33,8 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from connector.identifiers.columns import CLEAR_KEYS
-
+from connector.identifiers.columns import CLEAR_KEYS as CLEAR_KEYS
 
 MEMBER, OWED, GONE = 0, 1, 2
 TO_SEND, ON, REJECTED, SENT, MAYBE = 0, 1, 2, 3, 4

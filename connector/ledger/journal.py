@@ -514,7 +514,7 @@ class Journal:
                 started_at=aware(r.started_at) or now(), ended_at=aware(r.ended_at),
                 status=r.status, dry_run=bool(r.dry_run), counts=json.loads(r.counts or "{}"),
                 error=r.error, match_rate=r.match_rate,
-            )  # fmt: skip
+            )
             for r in rows
         ]
 

@@ -20,7 +20,8 @@ import pyarrow as pa
 from sqlalchemy import inspect, text
 
 from connector.errors import LedgerError
-from connector.ledger.files import CLEAR_KEYS, MAYBE, MEMBER, ON, OWED, REJECTED, TO_SEND, PairFiles, member_schema, payload_column
+from connector.identifiers.columns import CLEAR_KEYS
+from connector.ledger.files import MAYBE, MEMBER, ON, OWED, REJECTED, TO_SEND, PairFiles, member_schema, payload_column
 from connector.ledger.journal import Journal, PairPointer, rejected
 
 log = logging.getLogger("connector.ledger")
@@ -32,8 +33,8 @@ _CONSENT = {"U": 0, "G": 1, "D": 2}
 def _consent(code: str | None) -> int | None:
     if not code:
         return None
-    a, b = (code + "UU")[:2]
-    return 3 * _CONSENT.get(a, 0) + _CONSENT.get(b, 0)
+    padded = code + "UU"
+    return 3 * _CONSENT.get(padded[0], 0) + _CONSENT.get(padded[1], 0)
 
 
 def _owed(prev: str | None) -> list[dict[str, str]]:
@@ -51,9 +52,8 @@ def _is_hex(v: object) -> bool:
 def _ts(v: Any) -> datetime | None:
     if v is None:
         return None
-    if isinstance(v, str):
-        v = datetime.fromisoformat(v)
-    return v if v.tzinfo else v.replace(tzinfo=UTC)
+    ts: datetime = datetime.fromisoformat(v) if isinstance(v, str) else v
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def migrate_legacy(journal: Journal, root: Path) -> None:
@@ -63,9 +63,10 @@ def migrate_legacy(journal: Journal, root: Path) -> None:
         if "members" not in tables:
             journal.mark_current_schema()
             return
-        pair_rows = conn.execute(text("SELECT DISTINCT segment, destination FROM members")).all()
+        pair_rows = [(str(r[0]), str(r[1])) for r in conn.execute(text("SELECT DISTINCT segment, destination FROM members"))]
         if "plan_journal" in tables:
-            pair_rows += conn.execute(text("SELECT DISTINCT segment, destination FROM plan_journal")).all()
+            pair_rows += [(str(r[0]), str(r[1]))
+                          for r in conn.execute(text("SELECT DISTINCT segment, destination FROM plan_journal"))]  # fmt: skip
     for segment, destination in sorted(set(pair_rows)):
         if journal.pointer(segment, destination).version:
             continue  # converted by an earlier (interrupted) conversion, or by another process just now

@@ -19,8 +19,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from connector.identifiers.columns import CLEAR_KEYS
 from connector.ledger.files import (
-    CLEAR_KEYS,
     GONE,
     MAYBE,
     MEMBER,
