@@ -282,7 +282,7 @@ class Engine:
                 t0 = time.monotonic()
                 self._plan(con, name, seg, active, opts)
                 for pair in active:
-                    pair.result.phases["reading_and_planning"] = time.monotonic() - t0
+                    pair.result.phases["planning"] = time.monotonic() - t0
             except ConnectorError as exc:
                 log.error("segment %s failed: %s", name, exc)
                 for pair in active:
@@ -296,7 +296,6 @@ class Engine:
                 self._guard(pair, lambda p=pair: self._run_pair(con, name, seg, p, opts))  # type: ignore[misc]
             pair.result.retries = stats.retries - retries_before
             pair.result.throttle_wait_seconds = stats.throttle_wait_seconds - waited_before
-            pair.result.phases["pushing"] = time.monotonic() - t0
         results = []
         for pair in pairs:
             res = pair.result
@@ -435,13 +434,17 @@ class Engine:
             delta = None if plan.as_base else plan.file
             pair.pointer = self.ledger.move_pair(segment, pair.name, pair.pointer, base, delta, pair.run_id)
             path = pair.files.path(plan.file)
+            t0 = time.monotonic()
             if plan.input.full_refresh:
                 res.write_calls += self._replace(con, segment, pair, dest, path)
                 self.ledger.update_audience(segment, pair.name, last_replace_at=now())
             else:
                 res.write_calls += self._push(con, segment, pair, dest, path)
+            res.phases["sending"] = time.monotonic() - t0
+        t0 = time.monotonic()
         self._reconcile(segment, pair.name)
         self._settle(con, segment, pair)
+        res.phases["settling"] = time.monotonic() - t0
         self._lookalike(segment, seg, pair, dest)
         self._read_status(segment, pair.name, dest, pair.audience)
         res.rejected_reasons = self.ledger.rejected_reasons(segment, pair.name)

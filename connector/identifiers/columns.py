@@ -47,16 +47,24 @@ class ColumnNormalizer:
         if not self.in_sql:
             raw = [f"CASE WHEN {gate} THEN {idsql.quote(c)} END AS raw_{f}" for f, c in self.identifiers.items()]
             return f"SELECT *, {', '.join(raw)} FROM ({relation})"
+        steps = {
+            f: idsql.clean_email(col, gate, f"e{i}") if f == "email" else idsql.clean_phone(col, self.region, gate, f"p{i}")
+            for i, (f, col) in enumerate(self.identifiers.items())
+        }
+        q = relation
+        for depth in range(max(len(c.levels) for c in steps.values())):
+            cols = [f"{expr} AS {name}" for c in steps.values() if depth < len(c.levels) for name, expr in c.levels[depth]]
+            q = f"SELECT *, {', '.join(cols)} FROM ({q})"
         cleaned = []
-        for f, col in self.identifiers.items():
-            cl = idsql.clean_email(col) if f == "email" else idsql.clean_phone(col, self.region)
+        for f, c in steps.items():
             cleaned += [
-                f"CASE WHEN ({gate}) AND NOT {cl.fallback} THEN {cl.clean} END AS c_{f}",
-                f"coalesce(({gate}) AND {cl.fallback}, false) AS fb_{f}",
-                f"CASE WHEN ({gate}) AND {cl.fallback} THEN {idsql.quote(col)} END AS raw_{f}",
-                f"coalesce(({gate}) AND {cl.present}, false) AS pr_{f}",
+                f"CASE WHEN NOT {c.fallback} THEN {c.clean} END AS c_{f}",
+                f"{c.fallback} AS fb_{f}",
+                f"CASE WHEN {c.fallback} THEN {c.value} END AS raw_{f}",
+                f"{c.present} AS pr_{f}",
             ]
-        q = f"SELECT *, {', '.join(cleaned)} FROM ({relation})"
+        inner = ", ".join(name for c in steps.values() for name in c.names())
+        q = f"SELECT * EXCLUDE ({inner}), {', '.join(cleaned)} FROM ({q})"
         # a Google email outside Gmail is Meta's: hashed once, in a second step that reuses Meta's digest
         shared = "email" in self.identifiers and {"meta", "google"} <= set(self.platforms)
         digests = [

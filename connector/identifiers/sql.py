@@ -63,48 +63,74 @@ def fingerprint(cols: list[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Cleaned:
-    """One identifier column cleaned once for every platform: `clean` is a marked VARCHAR ('h' + hex for
-    a value given already hashed, else a field letter + the cleaned value; NULL when absent or invalid),
-    `present` says a value was given, `fallback` that the Python rules must take the value instead."""
+    """One identifier column cleaned once for every platform, as projections to stack (`levels`, innermost
+    first: each a list of (name, expression) over the level below; no expression is computed twice). The
+    last level names `clean`: a marked VARCHAR ('h' + hex for a value given already hashed, else a field
+    letter + the cleaned value; NULL when absent or invalid), `present`: a value was given, and `fallback`:
+    the Python rules must take the value instead. Only rows where `gate` holds are cleaned."""
 
+    levels: list[list[tuple[str, str]]]
+    value: str  # the raw value (of gated rows)
     clean: str
     present: str
     fallback: str
 
+    def names(self) -> list[str]:
+        return [name for level in self.levels for name, _ in level]
 
-def _hashed(t: str) -> str:
-    return f"(length({t}) = 64 AND regexp_full_match({t}, '[0-9A-Fa-f]{{64}}'))"
+
+_HEX64 = "'[0-9A-Fa-f]{64}'"
 
 
-def clean_email(col: str) -> Cleaned:
-    v = quote(col)
-    t = f"trim({v})"
-    e = f"lower({t})"
+def clean_email(col: str, gate: str, tag: str) -> Cleaned:
+    n = f"_{tag}"
+    v, t, ok, e, h = f"{n}_v", f"{n}_t", f"{n}_ok", f"{n}_e", f"{n}_h"
     valid = (
-        f"(length({v}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64 "
-        f"AND regexp_full_match({e}, '[^@\\s]+@[^@\\s]+\\.[^@\\s.]+'))"
+        f"length({v}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64 "
+        f"AND regexp_full_match({e}, '[^@\\s]+@[^@\\s]+\\.[^@\\s.]+')"
     )
-    clean = f"CASE WHEN {_hashed(t)} THEN 'h' || {e} WHEN {valid} THEN 'e' || {e} END"
-    return Cleaned(clean=clean, present=f"({t} <> '')", fallback=f"NOT {printable(v)}")
+    return Cleaned(
+        levels=[
+            [(v, f"CASE WHEN {gate} THEN {quote(col)} END")],
+            [(t, f"trim({v})"), (ok, printable(v))],
+            [(e, f"lower({t})"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
+            [
+                (f"{n}_clean", f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || {e} WHEN {valid} THEN 'e' || {e} END"),
+                (f"{n}_present", f"coalesce({ok} AND {t} <> '', false)"),
+                (f"{n}_fallback", f"coalesce(NOT {ok}, false)"),
+            ],
+        ],
+        value=v, clean=f"{n}_clean", present=f"{n}_present", fallback=f"{n}_fallback",
+    )  # fmt: skip
 
 
-def clean_phone(col: str, region: str) -> Cleaned:
+def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
     """Phones SQL can vouch for: plain NANP shapes (`+1` and ten digits; in a US or CA segment also ten
     digits, or eleven from `1`) that phonenumbers' US metadata calls valid, as `normalize_phone` takes
     them without phonenumbers. Everything else is the Python rules'."""
-    v = quote(col)
-    t = f"trim({v})"
-    compact = f"regexp_replace({t}, '[\\s\\-.()/]', '', 'g')"
+    n = f"_{tag}"
+    v, t, ok, c, h, ten, valid = (f"{n}_{x}" for x in ("v", "t", "ok", "c", "h", "ten", "valid"))
     national = "1?" if region.upper() in _NANP_REGIONS else "\\+1"
-    ten = f"CASE WHEN regexp_full_match({compact}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({compact}, 10) END"
     if US_VALID_PARTS is None:
-        valid = "false"
+        is_valid = "false"
     else:
         general, types = US_VALID_PARTS
-        valid = f"(regexp_full_match({ten}, {literal(general)}) AND regexp_full_match({ten}, {literal(types)}))"
-    clean = f"CASE WHEN {_hashed(t)} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"
-    fallback = f"(NOT {printable(v)} OR ({t} <> '' AND NOT {_hashed(t)} AND NOT coalesce({valid}, false)))"
-    return Cleaned(clean=clean, present=f"({t} <> '')", fallback=fallback)
+        is_valid = f"coalesce(regexp_full_match({ten}, {literal(general)}) AND regexp_full_match({ten}, {literal(types)}), false)"
+    return Cleaned(
+        levels=[
+            [(v, f"CASE WHEN {gate} THEN {quote(col)} END")],
+            [(t, f"trim({v})"), (ok, printable(v))],
+            [(c, f"regexp_replace({t}, '[\\s\\-.()/]', '', 'g')"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
+            [(ten, f"CASE WHEN regexp_full_match({c}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({c}, 10) END")],
+            [(valid, is_valid)],
+            [
+                (f"{n}_clean", f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"),
+                (f"{n}_present", f"coalesce({t} <> '', false)"),
+                (f"{n}_fallback", f"coalesce(NOT {ok} OR ({t} <> '' AND NOT {h} AND NOT {valid}), false)"),
+            ],
+        ],
+        value=v, clean=f"{n}_clean", present=f"{n}_present", fallback=f"{n}_fallback",
+    )  # fmt: skip
 
 
 def digest(field: str, platform: str, clean: str, shared: str | None = None) -> str:
