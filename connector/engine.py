@@ -34,6 +34,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from connector.destinations import build_destination
@@ -45,12 +46,12 @@ from connector.errors import (
     DestinationError,
     FatalError,
     GuardrailError,
+    LedgerError,
     QuotaExhaustedError,
     SourceError,
 )
-from connector.identifiers.columns import CLEAR_KEYS
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_schema, payload_column, sql_path
+from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_schema, payload_column
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
 from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
 from connector.logs import log_context
@@ -436,10 +437,10 @@ class Engine:
             path = pair.files.path(plan.file)
             t0 = time.monotonic()
             if plan.input.full_refresh:
-                res.write_calls += self._replace(con, segment, pair, dest, path)
+                res.write_calls += self._replace(segment, pair, dest, path)
                 self.ledger.update_audience(segment, pair.name, last_replace_at=now())
             else:
-                res.write_calls += self._push(con, segment, pair, dest, path)
+                res.write_calls += self._push(segment, pair, dest, path)
             res.phases["sending"] = time.monotonic() - t0
         t0 = time.monotonic()
         self._reconcile(segment, pair.name)
@@ -479,35 +480,37 @@ class Engine:
         if self.stop.is_set():
             raise Interrupted("shutdown requested; committed batches are kept, the rest is sent on the next run")
 
-    def _send_query(self, pair: _Pair, path: Path, where: str) -> str:
-        cols = []
-        for k in pair.payload_keys:
-            c = payload_column(k)
-            cols.append(f'{c} AS "{k}"' if k in CLEAR_KEYS else f'lower(hex({c})) AS "{k}"')
-        return (f"SELECT k, kind, b, {', '.join(cols)}, c FROM read_parquet({sql_path(path)}) "
-                f"WHERE run = {pair.run_id} AND st = {SENT} AND {where}")  # fmt: skip
-
-    def _batches(self, con: duckdb.DuckDBPyConnection, query: str, size: int) -> Iterator[tuple[int, int, MemberBatch]]:
-        """(b, kind, members) of each batch, in the file's order (batch numbers ascending)."""
+    def _batches(self, pair: _Pair, path: Path, members_only: bool = False) -> Iterator[tuple[int, int, MemberBatch]]:
+        """(b, kind, members) of each batch this run sends, read from its file in the file's order (batch
+        numbers ascending: the file was written so)."""
+        assert pair.plan is not None
+        keys = [payload_column(k) for k in pair.payload_keys]
         pending: list[pa.RecordBatch] = []
-        cur = -1
-        last = -1
+        cur = last = -1
 
         def flush() -> tuple[int, int, MemberBatch]:
             t = pa.Table.from_batches(pending).combine_chunks()
-            kinds = t.column("kind").to_numpy()
-            return cur, int(kinds[0]), _member_batch(t)
+            payload = {k: t.column(payload_column(k)).chunk(0) for k in pair.payload_keys}
+            consent = t.column("c").chunk(0)
+            batch = MemberBatch(t.column("k").chunk(0), payload, consent if consent.null_count < len(consent) else None)
+            return cur, int(t.column("kind")[0].as_py()), batch
 
-        for rb in con.sql(query).to_arrow_reader(size):
+        reader = pq.ParquetFile(path).iter_batches(batch_size=pair.plan.input.batch_size,
+                                                   columns=["k", "kind", "st", "run", "b", *keys, "c"])  # fmt: skip
+        for rb in reader:
+            sending = pc.and_(pc.equal(rb.column("run"), pair.run_id), pc.equal(rb.column("st"), SENT))
+            if members_only:
+                sending = pc.and_(sending, pc.equal(rb.column("kind"), MEMBER))
+            rb = rb.filter(pc.fill_null(sending, False))
+            if not rb.num_rows:
+                continue
             b = rb.column("b").to_numpy(zero_copy_only=False)
             starts = [0, *(np.flatnonzero(np.diff(b)) + 1).tolist(), len(b)]
             for s, e in pairwise(starts):
-                if s == e:
-                    continue
                 value = int(b[s])
                 if value != cur:
                     if value < last:
-                        raise ConnectorError("member file out of batch order; run again with --full-refresh")
+                        raise LedgerError("a member file is out of batch order; run again with --full-refresh")
                     if pending:
                         yield flush()
                     pending, cur, last = [], value, value
@@ -515,16 +518,15 @@ class Engine:
         if pending:
             yield flush()
 
-    def _push(self, con: duckdb.DuckDBPyConnection, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
+    def _push(self, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
         plan, res = pair.plan, pair.result
         assert plan is not None and pair.audience is not None
-        size = plan.input.batch_size
         sid = int(time.time() * 1000) % (1 << 62)
         calls = sent = 0
         seq = {OWED: 0, MEMBER: 0}
         totals = {OWED: plan.remove_batches, MEMBER: plan.add_batches}
         estimated = {OWED: plan.counts.removes + plan.counts.changes, MEMBER: plan.sends}
-        for b, kind, batch in self._batches(con, self._send_query(pair, path, "true"), size):
+        for b, kind, batch in self._batches(pair, path):
             self._check_stop()
             seq[kind] += 1
             n = max(totals[kind], seq[kind])
@@ -547,14 +549,14 @@ class Engine:
                 self._progress(ProgressEvent(segment, pair.name, "done", sent, plan.sends))
         return calls
 
-    def _replace(self, con: duckdb.DuckDBPyConnection, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
+    def _replace(self, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
         plan = pair.plan
         assert plan is not None and pair.audience is not None
         sent = 0
 
         def batches() -> Iterator[MemberBatch]:
             nonlocal sent
-            for _, _, batch in self._batches(con, self._send_query(pair, path, f"kind = {MEMBER}"), plan.input.batch_size):
+            for _, _, batch in self._batches(pair, path, members_only=True):
                 self._check_stop()
                 sent += 1
                 yield batch
@@ -657,13 +659,6 @@ class Engine:
 
 def _schema(payload_keys: Sequence[str]) -> pa.Schema:
     return member_schema(payload_keys)
-
-
-def _member_batch(t: pa.Table) -> MemberBatch:
-    skip = {"k", "kind", "b", "c"}
-    cols = {n: t.column(n).combine_chunks() for n in t.column_names if n not in skip}
-    consent = t.column("c").combine_chunks()
-    return MemberBatch(t.column("k").combine_chunks(), cols, consent if consent.null_count < len(consent) else None)
 
 
 __all__ = ["Engine", "RunResult", "SourceError", "SyncOptions"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal, Protocol, overload, runtime_checkable
 
+import numpy as np
 import pyarrow as pa
 
 Platform = Literal["meta", "google"]
@@ -59,24 +60,47 @@ def decode_consent(code: int | None) -> Consent | None:
     return Consent(ad_user_data=_CONSENT_VALUES[code // 3], ad_personalization=_CONSENT_VALUES[code % 3])
 
 
+_HEX_PAIRS = np.array([f"{i:02x}" for i in range(256)], dtype="S2").view(np.uint16)
+
+
+def hex_strings(arr: pa.Array) -> pa.Array:
+    """Lowercase hex text of each value of a binary array (nulls stay null), built from its buffers at once."""
+    n = len(arr)
+    validity, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[arr.offset : arr.offset + n + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(data_buf, dtype=np.uint8)[start:end] if data_buf is not None else np.zeros(0, np.uint8)
+    text = _HEX_PAIRS[data].tobytes()
+    new_offsets = ((offsets - start) * 2).astype(np.int32)
+    if validity is not None and arr.null_count:
+        validity = pa.array(arr.is_valid()).buffers()[1]
+    else:
+        validity = None
+    return pa.Array.from_buffers(pa.string(), n, [validity, pa.py_buffer(new_offsets), pa.py_buffer(text)])
+
+
 class MemberBatch(Sequence[Member]):
     """The members of one call, column by column as the ledger file holds them: `keys` (16-byte member
     keys), `columns` (payload key -> strings: lowercase hex digests or clear text; null = no value) and
     Google's `consent` codes. A destination that builds its request from columns never makes a `Member`;
-    one that needs objects (an SDK's message per person) iterates and gets them built on demand."""
+    one that needs objects (an SDK's message per person) iterates and gets them built on demand. Digests
+    arrive as bytes and become hex text only when a destination asks for `columns`."""
 
-    def __init__(self, keys: pa.Array, columns: Mapping[str, pa.Array], consent: pa.Array | None = None) -> None:
+    def __init__(self, keys: pa.Array, payload: Mapping[str, pa.Array], consent: pa.Array | None = None) -> None:
         self.keys = keys
-        self.columns = dict(columns)
+        self.payload = dict(payload)
         self.consent = consent
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @cached_property
+    def columns(self) -> dict[str, pa.Array]:
+        return {k: hex_strings(v) if pa.types.is_binary(v.type) else v for k, v in self.payload.items()}
+
+    @cached_property
     def key_hex(self) -> list[str]:
         return [k.hex() for k in self.keys.to_pylist()]
-
     @cached_property
     def _members(self) -> list[Member]:
         names = list(self.columns)

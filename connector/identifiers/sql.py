@@ -120,11 +120,13 @@ def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
         levels=[
             [(v, f"CASE WHEN {gate} THEN {quote(col)} END")],
             [(t, f"trim({v})"), (ok, printable(v))],
-            [(c, f"regexp_replace({t}, '[\\s\\-.()/]', '', 'g')"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
+            # printable ASCII (else the value is the Python rules'): white space is the space alone
+            [(c, f"translate({t}, ' -.()/', '')"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
             [(ten, f"CASE WHEN regexp_full_match({c}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({c}, 10) END")],
             [(valid, is_valid)],
             [
-                (f"{n}_clean", f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"),
+                (f"{n}_clean",
+                 f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"),
                 (f"{n}_present", f"coalesce({t} <> '', false)"),
                 (f"{n}_fallback", f"coalesce(NOT {ok} OR ({t} <> '' AND NOT {h} AND NOT {valid}), false)"),
             ],
