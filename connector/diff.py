@@ -328,10 +328,12 @@ class Planner:
             for arr in payload.values():
                 has |= ~is_null(arr)
             for reason, mask in reasons.items():
-                c.invalid_reasons[reason] += int((mask & todo).sum())
+                if n := int((mask & todo).sum()):
+                    c.invalid_reasons[reason] += n
             no_id = todo & ~has
-            c.invalid += int(no_id.sum())
-            c.invalid_reasons[NO_IDENTIFIER] += int(no_id.sum())
+            if n := int(no_id.sum()):
+                c.invalid += n
+                c.invalid_reasons[NO_IDENTIFIER] += n
             member = todo & has
             ccol: pa.Array | None = None
             if plan.input.platform == "google" and cons is not None:
