@@ -142,9 +142,6 @@ class PairPlan:
     _gone: list[pa.Array] = field(default_factory=list)
     _writer: MemberWriter | None = None
     _written: int = 0
-    _matched: int = 0
-    _left: int = 0
-    _known: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,16 +193,21 @@ class Planner:
         return f"(3 * {parts[0]} + {parts[1]})::UTINYINT"
 
     def _pass_sql(self, src: str, dedupe: bool) -> str:
+        """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
+        pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
+        source, `onI` on the platform before the run; then the normalized columns of rows to normalize."""
         cols = self._columns()
         key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
         # source columns under names of ours (a source column may be called `k` or `fp`)
         alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
         raw = ", ".join(f"{idsql.quote(c)} AS {a}" for c, a in alias.items())
         cons = f", {self._consent_sql()} AS cons0" if "google" in self.platforms else ""
-        s = f"SELECT __row AS r, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw}{cons} FROM {src}"
+        # no row number in the plain pass: numbering rows in a scan serializes it
+        row = "__row AS r, " if dedupe else ""
+        s = f"SELECT {row}true AS pres, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw}{cons} FROM {src}"
         if dedupe:
             # the first row of a key wins; the others are counted as duplicates
-            s = f"SELECT * FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
+            s = f"SELECT * EXCLUDE (r) FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
         joins, flags = [], []
         prev = "s.k"
         for i, plan in enumerate(self.plans):
@@ -220,17 +222,20 @@ class Planner:
             )
             prev = f"coalesce({prev}, l{i}.k)"
             same = f"l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp"
-            flags.append(f"l{i}.k IS NOT NULL AS in{i}, coalesce({same}, false) AS same{i}")
-        j = f"SELECT s.*, {prev} AS kk{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}"
+            flags.append(f"l{i}.k IS NOT NULL AS in{i}, coalesce({same}, false) AS same{i}, "
+                         f"coalesce(l{i}.st = {ON}, false) AS on{i}, l{i}.k IS NOT NULL AND s.pres IS NULL AS left{i}")
+        j = (f"SELECT s.* EXCLUDE (pres), coalesce(s.pres, false) AS pres, {prev} AS kk{''.join(', ' + f for f in flags)} "
+             f"FROM ({s}) AS s {' '.join(joins)}")
         todo = []
         for i, plan in enumerate(self.plans):
             same = f"same{i}" if plan.input.resolved is not None else "false"
-            todo.append(f"(r IS NOT NULL AND k IS NOT NULL AND NOT {same}) AS todo{i}")
+            todo.append(f"(pres AND k IS NOT NULL AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
-        outs = ["r", "kk AS k", "fp", "r IS NOT NULL AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
-        outs += [f"in{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None]
-        outs += [f"same{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None]
+        outs = ["pres", "kk AS k", "fp", "pres AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
+        for i, p in enumerate(self.plans):
+            if p.input.resolved is not None:
+                outs += [f"in{i}", f"same{i}", f"on{i}", f"left{i}"]
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
@@ -253,26 +258,40 @@ class Planner:
                 plan.counts.invalid_reasons["duplicate_key"] += self.duplicates
             if plan.input.resolved is not None:
                 self._plan_delta(plan)
+        self.con.execute("DROP TABLE IF EXISTS pass")
         return self.plans
 
-
     def _pass(self, src: str, *, dedupe: bool) -> bool:
-        """One pass; False when it found duplicate keys it was not told to drop."""
+        """One pass; False when it found duplicate keys it was not told to drop.
+
+        Without member files (a first run) the rows stream from the source into each pair's new base.
+        With them, the pass is kept in a table first: most rows are unchanged and are only counted
+        there; the rows to normalize and the members who left stream on to be planned."""
         sql = self._pass_sql(src, dedupe)
-        new_keys: list[pa.Array] = []  # keys of rows no ledger knew (duplicate check)
+        ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.resolved is not None]
         self.source_rows = 0
         for plan in self.plans:
-            if plan.input.resolved is not None:
-                n = self.con.execute(f"SELECT count(*) FROM ({plan.input.resolved}) WHERE kind = {MEMBER}").fetchall()[0]
-                plan._known = int(n[0]) if n else 0
-            elif not self.dry_run:
+            if plan.input.resolved is None and not self.dry_run:
                 name = plan.input.files.new_name("base", plan.input.run_id)
                 plan.file, plan.as_base = name, True
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
+        new_keys: list[pa.Array] = []  # keys of rows no ledger knew (duplicate check, streamed pass)
+        dups = False
         try:
-            for rb in self.con.sql(sql).to_arrow_reader(self._batch_rows):
-                self._batch(rb, new_keys)
+            if ledgered:
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE pass AS {sql}")
+                dups = self._count(ledgered)
                 if self._on_rows:
+                    self._on_rows(self.source_rows)
+                wanted = " OR ".join(["anytodo", "nokey", *(f"left{i}" for i, _ in ledgered)])
+                if len(ledgered) < len(self.plans):
+                    wanted = "true"  # a pair without member files takes every row
+                reader = self.con.sql(f"SELECT * FROM pass WHERE {wanted}").to_arrow_reader(self._batch_rows)
+            else:
+                reader = self.con.sql(sql).to_arrow_reader(self._batch_rows)
+            for rb in reader:
+                self._batch(rb, new_keys, counted=bool(ledgered))
+                if self._on_rows and not ledgered:
                     self._on_rows(self.source_rows)
         except BaseException:
             for plan in self.plans:
@@ -284,38 +303,52 @@ class Planner:
             total = self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0]
             self.duplicates = int(total[0]) - self.source_rows if total else 0
             self.source_rows += self.duplicates
-        else:
-            known_dups = any(p._matched + p._left > p._known for p in self.plans if p.input.resolved is not None)
-            if known_dups or _has_duplicates(new_keys):
-                return False
+        elif dups or _has_duplicates(new_keys):
+            return False
         for plan in self.plans:
             if plan._writer is not None:
                 plan._writer.close()
                 plan._writer = None
         return True
 
-    def _batch(self, rb: pa.RecordBatch, new_keys: list[pa.Array]) -> None:
-        n_src = rb.num_rows - rb.column("r").null_count
-        self.source_rows += n_src
+    def _count(self, ledgered: list[tuple[int, PairPlan]]) -> bool:
+        """Counts of a kept pass; True when the source has a key twice."""
+        parts = ["count(*) FILTER (WHERE pres)", "count(*) FILTER (WHERE nokey)"]
+        for i, _ in ledgered:
+            parts += [f"count(*) FILTER (WHERE same{i})", f"count(*) FILTER (WHERE on{i})",
+                      f"count(*) FILTER (WHERE in{i} AND pres)", f"count(DISTINCT k) FILTER (WHERE in{i} AND pres)"]  # fmt: skip
+        known = " OR ".join(f"in{i}" for i, _ in ledgered)
+        parts.append(f"count(*) FILTER (WHERE pres AND NOT nokey AND NOT ({known}))")
+        parts.append(f"count(DISTINCT k) FILTER (WHERE pres AND NOT nokey AND NOT ({known}))")
+        row = self.con.execute(f"SELECT {', '.join(parts)} FROM pass").fetchall()[0]
+        self.source_rows = int(row[0])
+        nokey = int(row[1])
+        dups = int(row[-2]) != int(row[-1])
+        for n, (_, plan) in enumerate(ledgered):
+            same, on, matched, distinct = (int(x) for x in row[2 + 4 * n : 6 + 4 * n])
+            plan.counts.unchanged += same
+            plan.counts.audience_before = on
+            dups |= matched != distinct
+        for plan in self.plans:
+            if nokey:
+                plan.counts.invalid += nokey
+                plan.counts.invalid_reasons["key_missing"] += nokey
+        return dups
+
+    def _batch(self, rb: pa.RecordBatch, new_keys: list[pa.Array], *, counted: bool) -> None:
+        """One batch of the pass. `counted`: the pass was kept and counted already (this batch holds only the
+        rows to plan); otherwise every source row comes through here."""
         nokey = as_bool(rb.column("nokey"))
         anytodo = as_bool(rb.column("anytodo"))
-        has_row = ~is_null(rb.column("r"))
-        known_any = np.zeros(rb.num_rows, dtype=bool)
-        for i, plan in enumerate(self.plans):
-            if plan.input.resolved is not None:
-                inl = as_bool(rb.column(f"in{i}"))
-                known_any |= inl
-                plan._matched += int((inl & has_row & ~nokey).sum())
-                plan._left += int((inl & ~has_row).sum())
-                plan.counts.unchanged += int(as_bool(rb.column(f"same{i}")).sum())
-        rows_new = has_row & ~nokey & ~known_any
-        if rows_new.any():
-            new_keys.append(rb.column("k").filter(pa.array(rows_new)))
-        n_nokey = int(nokey.sum())
-        for plan in self.plans:
-            if n_nokey:
-                plan.counts.invalid += n_nokey
-                plan.counts.invalid_reasons["key_missing"] += n_nokey
+        if not counted:
+            self.source_rows += int(as_bool(rb.column("pres")).sum())
+            rows_new = as_bool(rb.column("pres")) & ~nokey
+            if rows_new.any():
+                new_keys.append(rb.column("k").filter(pa.array(rows_new)))
+            if n_nokey := int(nokey.sum()):
+                for plan in self.plans:
+                    plan.counts.invalid += n_nokey
+                    plan.counts.invalid_reasons["key_missing"] += n_nokey
         if not anytodo.any() and not any(p.input.resolved is not None for p in self.plans):
             return
         digests = {p: self.ids.payloads(rb, p, anytodo) for p in self.platforms}
@@ -383,16 +416,16 @@ class Planner:
     def _collect(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: Mask, todo: Mask,
                  payload: dict[str, pa.Array], ccol: pa.Array | None) -> None:  # fmt: skip
         inl = as_bool(rb.column(f"in{i}"))
-        gone = inl & ((todo & ~member) | is_null(rb.column("r")))
+        gone = inl & ((todo & ~member) | as_bool(rb.column(f"left{i}")))
         if gone.any():
             plan._gone.append(whole(rb.column("k")).filter(pa.array(gone)))
         if not member.any():
             return
         mask = pa.array(member)
         n = int(member.sum())
-        names = ["k", "r", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c"]
+        names = ["k", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c"]
         cols = [
-            whole(rb.column("k")).filter(mask), whole(rb.column("r")).filter(mask), whole(rb.column("fp")).filter(mask),
+            whole(rb.column("k")).filter(mask), whole(rb.column("fp")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
             ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
         ]  # fmt: skip
@@ -405,23 +438,23 @@ class Planner:
         con = self.con
         keys = [payload_column(k) for k in inp.payload_keys]
         schema = member_schema(inp.payload_keys)
-        cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("r", pa.int64()), pa.field("fp", pa.uint64()),
+        cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("fp", pa.uint64()),
                                  *(schema.field(c) for c in keys), pa.field("c", pa.uint8())])  # fmt: skip
         cand = pa.Table.from_batches([b.cast(cand_schema) for b in plan._cand], schema=cand_schema)
         gone = pa.table({"k": pa.concat_arrays(plan._gone) if plan._gone else pa.array([], pa.binary())})
         tag = f"p{id(plan)}"
         con.register(f"cand_{tag}", cand)
         con.register(f"gone_{tag}", gone)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {inp.resolved}")
-        before = con.execute(f"SELECT count(*) FROM old_{tag} WHERE kind = {MEMBER} AND st = {ON}").fetchall()[0]
-        plan.counts.audience_before = int(before[0]) if before else 0
+        # the pair's rows this plan can touch: changed and departed members, and every owed removal
+        con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.resolved}) WHERE kind = {OWED}")
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE old_{tag} AS SELECT * FROM ({inp.resolved}) WHERE k IN (
+            SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL SELECT k FROM owedk_{tag})""")
         mirror = self.seg.mode == "mirror"
         exp = "false"
         if inp.expire_before is not None:
             exp = f"(o.st = {ON} AND o.acc < TIMESTAMPTZ '{inp.expire_before.isoformat()}')"
         same_pay = " AND ".join(f"n.{c} IS NOT DISTINCT FROM o.{c}" for c in keys) or "true"
-        ph_new = "hash(" + ", ".join(f"coalesce(hex({c}), '')" if c.removeprefix('p_') not in CLEAR_KEYS
-                                      else f"coalesce({c}, '')" for c in keys) + ")"  # fmt: skip
+        ph_new = "hash(" + ", ".join(keys) + ")"  # a payload's identity (NULL and '' hash apart)
         pay_cols = ", ".join(keys)
         o_pay = ", ".join(f"o.{c}" for c in keys)
         # each changed row against the member it was: what to do with it
@@ -484,13 +517,14 @@ class Planner:
               AND o.k NOT IN (SELECT k FROM cand_{tag})
               AND o.k NOT IN (SELECT k FROM gone_{tag} WHERE {'true' if mirror else 'false'})""")
         # an owed payload that a member in the new state still sends is not removed (one user to the platform)
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE owed_{tag} AS
-            SELECT DISTINCT ON (k, ph) * FROM (SELECT *, {ph_new} AS ph FROM ({owed_new}))
-            WHERE ph NOT IN (
+        con.execute(f"CREATE OR REPLACE TEMP TABLE owed_{tag} AS SELECT DISTINCT ON (k, ph) * FROM "
+                    f"(SELECT *, {ph_new} AS ph FROM ({owed_new}))")  # fmt: skip
+        if con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0][0]:
+            con.execute(f"""DELETE FROM owed_{tag} WHERE ph IN (
               SELECT {ph_new} FROM members_{tag} WHERE st IN ({ON}, {MAYBE}, {SENT})
               UNION ALL
-              SELECT {ph_new} FROM old_{tag} WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE})
-                AND k NOT IN (SELECT k FROM touched_{tag}))""")
+              SELECT ph FROM (SELECT k, {ph_new} AS ph FROM ({inp.resolved}) WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE}))
+                WHERE ph IN (SELECT ph FROM owed_{tag}) AND k NOT IN (SELECT k FROM touched_{tag}))""")
         size = inp.batch_size
         n_rm = con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0]
         n_add = con.execute(f"SELECT count(*) FROM members_{tag} WHERE send").fetchall()[0]
@@ -531,7 +565,7 @@ class Planner:
         inp = plan.input
         R = inp.run_id
         state = f"""SELECT {cols} FROM ({new_rows}) WHERE kind <> {GONE}
-            UNION ALL SELECT {cols} FROM old_{tag} WHERE k NOT IN (SELECT k FROM touched_{tag})"""
+            UNION ALL SELECT {cols} FROM ({inp.resolved}) WHERE k NOT IN (SELECT k FROM touched_{tag})"""
         n = self.con.execute(f"SELECT count(*) FROM ({state}) WHERE kind = {MEMBER} AND st <> {REJECTED}").fetchall()[0]
         plan.sends = int(n[0]) if n else 0
         name = inp.files.new_name("base", R)

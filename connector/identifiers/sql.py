@@ -58,7 +58,7 @@ def member_key(key_col: str | None, id_cols: list[str]) -> str:
 
 def fingerprint(cols: list[str]) -> str:
     """A 64-bit hash of the raw row: a row with the same fingerprint needs no normalizing again."""
-    return "hash(" + ", ".join(f"coalesce({quote(c)} || 'v', '')" for c in cols) + ")"
+    return "hash(" + ", ".join(quote(c) for c in cols) + ")"  # NULL and '' hash differently
 
 
 @dataclass(frozen=True, slots=True)

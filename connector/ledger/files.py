@@ -24,7 +24,9 @@ Files are written to a temporary name, fsynced and renamed: a reader sees a whol
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from hashlib import sha1
@@ -93,31 +95,53 @@ class PairFiles:
 
 class MemberWriter:
     """Streams record batches into one Parquet file; the file appears (fsynced) only on `close`.
-    Hash columns are random bytes: no dictionary, no compression (both cost time and win nothing)."""
+    Hash columns are random bytes: no dictionary, no compression (both cost time and win nothing).
+    Batches are encoded on a thread of their own (pyarrow releases the GIL), beside whatever makes them."""
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
         self.rows = 0
-        self._w = pq.ParquetWriter(
-            self.tmp, schema, compression="none", use_dictionary=False,
-            write_statistics=["run", "b", "kind", "st"],
-        )  # fmt: skip
+        self._w = pq.ParquetWriter(self.tmp, schema, compression="none", use_dictionary=False,
+                                   write_statistics=["run", "b", "kind", "st"])  # fmt: skip
+        self._queue: queue.Queue[pa.RecordBatch | pa.Table | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="member-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                if isinstance(data, pa.RecordBatch):
+                    self._w.write_batch(data)
+                else:
+                    self._w.write_table(data)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller on close
+                self._error = exc
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:
         if data.num_rows:
-            if isinstance(data, pa.RecordBatch):
-                self._w.write_batch(data)
-            else:
-                self._w.write_table(data)
+            if self._error is not None:
+                raise self._error
+            self._queue.put(data)
             self.rows += data.num_rows
 
-    def close(self) -> None:
+    def _finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
         self._w.close()
+
+    def close(self) -> None:
+        self._finish()
+        if self._error is not None:
+            self.tmp.unlink(missing_ok=True)
+            raise self._error
         fsync_replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._w.close()
+        self._finish()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> MemberWriter:
