@@ -334,3 +334,94 @@ def test_two_members_sending_the_same_payload_keep_it_until_both_leave(harness: 
     assert harness.sync([twins[0], person(3)])["meta"].write_calls == 0
     harness.sync([person(3)], force=True)
     assert len(harness.audience("meta")) == 1 and len(harness.audience("google")) == 1
+
+
+def test_an_audience_deleted_on_the_platform_is_recreated_and_filled_again(harness: Harness) -> None:
+    rows = [person(i) for i in range(12)]
+    harness.sync(rows)
+    meta = harness.destinations["meta"]
+    meta.audiences.clear()  # deleted in Ads Manager
+    res = harness.sync(rows)
+    assert res["meta"].audience_recreated and res["meta"].as_dict()["audience_recreated"] is True
+    assert res["meta"].counts.adds == 12 and res["meta"].status == "success", res["meta"]
+    assert len(harness.audience("meta")) == 12
+    assert not res["google"].audience_recreated and res["google"].write_calls == 0
+    assert harness.sync(rows)["meta"].write_calls == 0
+
+
+class Wire:
+    """Counts the members that went over the wire, per kind, for one destination."""
+
+    def __init__(self, dest: object) -> None:
+        self.adds = self.removes = 0
+        real_add, real_remove = dest.add_members, dest.remove_members  # type: ignore[attr-defined]
+
+        def add(audience, members, session):  # type: ignore[no-untyped-def]
+            self.adds += len(members)
+            return real_add(audience, members, session)
+
+        def remove(audience, members, session):  # type: ignore[no-untyped-def]
+            self.removes += len(members)
+            return real_remove(audience, members, session)
+
+        dest.add_members, dest.remove_members = add, remove  # type: ignore[attr-defined]
+
+
+def test_consent_changes_are_sent_and_every_count_is_what_went_on_the_wire(harness: Harness) -> None:
+    rows = [person(i) for i in range(10)]
+    harness.sync(rows)
+    wire = {d: Wire(harness.destinations[d]) for d in ("meta", "google")}
+    rows[0]["consent"] = "denied"  # ad_user_data denied: Google must drop the member
+    rows[1]["email"] = "new1@example.com"  # an identifier change
+    rows = rows[:9]  # one leaves
+    res = harness.sync(rows, force=True)
+    g = res["google"].as_dict()
+    assert (g["left_segment"], g["identifier_changes"], g["consent_denied"]) == (2, 1, 1), g
+    assert (wire["google"].adds, wire["google"].removes) == (g["adds"], g["removes"]) == (1, 3)
+    m = res["meta"].as_dict()
+    assert (wire["meta"].adds, wire["meta"].removes) == (m["adds"], m["removes"]) == (1, 2)
+    google = harness.audience("google")
+    assert len(google) == 8
+    rows[0]["consent"] = "granted"  # granted again: added back
+    res = harness.sync(rows)
+    assert res["google"].counts.adds == 1 and wire["google"].adds == 2 and res["meta"].write_calls == 0
+    assert len(harness.audience("google")) == 9
+
+
+def test_a_consent_only_change_sends_the_member_again_with_its_new_consent(make_harness) -> None:  # type: ignore[no-untyped-def]
+    h = make_harness()
+    text = (h.dir / "connector.toml").read_text().replace(
+        'consent = { ad_user_data_column = "consent" }',
+        'consent = { ad_user_data_column = "consent", ad_personalization_column = "pers" }')
+    (h.dir / "connector.toml").write_text(text)
+    import conftest
+
+    fields = [*conftest.FIELDS, "pers"]
+    rows = [{**person(i), "pers": "granted"} for i in range(5)]
+
+    def write(rs: list[dict[str, str]]) -> None:
+        import csv
+
+        with h.csv.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rs)
+
+    write(rows)
+    h.sync()
+    sent: list[object] = []
+    real = h.destinations["google"].add_members
+
+    def add(audience, members, session):  # type: ignore[no-untyped-def]
+        sent.extend(members)
+        return real(audience, members, session)
+
+    h.destinations["google"].add_members = add  # type: ignore[method-assign]
+    rows[3]["pers"] = "denied"
+    write(rows)
+    res = h.sync()
+    assert res["google"].counts.consent_changes == 1 and res["google"].write_calls == 1
+    assert res["meta"].write_calls == 0  # Meta has no per-member consent
+    (member,) = sent
+    assert member.consent.ad_personalization is False and member.consent.ad_user_data is True  # type: ignore[attr-defined]
+    assert h.sync()["google"].write_calls == 0
