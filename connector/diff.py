@@ -22,6 +22,7 @@ from datetime import datetime
 
 import duckdb
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -142,6 +143,10 @@ class PairPlan:
     _gone: list[pa.Array] = field(default_factory=list)
     _writer: MemberWriter | None = None
     _written: int = 0
+    _left: int = 0  # members the source no longer has
+    _new_for: dict[int, int] = field(default_factory=dict)  # source rows of keys the pair does not know
+    _nokey: int = 0
+    _same_seen: int = 0  # unchanged rows that came through (a pair without member files took every row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,15 +263,14 @@ class Planner:
                 plan.counts.invalid_reasons["duplicate_key"] += self.duplicates
             if plan.input.resolved is not None:
                 self._plan_delta(plan)
-        self.con.execute("DROP TABLE IF EXISTS pass")
         return self.plans
 
     def _pass(self, src: str, *, dedupe: bool) -> bool:
         """One pass; False when it found duplicate keys it was not told to drop.
 
-        Without member files (a first run) the rows stream from the source into each pair's new base.
-        With them, the pass is kept in a table first: most rows are unchanged and are only counted
-        there; the rows to normalize and the members who left stream on to be planned."""
+        Without member files (a first run) every row streams from the source into each pair's new base.
+        With them, only the rows to normalize and the members who left come out of DuckDB: the unchanged
+        rows are what is left of the source's row count once those are taken away."""
         sql = self._pass_sql(src, dedupe)
         ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.resolved is not None]
         self.source_rows = 0
@@ -275,34 +279,46 @@ class Planner:
                 name = plan.input.files.new_name("base", plan.input.run_id)
                 plan.file, plan.as_base = name, True
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
-        new_keys: list[pa.Array] = []  # keys of rows no ledger knew (duplicate check, streamed pass)
-        dups = False
+        new_keys: list[Prefixes] = []  # first 8 bytes of each new key (duplicate check)
+        known: dict[int, int] = {}
+        filtered = bool(ledgered) and len(ledgered) == len(self.plans) and not dedupe
         try:
-            if ledgered:
-                self.con.execute(f"CREATE OR REPLACE TEMP TABLE pass AS {sql}")
-                dups = self._count(ledgered)
-                if self._on_rows:
-                    self._on_rows(self.source_rows)
+            for i, plan in ledgered:
+                n, on = self.con.execute(f"SELECT count(*), count(*) FILTER (WHERE st = {ON}) FROM "
+                                         f"({plan.input.resolved}) WHERE kind = {MEMBER}").fetchall()[0]  # fmt: skip
+                known[i], plan.counts.audience_before = int(n), int(on)
+            if filtered:
                 wanted = " OR ".join(["anytodo", "nokey", *(f"left{i}" for i, _ in ledgered)])
-                if len(ledgered) < len(self.plans):
-                    wanted = "true"  # a pair without member files takes every row
-                reader = self.con.sql(f"SELECT * FROM pass WHERE {wanted}").to_arrow_reader(self._batch_rows)
-            else:
-                reader = self.con.sql(sql).to_arrow_reader(self._batch_rows)
-            for rb in reader:
-                self._batch(rb, new_keys, counted=bool(ledgered))
-                if self._on_rows and not ledgered:
+                sql = f"SELECT * FROM ({sql}) WHERE {wanted}"
+            for rb in self.con.sql(sql).to_arrow_reader(self._batch_rows):
+                self._batch(rb, new_keys)
+                if self._on_rows and not filtered:
                     self._on_rows(self.source_rows)
+            if filtered:
+                # every source row that did not come out was unchanged for every pair
+                total = int(self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0])
+                for plan in self.plans:
+                    plan.counts.unchanged += total - self.source_rows
+                self.source_rows = total
+                if self._on_rows:
+                    self._on_rows(total)
+            for plan in self.plans:
+                plan.counts.unchanged += plan._same_seen
         except BaseException:
             for plan in self.plans:
                 if plan._writer is not None:
                     plan._writer.abort()
                     plan._writer = None
             raise
+        dups = False
+        for i, plan in ledgered:
+            # source rows that matched one of the pair's members, a key counted twice if it is there twice
+            matched = self.source_rows - plan._nokey - plan._new_for.get(i, 0)
+            dups |= matched > known[i] - plan._left
         if dedupe:
-            total = self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0]
-            self.duplicates = int(total[0]) - self.source_rows if total else 0
-            self.source_rows += self.duplicates
+            rows = int(self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0])
+            self.duplicates = rows - self.source_rows
+            self.source_rows = rows
         elif dups or _has_duplicates(new_keys):
             return False
         for plan in self.plans:
@@ -311,44 +327,29 @@ class Planner:
                 plan._writer = None
         return True
 
-    def _count(self, ledgered: list[tuple[int, PairPlan]]) -> bool:
-        """Counts of a kept pass; True when the source has a key twice."""
-        parts = ["count(*) FILTER (WHERE pres)", "count(*) FILTER (WHERE nokey)"]
-        for i, _ in ledgered:
-            parts += [f"count(*) FILTER (WHERE same{i})", f"count(*) FILTER (WHERE on{i})",
-                      f"count(*) FILTER (WHERE in{i} AND pres)", f"count(DISTINCT k) FILTER (WHERE in{i} AND pres)"]  # fmt: skip
-        known = " OR ".join(f"in{i}" for i, _ in ledgered)
-        parts.append(f"count(*) FILTER (WHERE pres AND NOT nokey AND NOT ({known}))")
-        parts.append(f"count(DISTINCT k) FILTER (WHERE pres AND NOT nokey AND NOT ({known}))")
-        row = self.con.execute(f"SELECT {', '.join(parts)} FROM pass").fetchall()[0]
-        self.source_rows = int(row[0])
-        nokey = int(row[1])
-        dups = int(row[-2]) != int(row[-1])
-        for n, (_, plan) in enumerate(ledgered):
-            same, on, matched, distinct = (int(x) for x in row[2 + 4 * n : 6 + 4 * n])
-            plan.counts.unchanged += same
-            plan.counts.audience_before = on
-            dups |= matched != distinct
-        for plan in self.plans:
-            if nokey:
-                plan.counts.invalid += nokey
-                plan.counts.invalid_reasons["key_missing"] += nokey
-        return dups
-
-    def _batch(self, rb: pa.RecordBatch, new_keys: list[pa.Array], *, counted: bool) -> None:
-        """One batch of the pass. `counted`: the pass was kept and counted already (this batch holds only the
-        rows to plan); otherwise every source row comes through here."""
+    def _batch(self, rb: pa.RecordBatch, new_keys: list[Prefixes]) -> None:
+        """One batch of the pass: every source row, or (with member files) the rows to plan."""
         nokey = as_bool(rb.column("nokey"))
         anytodo = as_bool(rb.column("anytodo"))
-        if not counted:
-            self.source_rows += int(as_bool(rb.column("pres")).sum())
-            rows_new = as_bool(rb.column("pres")) & ~nokey
-            if rows_new.any():
-                new_keys.append(rb.column("k").filter(pa.array(rows_new)))
-            if n_nokey := int(nokey.sum()):
-                for plan in self.plans:
-                    plan.counts.invalid += n_nokey
-                    plan.counts.invalid_reasons["key_missing"] += n_nokey
+        pres = as_bool(rb.column("pres"))
+        self.source_rows += int(pres.sum())
+        keyed = pres & ~nokey
+        known_any = np.zeros(rb.num_rows, dtype=bool)
+        n_nokey = int(nokey.sum())
+        for i, plan in enumerate(self.plans):
+            plan._nokey += n_nokey
+            if n_nokey:
+                plan.counts.invalid += n_nokey
+                plan.counts.invalid_reasons["key_missing"] += n_nokey
+            if plan.input.resolved is not None:
+                inl = as_bool(rb.column(f"in{i}"))
+                known_any |= inl
+                plan._left += int(as_bool(rb.column(f"left{i}")).sum())
+                plan._same_seen += int(as_bool(rb.column(f"same{i}")).sum())
+                plan._new_for[i] = plan._new_for.get(i, 0) + int((keyed & ~inl).sum())
+        rows_new = keyed & ~known_any
+        if rows_new.any():
+            new_keys.append(key_prefixes(whole(rb.column("k")).filter(pa.array(rows_new))))
         if not anytodo.any() and not any(p.input.resolved is not None for p in self.plans):
             return
         digests = {p: self.ids.payloads(rb, p, anytodo) for p in self.platforms}
@@ -587,8 +588,22 @@ def _copy(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: st
     fsync_replace(tmp, path)
 
 
-def _has_duplicates(keys: list[pa.Array]) -> bool:
-    if not keys:
+Prefixes = npt.NDArray[np.uint64]
+
+
+def key_prefixes(keys: pa.Array) -> Prefixes:
+    """The first 8 bytes of each 16-byte key (no nulls), as integers: 80 MB for 10M keys, where a set or
+    a hash table of the keys would take several times that."""
+    _, offsets, data = keys.buffers()
+    start = int(np.frombuffer(offsets, dtype=np.int32)[keys.offset])
+    raw = np.frombuffer(data, dtype=np.uint64, count=2 * len(keys), offset=start)
+    return raw[::2].copy()
+
+
+def _has_duplicates(prefixes: list[Prefixes]) -> bool:
+    """Whether a key may be there twice (equal 64-bit prefixes: a false alarm only costs the exact,
+    deduplicating pass)."""
+    if not prefixes:
         return False
-    arr = pa.concat_arrays([k.cast(pa.binary()) for k in keys])
-    return len(pc.unique(arr)) != len(arr)
+    p = np.sort(np.concatenate(prefixes))
+    return bool((p[1:] == p[:-1]).any())
