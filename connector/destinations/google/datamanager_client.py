@@ -134,6 +134,10 @@ class DataManagerClient:
             destinations=[self._destination(list_id)],
             audience_members=[audience_member(m) for m in members],
             encoding=dm.Encoding.HEX,
+            # required on every ingest of user data; the destination is only built when the advertiser
+            # set customer_match_terms = "accepted" (settings refuse a Google destination without it)
+            terms_of_service=dm.TermsOfService(
+                customer_match_terms_of_service_status=dm.TermsOfServiceStatus.ACCEPTED),
         )
         resp = self._call("ingest audience members", lambda: self.ingestion.ingest_audience_members(
             request=req, timeout=self._timeout, retry=None))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -9,12 +10,14 @@ from google.ads import datamanager_v1 as dm
 from google.api_core.client_options import ClientOptions
 from google.api_core.exceptions import BadRequest as InvalidArgument  # REST maps 400 to BadRequest
 from google.auth.credentials import AnonymousCredentials
+from pydantic import ValidationError
 
+from connector.clock import FakeClock
 from connector.destinations.base import BatchSession, Consent, Member
 from connector.destinations.google.datamanager_client import DataManagerClient
 from connector.destinations.google.destination import GoogleDestination
 from connector.destinations.google.errors import ads_error, classify_ads_error_code, map_google_api_error
-from connector.errors import AuthError, FatalError, QuotaExhaustedError, RetriableError, TermsNotAcceptedError
+from connector.errors import AuthError, ConfigError, FatalError, QuotaExhaustedError, RetriableError, TermsNotAcceptedError
 from connector.identifiers.hashing import sha256_hex
 from connector.retry import RetryPolicy
 from connector.sandbox.google_datamanager import DataManagerEmulator
@@ -30,7 +33,8 @@ def emu() -> Iterator[DataManagerEmulator]:
 
 
 def make(emu: DataManagerEmulator) -> GoogleDestination:
-    cfg = GoogleDestinationConfig(type="google", customer_id="123-456-7890", datamanager_endpoint=emu.url)
+    cfg = GoogleDestinationConfig(type="google", customer_id="123-456-7890", datamanager_endpoint=emu.url,
+                                  customer_match_terms="accepted")
     policy = RetryPolicy(max_attempts=10, backoff_base_seconds=0.0, sleep=lambda _s: None)
     client = DataManagerClient(customer_id="1234567890", login_customer_id=None, credentials=AnonymousCredentials(),
                                endpoint=emu.url, timeout=10, policy=policy, stats=None)  # fmt: skip
@@ -68,15 +72,43 @@ def test_per_member_consent_is_sent_and_denied_is_not_ingested(emu: DataManagerE
 
 
 def test_request_status_pending_then_succeeded(emu: DataManagerEmulator) -> None:
-    emu.processing_delay_seconds = 0.3
+    emu.clock = clock = FakeClock()
+    emu.processing_delay_seconds = 600
     dest = make(emu)
     a = dest.ensure_audience("vip", None, ["email"])
     rid = dest.add_members(a, [member(1)], S).request_id or ""
     assert dest.reconcile(a, [rid])[rid].state == "pending"
-    import time
-
-    time.sleep(0.35)
+    clock.advance(599)
+    assert dest.reconcile(a, [rid])[rid].state == "pending"
+    clock.advance(1)
     assert dest.reconcile(a, [rid])[rid].state == "succeeded"
+
+
+def test_a_failed_request_is_reported_failed_and_nothing_is_applied(emu: DataManagerEmulator) -> None:
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])
+    emu.faults.failed_request_rate = 1.0
+    rid = dest.add_members(a, [member(1), member(2)], S).request_id or ""
+    outcome = dest.reconcile(a, [rid])[rid]
+    assert outcome.state == "failed" and "FAILED" in (outcome.reason or "") and "internal_error=2" in (outcome.reason or "")
+    assert emu.members(a.audience_id) == set()
+
+
+def test_every_ingest_carries_the_accepted_customer_match_terms(emu: DataManagerEmulator) -> None:
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])
+    dest.add_members(a, [member(1)], S)
+    (ingest,) = [e for e in emu.request_log if e["path"] == "/v1/audienceMembers:ingest"]
+    assert json.loads(ingest["body"])["termsOfService"] == {"customerMatchTermsOfServiceStatus": 1}  # ACCEPTED
+
+
+def test_a_google_destination_without_the_customer_match_terms_is_refused(emu: DataManagerEmulator) -> None:
+    with pytest.raises(ValidationError, match=r"customer_match_terms = \"accepted\".*answer/6299717"):
+        GoogleDestinationConfig(type="google", customer_id="123-456-7890", datamanager_endpoint=emu.url)
+    unchecked = GoogleDestinationConfig.model_construct(type="google", customer_id="1234567890", upload_api="datamanager",
+                                                        customer_match_terms=None)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"destinations\.g: set customer_match_terms"):
+        GoogleDestination("g", unchecked, None, policy=RetryPolicy())
 
 
 def test_emulator_enforces_limits_like_the_api(emu: DataManagerEmulator) -> None:
@@ -87,15 +119,20 @@ def test_emulator_enforces_limits_like_the_api(emu: DataManagerEmulator) -> None
     target = dm.Destination(operating_account=dm.ProductAccount(account_type=1, account_id="1234567890"),
                             product_destination_id=a.audience_id)  # fmt: skip
     one = dm.AudienceMember(user_data=dm.UserData(user_identifiers=[dm.UserIdentifier(email_address=sha256_hex("a"))]))
+    tos = dm.TermsOfService(customer_match_terms_of_service_status=dm.TermsOfServiceStatus.ACCEPTED)
     with pytest.raises(InvalidArgument, match="at most 10000"):
         client.ingest_audience_members(request=dm.IngestAudienceMembersRequest(
-            destinations=[target], audience_members=[one] * 10_001, encoding=dm.Encoding.HEX))  # fmt: skip
+            destinations=[target], audience_members=[one] * 10_001, encoding=dm.Encoding.HEX, terms_of_service=tos))  # fmt: skip
     with pytest.raises(InvalidArgument, match="encoding"):
-        client.ingest_audience_members(request=dm.IngestAudienceMembersRequest(destinations=[target], audience_members=[one]))
+        client.ingest_audience_members(request=dm.IngestAudienceMembersRequest(destinations=[target], audience_members=[one],
+                                                                               terms_of_service=tos))  # fmt: skip
+    with pytest.raises(InvalidArgument, match="customer_match_terms_of_service_status must be ACCEPTED"):
+        client.ingest_audience_members(request=dm.IngestAudienceMembersRequest(
+            destinations=[target], audience_members=[one], encoding=dm.Encoding.HEX))  # fmt: skip
     bad = dm.AudienceMember(user_data=dm.UserData(user_identifiers=[dm.UserIdentifier(email_address="a@b.com")]))
     with pytest.raises(InvalidArgument, match="SHA-256"):
         client.ingest_audience_members(request=dm.IngestAudienceMembersRequest(
-            destinations=[target], audience_members=[bad], encoding=dm.Encoding.HEX))  # fmt: skip
+            destinations=[target], audience_members=[bad], encoding=dm.Encoding.HEX, terms_of_service=tos))  # fmt: skip
 
 
 def test_transient_errors_converge_and_quota_stops(emu: DataManagerEmulator) -> None:
