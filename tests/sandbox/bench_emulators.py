@@ -96,15 +96,17 @@ def bench_google_ads(state: Path, calls: int, n: int) -> float:
         from google.ads.googleads.v26.resources.types import user_list as ul_res
         from google.ads.googleads.v26.services.types import user_list_service as uls
 
-        op = uls.UserListOperation(create=ul_res.UserList(name="bench", membership_life_span=540))
+        ul = ul_res.UserList(name="bench", membership_life_span=540)
+        ul.crm_based_user_list.upload_key_type = 2  # CONTACT_INFO
+        op = uls.UserListOperation(create=ul)
         raw = call("UserListService", "MutateUserLists",
                    uls.MutateUserListsRequest.serialize(uls.MutateUserListsRequest(customer_id="1234567890",
                                                                                    operations=[op])))  # fmt: skip
         list_name = uls.MutateUserListsResponse.deserialize(raw).results[0].resource_name
         job = ojs.CreateOfflineUserDataJobRequest(customer_id="1234567890")
-        job.job.type_ = 7  # CUSTOMER_MATCH_USER_LIST
+        job.job.type_ = 4  # CUSTOMER_MATCH_USER_LIST
         job.job.customer_match_user_list_metadata.user_list = list_name
-        job.job.customer_match_user_list_metadata.consent.ad_user_data = 2  # GRANTED
+        job.job.customer_match_user_list_metadata.consent.ad_user_data = 2  # GRANTED (ConsentStatus)
         job.job.customer_match_user_list_metadata.consent.ad_personalization = 2
         bodies = []
         for c in range(calls):
