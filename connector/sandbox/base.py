@@ -4,7 +4,8 @@ state file (hashes only) that survives the process.
 Persistence is a snapshot plus an append-only journal: each call that changed something appends one
 line describing the change (the rows added or removed, not the whole audience), so a 10,000-row call
 costs the same whether the audience holds 10 or 10 million members. The journal is folded into a new
-snapshot when it grows larger than the snapshot, and on `stop()`. Both carry a generation number: a
+snapshot on `stop()` when it outgrew the snapshot, and during a run only when it grows far larger
+(a long-lived emulator); loading replays it. Both carry a generation number: a
 snapshot written after a crash never replays an older journal twice. A torn last line (the process
 was killed mid-write) is ignored, like a call the platform never received.
 """
@@ -18,7 +19,9 @@ from typing import Any, Self
 
 from connector.clock import SYSTEM_CLOCK, Clock
 
-COMPACT_MIN_BYTES = 4 * 1024 * 1024
+# fold the journal into the snapshot during a run only past this size and this multiple of the snapshot
+COMPACT_MIN_BYTES = 64 * 1024 * 1024
+COMPACT_RATIO = 4
 
 
 class Emulator:
@@ -55,7 +58,8 @@ class Emulator:
     def stop(self) -> None:
         self._stop_server()
         self._flush()
-        self._compact()
+        if self._journal_bytes > self._snapshot_bytes or not (self.state_file and self.state_file.is_file()):
+            self._compact()
 
     def __enter__(self) -> Self:
         self.start()
@@ -132,7 +136,7 @@ class Emulator:
                 f.write(json.dumps({"generation": self._generation}).encode() + b"\n")
             f.write(lines)
         self._journal_bytes += len(lines)
-        if self._journal_bytes > max(self._snapshot_bytes, COMPACT_MIN_BYTES):
+        if self._journal_bytes > max(COMPACT_RATIO * self._snapshot_bytes, COMPACT_MIN_BYTES):
             self._compact()
 
     def _compact(self) -> None:

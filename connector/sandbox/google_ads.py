@@ -121,13 +121,9 @@ def user_row(ud: Any) -> Key:
     return tuple(sorted(row))
 
 
-def _flat(key: Key) -> list[str]:
-    return [x for kv in key for x in kv]
-
-
-def _key(flat: Iterable[str]) -> Key:
-    items = list(flat)
-    return tuple(sorted(zip(items[0::2], items[1::2], strict=True)))
+def _key(pairs: Iterable[list[str]]) -> Key:
+    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
+    return tuple(sorted((k, v) for k, v in pairs))
 
 
 class GoogleAdsEmulator(Emulator):
@@ -172,7 +168,7 @@ class GoogleAdsEmulator(Emulator):
 
     def _state(self) -> dict[str, Any]:
         return {"next_id": self._next_id,
-                "lists": {lid: {"list": e["list"], "members": [[_flat(k), t] for k, t in e["members"].items()]}
+                "lists": {lid: {"list": e["list"], "members": [[k, t] for k, t in e["members"].items()]}
                           for lid, e in self.lists.items()}}  # fmt: skip
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -181,10 +177,10 @@ class GoogleAdsEmulator(Emulator):
         for lid, e in state.get("lists", {}).items():
             self._put_list(lid, e["list"])
             for item in e["members"]:
-                if item and isinstance(item[0], list) and item[0] and isinstance(item[0][0], list):
-                    self._put_members(lid, [_key(x for kv in item for x in kv)], now)  # an older state file
-                else:
+                if len(item) == 2 and isinstance(item[1], int | float):
                     self._put_members(lid, [_key(item[0])], item[1])
+                else:  # an older state file: the member's [key, value] pairs only
+                    self._put_members(lid, [_key(item)], now)
 
     def _replay(self, entry: dict[str, Any]) -> None:
         op, lid = entry["op"], entry["id"]
@@ -232,7 +228,7 @@ class GoogleAdsEmulator(Emulator):
             del members[k]
         e["oldest"] = min(members.values(), default=float("inf"))
         if gone:
-            self._record({"op": "del", "id": lid, "rows": [_flat(k) for k in gone]})
+            self._record({"op": "del", "id": lid, "rows": gone})
 
     def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
         with self._lock:
@@ -592,9 +588,9 @@ class GoogleAdsEmulator(Emulator):
             for key in removed:
                 members.pop(key, None)
             if added:
-                self._record({"op": "add", "id": lid, "t": now, "rows": [_flat(k) for k in added]})
+                self._record({"op": "add", "id": lid, "t": now, "rows": added})
             if removed:
-                self._record({"op": "del", "id": lid, "rows": [_flat(k) for k in removed]})
+                self._record({"op": "del", "id": lid, "rows": removed})
             job["ops"] = []
             job["status"] = "SUCCESS"
         return str(job["status"])

@@ -127,7 +127,7 @@ class DataManagerEmulator(HttpEmulator):
     def _state(self) -> dict[str, Any]:
         return {
             "next_id": self._next_id,
-            "lists": {lid: {"list": e["list"], "members": [[_flat(key), *v] for key, v in e["members"].items()]}
+            "lists": {lid: {"list": e["list"], "members": [[key, *v] for key, v in e["members"].items()]}
                       for lid, e in self.lists.items()},
             "requests": self.requests,
         }  # fmt: skip
@@ -149,8 +149,8 @@ class DataManagerEmulator(HttpEmulator):
             self._put_rows(entry["list"], entry["rows"])
         elif op == "del" and entry["list"] in self.lists:
             members = self.lists[entry["list"]]["members"]
-            for flat in entry["rows"]:
-                members.pop(_key(flat), None)
+            for pairs in entry["rows"]:
+                members.pop(_key(pairs), None)
         elif op == "req":
             self.requests[entry["id"]] = entry["request"]
 
@@ -164,9 +164,9 @@ class DataManagerEmulator(HttpEmulator):
         members = e["members"]
         for item in rows:
             if len(item) == 2:  # a state file of an older emulator: [[key, value] pairs, ingested_at]
-                item = [[x for kv in item[0] for x in kv], item[1], 0, 0]
-            flat, t, aud, ap = item
-            members[_key(flat)] = (t, aud, ap)
+                item = [item[0], item[1], 0, 0]
+            pairs, t, aud, ap = item
+            members[_key(pairs)] = (t, aud, ap)
             if t < e["oldest"]:
                 e["oldest"] = t
 
@@ -337,7 +337,7 @@ class DataManagerEmulator(HttpEmulator):
             del members[row]
         e["oldest"] = min((v[0] for v in members.values()), default=float("inf"))
         if gone:
-            self._record({"op": "del", "list": lid, "rows": [_flat(r) for r in gone]})
+            self._record({"op": "del", "list": lid, "rows": gone})
 
     # ------------------------------------------------------------------ members
 
@@ -448,7 +448,7 @@ class DataManagerEmulator(HttpEmulator):
                     members_of[key] = (t, aud, ap)
                 if stored and now < e["oldest"]:
                     e["oldest"] = now
-                self._record({"op": "put", "list": lid, "rows": [[_flat(key), t, aud, ap] for key, t, aud, ap in stored]})
+                self._record({"op": "put", "list": lid, "rows": stored})
         errors = {"PROCESSING_ERROR_REASON_DENIED_CONSENT": denied} if denied else {}
         return {"requestId": self._new_request("ingest", lids, len(rows), errors, failed)}
 
@@ -463,7 +463,7 @@ class DataManagerEmulator(HttpEmulator):
                 members = self.lists[lid]["members"]
                 gone = [row for row in rows if members.pop(row, None) is not None]
                 if gone:
-                    self._record({"op": "del", "list": lid, "rows": [_flat(row) for row in gone]})
+                    self._record({"op": "del", "list": lid, "rows": gone})
         return {"requestId": self._new_request("remove", lids, len(rows), {}, failed)}
 
     def _remove_all(self, r: dict[str, Any]) -> Any:
@@ -481,7 +481,7 @@ class DataManagerEmulator(HttpEmulator):
                 for row in gone:
                     del members[row]
                 if gone:
-                    self._record({"op": "del", "list": lid, "rows": [_flat(row) for row in gone]})
+                    self._record({"op": "del", "list": lid, "rows": gone})
         return {"requestId": self._new_request("remove_all", lids, 0, {}, failed)}
 
     def _status(self, rid: str) -> Any:
@@ -543,12 +543,9 @@ def _timestamp(value: str) -> float:
     return float(ts.seconds + ts.nanos / 1e9)
 
 
-def _flat(key: Key) -> list[str]:
-    return [x for kv in key for x in kv]
-
-
-def _key(flat: list[str]) -> Key:
-    return tuple(sorted(zip(flat[0::2], flat[1::2], strict=True)))
+def _key(pairs: list[list[str]]) -> Key:
+    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
+    return tuple(sorted((k, v) for k, v in pairs))
 
 
 def start_datamanager_emulator(state_file: Path | None = None, **kwargs: Any) -> DataManagerEmulator:
