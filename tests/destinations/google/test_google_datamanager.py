@@ -157,3 +157,49 @@ def test_error_classification() -> None:
     assert classify_ads_error_code("RESOURCE_EXHAUSTED") is QuotaExhaustedError
     assert classify_ads_error_code("CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS") is TermsNotAcceptedError
     assert 'upload_api = "datamanager"' in str(ads_error("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE", "upload"))
+
+
+def test_member_bodies_are_the_json_the_official_client_would_send(emu: DataManagerEmulator) -> None:
+    from google.protobuf import json_format
+
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])
+    members = [member(1), member(2, Consent(False, None)), member(3, None)]
+    dest.add_members(a, members, S)
+    dest.remove_members(a, members[:1], S)
+    sent = [json.loads(e["body"]) for e in emu.request_log if e["path"].startswith("/v1/audienceMembers:")]
+    target = dm.Destination(operating_account=dm.ProductAccount(account_type=dm.ProductAccount.AccountType.GOOGLE_ADS,
+                                                                account_id="1234567890"),
+                            product_destination_id=a.audience_id)  # fmt: skip
+
+    def sdk_member(m: Member, consent: bool = True) -> dm.AudienceMember:
+        p = m.payload
+        out = dm.AudienceMember(user_data=dm.UserData(user_identifiers=[
+            dm.UserIdentifier(email_address=p["email"]), dm.UserIdentifier(phone_number=p["phone"]),
+            dm.UserIdentifier(address=dm.AddressInfo(given_name=p["first_name"], family_name=p["last_name"],
+                                                     region_code=p["country_code"], postal_code=p["postal_code"]))]))  # fmt: skip
+        if consent and m.consent is not None:
+            def status(v: bool | None) -> int:
+                return 0 if v is None else (1 if v else 2)
+            out.consent = dm.Consent(ad_user_data=status(m.consent.ad_user_data),
+                                     ad_personalization=status(m.consent.ad_personalization))  # fmt: skip
+        return out
+
+    ingest = dm.IngestAudienceMembersRequest(destinations=[target], audience_members=[sdk_member(m) for m in members],
+                                             encoding=dm.Encoding.HEX, terms_of_service=dm.TermsOfService(
+                                                 customer_match_terms_of_service_status=dm.TermsOfServiceStatus.ACCEPTED))  # fmt: skip
+    remove = dm.RemoveAudienceMembersRequest(destinations=[target], audience_members=[sdk_member(members[0], False)],
+                                             encoding=dm.Encoding.HEX)  # fmt: skip
+    expected = [json_format.MessageToDict(type(r).pb(r), use_integers_for_enums=True) for r in (ingest, remove)]
+    assert sent == expected
+
+
+def test_a_dropped_connection_is_retried(emu: DataManagerEmulator) -> None:
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])
+    drops = iter([True])  # the next write call loses its connection before an answer
+    emu.faults.drop = lambda write: write and next(drops, False)  # type: ignore[method-assign]
+    out = dest.add_members(a, [member(1)], S)
+    assert out.request_id and next(drops, None) is None
+    assert sum(e["path"] == "/v1/audienceMembers:ingest" for e in emu.request_log) == 2
+    assert emu.members(a.audience_id) == {frozenset(member(1).payload.items())}
