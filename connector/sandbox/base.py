@@ -4,8 +4,8 @@ state file (hashes only) that survives the process.
 Persistence is a snapshot plus an append-only journal: each call that changed something appends one
 line describing the change (the rows added or removed, not the whole audience), so a 10,000-row call
 costs the same whether the audience holds 10 or 10 million members. The journal is folded into a new
-snapshot on `stop()` when it outgrew the snapshot, and during a run only when it grows far larger
-(a long-lived emulator); loading replays it. Both carry a generation number: a
+snapshot on `stop()` (if anything changed), and during a run only when it grows far larger than the
+snapshot (a long-lived emulator); a process killed mid-run leaves the journal, which loading replays. Both carry a generation number: a
 snapshot written after a crash never replays an older journal twice. A torn last line (the process
 was killed mid-write) is ignored, like a call the platform never received.
 """
@@ -58,8 +58,8 @@ class Emulator:
     def stop(self) -> None:
         self._stop_server()
         self._flush()
-        if self._journal_bytes > self._snapshot_bytes or not (self.state_file and self.state_file.is_file()):
-            self._compact()
+        # a stopped emulator leaves one complete snapshot (tools and tests read it as the platform's state)
+        self._compact()
 
     def __enter__(self) -> Self:
         self.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from google.ads import datamanager_v1 as dm
@@ -100,6 +101,31 @@ def test_every_ingest_carries_the_accepted_customer_match_terms(emu: DataManager
     dest.add_members(a, [member(1)], S)
     (ingest,) = [e for e in emu.request_log if e["path"] == "/v1/audienceMembers:ingest"]
     assert json.loads(ingest["body"])["termsOfService"] == {"customerMatchTermsOfServiceStatus": 1}  # ACCEPTED
+
+
+@pytest.mark.parametrize("command", ["validate", "sync"])
+def test_validate_and_sync_refuse_a_google_destination_without_the_terms(tmp_path: Path, command: str) -> None:
+    from typer.testing import CliRunner
+
+    from connector.cli import app
+
+    (tmp_path / "m.csv").write_text("id,email\n1,a@example.com\n", encoding="utf-8")
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text("""[destinations.ads]
+type = "google"
+sandbox = true
+customer_id = "123-456-7890"
+[segments.vip]
+source = { type = "csv", path = "m.csv" }
+key = "id"
+identifiers = { email = "email" }
+destinations = ["ads"]
+""", encoding="utf-8")  # fmt: skip
+    result = CliRunner().invoke(app, [command, "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "destinations.ads" in result.output and 'customer_match_terms = "accepted"' in result.output
+    assert "https://support.google.com/adspolicy/answer/6299717" in result.output
+    assert not (tmp_path / ".connector").exists()  # nothing was started or sent
 
 
 def test_a_google_destination_without_the_customer_match_terms_is_refused(emu: DataManagerEmulator) -> None:
