@@ -5,9 +5,10 @@ Persistence is a snapshot plus an append-only journal: each call that changed so
 line describing the change (the rows added or removed, not the whole audience), so a 10,000-row call
 costs the same whether the audience holds 10 or 10 million members. The journal is folded into a new
 snapshot on `stop()` (if anything changed), and during a run only when it grows far larger than the
-snapshot (a long-lived emulator); a process killed mid-run leaves the journal, which loading replays. Both carry a generation number: a
-snapshot written after a crash never replays an older journal twice. A torn last line (the process
-was killed mid-write) is ignored, like a call the platform never received.
+snapshot (a long-lived emulator); a process killed mid-run leaves the journal, which loading replays.
+Both carry a generation number: a snapshot written after a crash never replays an older journal
+twice. A torn last line (the process was killed mid-write) is ignored, like a call the platform
+never received.
 """
 
 from __future__ import annotations
