@@ -43,6 +43,7 @@ from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
 MAX_MEMBERS = 10_000
 MAX_IDENTIFIERS = 10
 MAX_MEMBERSHIP_DAYS = 540
+REQUEST_STATUS_KEPT_SECONDS = 30 * 86400
 TERMS_URL = "https://support.google.com/adspolicy/answer/6299717"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LISTS = re.compile(r"^/v1/accountTypes/([^/]+)/accounts/([^/]+)/userLists(?:/([^/:]+))?$")
@@ -129,7 +130,9 @@ class DataManagerEmulator(HttpEmulator):
             "next_id": self._next_id,
             "lists": {lid: {"list": e["list"], "members": [[key, *v] for key, v in e["members"].items()]}
                       for lid, e in self.lists.items()},
-            "requests": self.requests,
+            # request statuses stay readable for a while, not forever (the state file would only grow)
+            "requests": {rid: r for rid, r in self.requests.items()
+                         if r["ready_at"] > self.clock.time() - REQUEST_STATUS_KEPT_SECONDS},
         }  # fmt: skip
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -486,7 +489,7 @@ class DataManagerEmulator(HttpEmulator):
 
     def _status(self, rid: str) -> Any:
         req = self.requests.get(rid)
-        if req is None:
+        if req is None or req["ready_at"] <= self.clock.time() - REQUEST_STATUS_KEPT_SECONDS:
             raise ApiError("NOT_FOUND", "request id not found")
         processing = self.clock.time() < req["ready_at"]
         errors = dict(req["errors"])

@@ -318,3 +318,14 @@ def test_the_request_body_is_never_echoed_in_errors(http: httpx.Client) -> None:
     secret_hash = sha256_hex("mary@example.com")
     r = ingest(http, lid, [{"userData": {"userIdentifiers": [{"emailAddress": secret_hash}]}, "colour": "red"}])
     assert secret_hash not in json.dumps(refused(r))
+
+
+def test_request_statuses_survive_a_restart_for_30_days(tmp_path: Path) -> None:
+    state, clock = tmp_path / "dm.json", FakeClock()
+    with DataManagerEmulator(state_file=state, clock=clock) as e, httpx.Client(base_url=e.url) as http:
+        rid = ingest(http, new_list(http), [person(1)]).json()["requestId"]
+    with DataManagerEmulator(state_file=state, clock=clock) as e, httpx.Client(base_url=e.url) as http:
+        assert status(http, rid)["requestStatus"] == "SUCCESS"  # read by the next run
+        clock.advance(days=31)
+    with DataManagerEmulator(state_file=state, clock=clock) as e, httpx.Client(base_url=e.url) as http:
+        refused(http.get("/v1/requestStatus:retrieve", params={"requestId": rid}), 404)
