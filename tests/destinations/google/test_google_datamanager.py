@@ -229,3 +229,24 @@ def test_a_dropped_connection_is_retried(emu: DataManagerEmulator) -> None:
     assert out.request_id and next(drops, None) is None
     assert sum(e["path"] == "/v1/audienceMembers:ingest" for e in emu.request_log) == 2
     assert emu.members(a.audience_id) == {frozenset(member(1).payload.items())}
+
+
+def test_a_list_deleted_on_the_platform_is_replaced_by_a_new_empty_one(emu: DataManagerEmulator) -> None:
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])
+    dest.add_members(a, [member(1)], S)
+    emu.delete_audience(a.audience_id)
+    assert dest.audience_status(a).state == "missing"
+    b = dest.ensure_audience("vip", a, ["email"])
+    assert b.audience_id != a.audience_id and emu.members(b.audience_id) == set()
+
+
+def test_members_expire_from_the_list_after_membership_days(emu: DataManagerEmulator) -> None:
+    emu.clock = clock = FakeClock()
+    dest = make(emu)
+    a = dest.ensure_audience("vip", None, ["email"])  # membership_days = 540 (the default)
+    dest.add_members(a, [member(1)], S)
+    clock.advance(days=540)
+    assert dest.audience_status(a).size_lower == 1
+    clock.advance(1)
+    assert dest.audience_status(a).size_lower == 0 and emu.members(a.audience_id) == set()

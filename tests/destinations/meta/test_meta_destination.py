@@ -168,3 +168,12 @@ def test_5xx_or_non_json_body_is_never_success(tmp_path: Path) -> None:
         client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
     with pytest.raises(FatalError, match="HTTP 200"):
         client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+
+
+def test_an_audience_deleted_in_ads_manager_is_replaced_by_a_new_empty_one(emu: MetaGraphEmulator) -> None:
+    dest = make(emu)
+    a = audience(dest)
+    dest.add_members(a, [member(1)], SESSION)
+    emu.delete_audience(a.audience_id)
+    b = dest.ensure_audience("vip", a, ["EMAIL", "PHONE", "FN"])
+    assert b.audience_id != a.audience_id and emu.members(b.audience_id) == set()
