@@ -5,6 +5,9 @@ A lock is a row (segment, destination) -> holder, lease expiry. Acquiring is one
 in one transaction: insert the row, or take it over when its lease expired (its holder died) or
 when we already hold it. While held, a heartbeat thread renews the lease, so a live holder never
 loses it and a dead one frees it after `lease_seconds`.
+
+Every expiry, cutoff and wait reads the injected `Clock` (the system clock by default), so tests move
+time forward instead of sleeping through a lease.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +26,9 @@ from pathlib import Path
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from connector.clock import SYSTEM_CLOCK, Clock
 from connector.errors import LockHeldError
-from connector.ledger.journal import Journal, create_tables, now
+from connector.ledger.journal import Journal, create_tables
 
 log = logging.getLogger("connector.locks")
 
@@ -95,8 +98,10 @@ def holder_is_dead(holder: str) -> bool:
 
 
 class Coordinator:
-    def __init__(self, ledger: Journal, *, lease_seconds: float = 60.0, holder: str | None = None) -> None:
+    def __init__(self, ledger: Journal, *, lease_seconds: float = 60.0, holder: str | None = None,
+                 clock: Clock | None = None) -> None:  # fmt: skip
         self.ledger = ledger
+        self.clock = clock or SYSTEM_CLOCK
         self.engine = ledger.engine
         self.lease = timedelta(seconds=lease_seconds)
         self.holder = holder or holder_id()
@@ -106,7 +111,7 @@ class Coordinator:
 
     def try_acquire(self, segment: str, destination: str) -> str | None:
         """Take the lock; None on success, else the current holder."""
-        ts = now()
+        ts = self.clock.now()
         with self.engine.begin() as conn:
             try:
                 with conn.begin_nested():
@@ -143,7 +148,7 @@ class Coordinator:
         with self.engine.begin() as conn:
             for seg, dest in pairs:
                 mine = (locks.c.segment == seg, locks.c.destination == dest, locks.c.holder == self.holder)
-                conn.execute(update(locks).where(*mine).values(expires_at=now() + self.lease))
+                conn.execute(update(locks).where(*mine).values(expires_at=self.clock.now() + self.lease))
 
     def release(self, segment: str, destination: str) -> None:
         with self.engine.begin() as conn:
@@ -161,10 +166,10 @@ class Coordinator:
 
         @contextmanager
         def lock(segment: str, destination: str) -> Iterator[None]:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             announced = False
             while (who := self.try_acquire(segment, destination)) is not None:
-                if not wait or (timeout is not None and time.monotonic() - started > timeout):
+                if not wait or (timeout is not None and self.clock.monotonic() - started > timeout):
                     raise LockHeldError(
                         f"{segment} -> {destination} is being synced by {who}; try again later or drop --no-wait",
                         holder=who,
@@ -172,7 +177,7 @@ class Coordinator:
                 if on_wait and not announced:
                     on_wait(segment, destination, who)
                     announced = True
-                time.sleep(0.5)
+                self.clock.sleep(0.5)
             stop = threading.Event()
             beat = threading.Thread(target=self._heartbeat, args=([(segment, destination)], stop), daemon=True)
             beat.start()
@@ -208,7 +213,8 @@ class Coordinator:
                     run_ids[dest] = self.ledger.start_run(trigger, segment, dest, False, status="queued")
             if row is None:
                 conn.execute(insert(queued).values(segment=segment, destinations=json.dumps(destinations),
-                                                   run_ids=json.dumps(run_ids), trigger=trigger, queued_at=now()))  # fmt: skip
+                                                   run_ids=json.dumps(run_ids), trigger=trigger,
+                                                   queued_at=self.clock.now()))  # fmt: skip
                 return True, run_ids
             old = json.loads(row.destinations)
             merged = None if old is None or destinations is None else sorted(set(old) | set(destinations))
@@ -218,7 +224,7 @@ class Coordinator:
 
     def pop(self, settle_seconds: float = 0.0) -> tuple[str, list[str] | None, str, dict[str, int]] | None:
         """The oldest queued sync that has waited `settle_seconds` (a burst of triggers settles into one)."""
-        cutoff = now() - timedelta(seconds=settle_seconds)
+        cutoff = self.clock.now() - timedelta(seconds=settle_seconds)
         with self.engine.begin() as conn:
             row = conn.execute(
                 select(queued).where(queued.c.queued_at <= cutoff).order_by(queued.c.queued_at).limit(1)
@@ -237,7 +243,7 @@ class Coordinator:
 
     def seen_before(self, key: str, keep: timedelta) -> bool:
         """Remember `key`; True if it was seen within `keep` (a replay)."""
-        ts = now()
+        ts = self.clock.now()
         with self.engine.begin() as conn:
             conn.execute(delete(webhook_events).where(webhook_events.c.seen_at < ts - keep))
             try:

@@ -228,6 +228,14 @@ class MetaDestinationConfig(_DestinationBase):
         return digits
 
 
+CUSTOMER_MATCH_TERMS_URL = "https://support.google.com/adspolicy/answer/6299717"
+CUSTOMER_MATCH_TERMS_REQUIRED = (
+    'set customer_match_terms = "accepted": Google accepts Customer Match data only from advertisers who '
+    f"accepted the Customer Match terms of service ({CUSTOMER_MATCH_TERMS_URL}); accepting them is the "
+    "advertiser's decision, so the connector never assumes it"
+)
+
+
 class GoogleDestinationConfig(_DestinationBase):
     type: Literal["google"]
     upload_api: Literal["datamanager", "google_ads"] = "datamanager"
@@ -242,9 +250,22 @@ class GoogleDestinationConfig(_DestinationBase):
     google_ads_endpoint: str | None = None
     membership_days: int = Field(default=540, ge=1, le=540)
     resend_before_expiry_days: int = Field(default=30, ge=0)
+    customer_match_terms: Literal["accepted"] | None = Field(
+        default=None, validate_default=True,
+        description="\"accepted\" once the advertiser accepted the Customer Match terms of service",
+    )  # fmt: skip
 
     _v_dm = field_validator("datamanager_endpoint")(classmethod(lambda cls, v: check_endpoint(v)))
     _v_ads = field_validator("google_ads_endpoint")(classmethod(lambda cls, v: check_endpoint(v)))
+
+    @field_validator("customer_match_terms")
+    @classmethod
+    def _terms(cls, v: str | None) -> str | None:
+        # Google refuses Customer Match data unless the terms are accepted; accepting them is the
+        # advertiser's decision, so it is never a default
+        if v != "accepted":
+            raise ValueError(CUSTOMER_MATCH_TERMS_REQUIRED)
+        return v
 
     @field_validator("customer_id", "login_customer_id")
     @classmethod

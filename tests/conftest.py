@@ -68,6 +68,7 @@ sandbox = true
 [destinations.google]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 sandbox = true
 
 [segments.vip]

@@ -32,16 +32,19 @@ graph_url = "{meta.url}"
 [destinations.google]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 datamanager_endpoint = "{google.url}"
 sandbox = false
 service_account_file = "missing.json"
 [destinations.google_dm]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 sandbox = true
 [destinations.google_jobs]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 upload_api = "google_ads"
 sandbox = true
 [segments.s]

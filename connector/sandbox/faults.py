@@ -27,6 +27,13 @@ class FaultKnobs:
     `fail_writes_only`: faults only on write calls (reads stay clean) when True.
     `reject_rate`: share of hashed values the platform refuses as invalid (Meta `invalid_entry_samples`).
     The choice depends on the value and the seed only, so the platform refuses the same value every time.
+    `failed_request_rate`: share of accepted write requests whose processing ends FAILED, nothing applied
+    (Data Manager request status FAILED; a Google Ads offline user data job that ends FAILED).
+    `audience_deletion_rate`: share of audiences deleted on the platform between runs (deleted in Ads
+    Manager / Google Ads): rolled for each audience when an emulator starts from its state file (a
+    sandbox starts one per run) and whenever `between_runs()` is called on an emulator.
+    Membership expiry needs no knob: Google lists drop members older than their membership life span,
+    as the platform does, by the emulator's clock (advance a `FakeClock` to see it).
     """
 
     error_rates: dict[str, float] = field(default_factory=dict)
@@ -37,6 +44,8 @@ class FaultKnobs:
     drop_after_apply: bool = False
     fail_writes_only: bool = True
     reject_rate: float = 0.0
+    failed_request_rate: float = 0.0
+    audience_deletion_rate: float = 0.0
     seed: int = 0
     injected: dict[str, int] = field(default_factory=dict)
 
@@ -97,6 +106,20 @@ class FaultKnobs:
         if int.from_bytes(digest[:4], "big") / 2**32 < self.reject_rate:
             if count:
                 self._count("reject")
+            return True
+        return False
+
+    def fails_request(self) -> bool:
+        """Whether this accepted request ends FAILED."""
+        if self._roll(self.failed_request_rate):
+            self._count("failed_request")
+            return True
+        return False
+
+    def deletes_audience(self) -> bool:
+        """Whether this audience was deleted on the platform since the last run."""
+        if self._roll(self.audience_deletion_rate):
+            self._count("audience_deleted")
             return True
         return False
 

@@ -6,12 +6,22 @@ Services: UserListService.MutateUserLists (CRM-based and lookalike lists), Offli
 package's own proto-plus types; errors are real `GoogleAdsFailure`s in the trailing metadata,
 so the official client raises `GoogleAdsException` as it would against Google.
 
-Enforced: developer token, at most 100,000 identifiers a request and 20 per UserData, SHA-256 hex
-hashes (partial failure per operation), CONCURRENT_MODIFICATION when two calls hit one job at
-once, CONFLICTING_OPERATION when creates and removes meet in one job, consent DENIED ->
-CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS, `allowlisted = False` ->
-CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE on uploads (user lists still work), one lookalike per
-seed/expansion/countries, job processing delay (RUNNING, then SUCCESS).
+Enforced: developer token; required fields (customer id, a job of type CUSTOMER_MATCH_USER_LIST on
+an existing list of that customer, a job resource name, at least one operation, a UserData with at
+least one identifier, complete addresses: FieldError.REQUIRED / REQUIRED_NONEMPTY_LIST); list names
+and a membership life span of at most 540 days; at most 100,000 identifiers a request and 20 per
+UserData; SHA-256 as 64 lowercase hex (INVALID_SHA256_FORMAT, partial failure per operation);
+CONCURRENT_MODIFICATION when two calls hit one job at once; CONFLICTING_OPERATION when creates
+and removes meet in one job; consent DENIED -> CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS;
+`allowlisted = False` -> CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE on uploads (user lists still
+work); one lookalike per seed/expansion/countries; job processing delay (RUNNING, then SUCCESS, or
+FAILED with nothing applied: `faults.failed_request_rate`); user lists removed
+(`UserListOperation.remove`, `delete_audience`, `faults.audience_deletion_rate` between runs);
+members older than the list's membership life span drop out. Time comes from an injectable clock.
+
+Requests are read from the raw protobuf messages (no proto-plus wrapper per identifier) and list
+members are held in a dict keyed by their sorted (key, hash) pairs, so a 10,000-row call is cheap;
+each change appends one journal line to the state file.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
+from connector.clock import SYSTEM_CLOCK, Clock
 from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.tls import localhost_certificate
@@ -48,6 +59,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SANDBOX_DEVELOPER_TOKEN = "sandbox-developer-token"  # noqa: S105 - the emulator's fixed token, not a secret
 MAX_IDENTIFIERS_PER_REQUEST = 100_000
 MAX_IDENTIFIERS_PER_USER = 20
+MAX_MEMBERSHIP_DAYS = 540
+CUSTOMER_MATCH_USER_LIST = 4  # OfflineUserDataJobType
+CONSENT_DENIED = 3  # ConsentStatus
 JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
 _ERROR_FIELDS = {
     "CONCURRENT_MODIFICATION": "database_error", "INVALID_SHA256_FORMAT": "offline_user_data_job_error",
@@ -58,6 +72,10 @@ _ERROR_FIELDS = {
     "INTERNAL_ERROR": "internal_error", "TRANSIENT_ERROR": "internal_error",
     "RESOURCE_EXHAUSTED": "quota_error", "RESOURCE_TEMPORARILY_EXHAUSTED": "quota_error",
     "DEVELOPER_TOKEN_NOT_APPROVED": "authorization_error", "USER_PERMISSION_DENIED": "authorization_error",
+    "REQUIRED": "field_error", "REQUIRED_NONEMPTY_LIST": "field_error", "INVALID_VALUE": "field_error",
+    "INVALID_USER_LIST_TYPE": "offline_user_data_job_error", "INVALID_USER_LIST_ID": "offline_user_data_job_error",
+    "MISSING_USER_IDENTIFIER": "offline_user_data_job_error", "INVALID_CUSTOMER_ID": "request_error",
+    "RESOURCE_NOT_FOUND": "mutate_error", "INVALID_NAME": "user_list_error",
 }  # fmt: skip
 _GRPC_CODE = {"CONCURRENT_MODIFICATION": grpc.StatusCode.ABORTED, "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
               "TRANSIENT_ERROR": grpc.StatusCode.UNAVAILABLE, "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -82,10 +100,16 @@ class AdsAbort(Exception):
         self.name = name
 
 
-def user_row(ud: cod.UserData) -> frozenset[tuple[str, str]]:
+Key = tuple[tuple[str, str], ...]
+
+
+def user_row(ud: Any) -> Key:
+    """One UserData (raw protobuf or proto-plus) as its sorted (key, value) pairs in `connector`'s Google
+    payload keys: a tuple of strings, hashable and not tracked by the garbage collector."""
+    pb = cod.UserData.pb(ud) if isinstance(ud, cod.UserData) else ud
     row: list[tuple[str, str]] = []
-    for ident in ud.user_identifiers:
-        kind = cod.UserIdentifier.pb(ident).WhichOneof("identifier")
+    for ident in pb.user_identifiers:
+        kind = ident.WhichOneof("identifier")
         if kind == "hashed_email":
             row.append(("email", ident.hashed_email))
         elif kind == "hashed_phone_number":
@@ -94,27 +118,36 @@ def user_row(ud: cod.UserData) -> frozenset[tuple[str, str]]:
             a = ident.address_info
             row += [("first_name", a.hashed_first_name), ("last_name", a.hashed_last_name),
                     ("country_code", a.country_code), ("postal_code", a.postal_code)]  # fmt: skip
-    return frozenset(row)
+    return tuple(sorted(row))
+
+
+def _key(pairs: Iterable[list[str]]) -> Key:
+    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
+    return tuple(sorted((k, v) for k, v in pairs))
 
 
 class GoogleAdsEmulator(Emulator):
     def __init__(self, *, state_file: Path | None = None, developer_token: str | None = SANDBOX_DEVELOPER_TOKEN,
                  allowlisted: bool = True, faults: FaultKnobs | None = None, processing_delay_seconds: float = 0.0,
-                 seed_sizes: Callable[[str], int | None] | None = None) -> None:  # fmt: skip
+                 seed_sizes: Callable[[str], int | None] | None = None, clock: Clock | None = None) -> None:  # fmt: skip
         self.state_file = state_file
         self.developer_token = developer_token
         self.allowlisted = allowlisted
         self.faults = faults or FaultKnobs()
         self.processing_delay_seconds = processing_delay_seconds
         self.seed_sizes = seed_sizes  # sizes of lists kept elsewhere (the Data Manager emulator, same ids)
-        self.lists: dict[str, dict[str, Any]] = {}  # id -> {"list": UserList json, "members": set}
+        self.clock = clock or SYSTEM_CLOCK
+        # id -> {"list": UserList JSON, "members": {key: added_at}, "ttl": life span seconds, "oldest": bound}
+        self.lists: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.request_log: list[dict[str, Any]] = []
         self.write_calls = 0
         self._lock = threading.RLock()
         self._busy: set[str] = set()
         self._next_id = 8_000_000_000
-        self._load()
+        self._load_state()
+        if self.lists and self.faults.audience_deletion_rate > 0:
+            self.between_runs()
         cert, key = localhost_certificate()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         self._server.add_generic_rpc_handlers(self._handlers())
@@ -133,19 +166,95 @@ class GoogleAdsEmulator(Emulator):
 
     # ------------------------------------------------------------------ state
 
-    def _load(self) -> None:
-        data = self._read_state() or {}
-        for lid, e in data.get("lists", {}).items():
-            self.lists[lid] = {"list": e["list"], "members": {frozenset(tuple(p) for p in r) for r in e["members"]}}
-        self._next_id = int(data.get("next_id", self._next_id))
-
     def _state(self) -> dict[str, Any]:
-        return {"next_id": self._next_id, "lists": {lid: {"list": e["list"], "members": [sorted(r) for r in e["members"]]}
-                                                    for lid, e in self.lists.items()}}  # fmt: skip
+        return {"next_id": self._next_id,
+                "lists": {lid: {"list": e["list"], "members": [[k, t] for k, t in e["members"].items()]}
+                          for lid, e in self.lists.items()}}  # fmt: skip
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._next_id = int(state.get("next_id", self._next_id))
+        now = self.clock.time()
+        for lid, e in state.get("lists", {}).items():
+            self._put_list(lid, e["list"])
+            for item in e["members"]:
+                if len(item) == 2 and isinstance(item[1], int | float):
+                    self._put_members(lid, [_key(item[0])], item[1])
+                else:  # an older state file: the member's [key, value] pairs only
+                    self._put_members(lid, [_key(item)], now)
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        op, lid = entry["op"], entry["id"]
+        if op == "list":
+            self._put_list(lid, entry["list"])
+            self._next_id = max(self._next_id, int(entry.get("next_id", 0)))
+        elif op == "drop":
+            self.lists.pop(lid, None)
+        elif op == "next_id":
+            self._next_id = max(self._next_id, int(entry["next_id"]))
+        elif lid in self.lists:
+            members = self.lists[lid]["members"]
+            if op == "clear":
+                members.clear()
+            elif op == "add":
+                self._put_members(lid, [_key(f) for f in entry["rows"]], entry["t"])
+            elif op == "del":
+                for f in entry["rows"]:
+                    members.pop(_key(f), None)
+
+    def _put_list(self, lid: str, doc: dict[str, Any]) -> None:
+        span = doc.get("membershipLifeSpan")
+        days = MAX_MEMBERSHIP_DAYS if span in (None, "", "0", 0) else int(span)
+        self.lists[lid] = {"list": doc, "members": {}, "ttl": days * 86400.0, "oldest": float("inf")}
+
+    def _put_members(self, lid: str, keys: list[Key], t: float) -> None:
+        e = self.lists[lid]
+        members = e["members"]
+        for k in keys:
+            members[k] = t
+        if keys and t < e["oldest"]:
+            e["oldest"] = t
+
+    def _expire(self, lid: str) -> None:
+        """Members older than the list's membership life span drop out, as on the platform."""
+        e = self.lists.get(lid)
+        if e is None:
+            return
+        cutoff = self.clock.time() - e["ttl"]
+        if e["oldest"] >= cutoff:
+            return
+        members = e["members"]
+        gone = [k for k, t in members.items() if t < cutoff]
+        for k in gone:
+            del members[k]
+        e["oldest"] = min(members.values(), default=float("inf"))
+        if gone:
+            self._record({"op": "del", "id": lid, "rows": gone})
 
     def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
         with self._lock:
-            return set(self.lists[list_id]["members"])
+            self._expire(list_id)
+            return {frozenset(k) for k in self.lists[list_id]["members"]}
+
+    def member_count(self, list_id: str) -> int | None:
+        with self._lock:
+            if list_id not in self.lists:
+                return None
+            self._expire(list_id)
+            return len(self.lists[list_id]["members"])
+
+    def delete_audience(self, list_id: str) -> None:
+        """The advertiser removed the user list in Google Ads."""
+        with self._lock:
+            if self.lists.pop(list_id, None) is not None:
+                self._record({"op": "drop", "id": list_id})
+                self._flush()
+
+    def between_runs(self) -> None:
+        """Roll `faults.audience_deletion_rate` for each list, as if time passed between two runs."""
+        with self._lock:
+            for lid in list(self.lists):
+                if self.faults.deletes_audience():
+                    self.delete_audience(lid)
 
     def user_list(self, list_id: str) -> ul_res.UserList:
         ul: ul_res.UserList = ul_res.UserList.from_json(json.dumps(self.lists[list_id]["list"]))
@@ -212,11 +321,14 @@ class GoogleAdsEmulator(Emulator):
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 self._check(context, write, fn.__name__)
-                result = fn(request, context)
+                try:
+                    result = fn(request, context)
+                finally:
+                    with self._lock:
+                        self._flush()  # reads may apply a finished job
                 if write:
                     with self._lock:
                         self.write_calls += 1
-                        self._save()
                 return result
             except AdsAbort as exc:
                 self._abort(context, exc)
@@ -228,7 +340,11 @@ class GoogleAdsEmulator(Emulator):
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 self._check(context, False, "SearchStream")
-                yield from fn(request, context)
+                try:
+                    yield from fn(request, context)
+                finally:
+                    with self._lock:
+                        self._flush()
             except AdsAbort as exc:
                 self._abort(context, exc)
 
@@ -241,27 +357,45 @@ class GoogleAdsEmulator(Emulator):
         return str(self._next_id)
 
     def _mutate_user_lists(self, req: uls.MutateUserListsRequest, _ctx: grpc.ServicerContext) -> Any:
+        _customer(req.customer_id)
+        if not req.operations:
+            raise AdsAbort("REQUIRED_NONEMPTY_LIST", "operations: at least one operation is required")
         results = []
         with self._lock:
             for op in req.operations:
+                if "remove" in op:
+                    lid = op.remove.rsplit("/", 1)[-1]
+                    if lid not in self.lists or not op.remove.startswith(f"customers/{req.customer_id}/userLists/"):
+                        raise AdsAbort("RESOURCE_NOT_FOUND", f"user list {op.remove} not found")
+                    self.delete_audience(lid)
+                    results.append(uls.MutateUserListResult(resource_name=op.remove))
+                    continue
                 if "create" not in op:
-                    raise AdsAbort("NAME_ALREADY_USED", "only create operations are emulated")
+                    raise AdsAbort("REQUIRED", "operations: create or remove is required (update is not emulated)")
                 new = op.create
+                if not new.name:
+                    raise AdsAbort("REQUIRED", "user_list.name is required")
                 if any(e["list"].get("name") == new.name for e in self.lists.values()):
                     raise AdsAbort("NAME_ALREADY_USED", "A user list with this name already exists.")
+                if new.membership_life_span > MAX_MEMBERSHIP_DAYS:
+                    raise AdsAbort("INVALID_VALUE", f"user_list.membership_life_span may be at most {MAX_MEMBERSHIP_DAYS}")
                 if "lookalike_user_list" in new:
                     self._check_lookalike(new)
+                elif "crm_based_user_list" not in new:
+                    raise AdsAbort("REQUIRED", "user_list: crm_based_user_list or lookalike_user_list is required")
                 lid = self._new_id()
                 new.id = int(lid)
                 new.resource_name = f"customers/{req.customer_id}/userLists/{lid}"
                 new.membership_status = ul_res.UserList.meta.fields["membership_status"].enum.OPEN
-                self.lists[lid] = {"list": json.loads(ul_res.UserList.to_json(new)), "members": set()}
+                doc = json.loads(ul_res.UserList.to_json(new))
+                self._put_list(lid, doc)
+                self._record({"op": "list", "id": lid, "list": doc, "next_id": self._next_id})
                 results.append(uls.MutateUserListResult(resource_name=new.resource_name))
         return uls.MutateUserListsResponse(results=results)
 
     def _seed_size(self, seed: str) -> int | None:
         if seed in self.lists:
-            return len(self.lists[seed]["members"])
+            return self.member_count(seed)
         return self.seed_sizes(seed) if self.seed_sizes else None
 
     def _check_lookalike(self, new: ul_res.UserList) -> None:
@@ -279,57 +413,80 @@ class GoogleAdsEmulator(Emulator):
     # ------------------------------------------------------------------ jobs
 
     def _create_job(self, req: ojs.CreateOfflineUserDataJobRequest, _ctx: grpc.ServicerContext) -> Any:
+        _customer(req.customer_id)
         if not self.allowlisted:
             raise AdsAbort("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE",
                            "The customer is not allowlisted for Customer Match uploads through the Google Ads API.")  # fmt: skip
+        if int(req.job.type_) != CUSTOMER_MATCH_USER_LIST:
+            raise AdsAbort("INVALID_USER_LIST_TYPE", "job.type must be CUSTOMER_MATCH_USER_LIST")
         meta = req.job.customer_match_user_list_metadata
+        if not meta.user_list:
+            raise AdsAbort("REQUIRED", "job.customer_match_user_list_metadata.user_list is required")
         lid = meta.user_list.rsplit("/", 1)[-1]
         with self._lock:
-            if lid not in self.lists:
-                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", f"user list {lid} does not exist")
+            if lid not in self.lists or not meta.user_list.startswith(f"customers/{req.customer_id}/userLists/"):
+                raise AdsAbort("INVALID_USER_LIST_ID", f"user list {meta.user_list} does not exist for this customer")
+            if "lookalike_user_list" in self.user_list(lid):
+                raise AdsAbort("INVALID_USER_LIST_TYPE", "members can only be uploaded to CRM-based user lists")
             jid = self._new_id()
             name = f"customers/{req.customer_id}/offlineUserDataJobs/{jid}"
+            consent = ojs.CreateOfflineUserDataJobRequest.pb(req).job.customer_match_user_list_metadata.consent
             self.jobs[name] = {"list": lid, "status": "PENDING", "kind": None, "ops": [], "run_at": None,
-                               "consent": meta.consent}  # fmt: skip
+                               "consent_denied": consent.ad_user_data == CONSENT_DENIED, "failed": False}  # fmt: skip
+            self._record({"op": "next_id", "id": "", "next_id": self._next_id})
         return ojs.CreateOfflineUserDataJobResponse(resource_name=name)
 
     def _add_ops(self, req: ojs.AddOfflineUserDataJobOperationsRequest, _ctx: grpc.ServicerContext) -> Any:
         name = req.resource_name
+        if not name:
+            raise AdsAbort("REQUIRED", "resource_name is required")
+        pb = ojs.AddOfflineUserDataJobOperationsRequest.pb(req)
+        if not pb.operations:
+            raise AdsAbort("REQUIRED_NONEMPTY_LIST", "operations: at least one operation is required")
         with self._lock:
             job = self.jobs.get(name)
             if job is None:
-                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", "offline user data job not found")
+                raise AdsAbort("RESOURCE_NOT_FOUND", "offline user data job not found")
             if name in self._busy:
                 raise AdsAbort("CONCURRENT_MODIFICATION", "Another request is modifying this job.")
             self._busy.add(name)
         try:
             time.sleep(0.001)  # widen the window in which a parallel call is detected
-            ops = list(req.operations)
-            if ops and ops[0].remove_all:
+            ops = list(pb.operations)
+            start = 0
+            if ops[0].WhichOneof("operation") == "remove_all":
                 # remove_all must open the job; creates may follow it (Google's replace recipe)
                 if job["ops"]:
                     raise AdsAbort("CONFLICTING_OPERATION", "remove_all must be the first operation of a job.")
                 with self._lock:
                     job["ops"].append(("remove_all", None))
-                ops = ops[1:]
-            kinds = {"create" if "create" in op else "remove" for op in ops}
+                start = 1
+            kinds = set()
+            total = 0
+            for i in range(start, len(ops)):
+                kind = ops[i].WhichOneof("operation")
+                if kind is None:
+                    raise AdsAbort("REQUIRED", f"operations[{i}]: create, remove or remove_all is required")
+                if kind == "remove_all":
+                    raise AdsAbort("CONFLICTING_OPERATION", "remove_all must be the first operation of a job.")
+                kinds.add(kind)
+                total += len((ops[i].create if kind == "create" else ops[i].remove).user_identifiers)
             if len(kinds) > 1 or (job["kind"] and kinds and job["kind"] not in kinds):
                 raise AdsAbort("CONFLICTING_OPERATION", "Create and remove operations cannot be mixed in one job.")
             if job["status"] != "PENDING":
-                raise AdsAbort("CONFLICTING_OPERATION", "The job was already run.")
-            total = sum(len((op.create if "create" in op else op.remove).user_identifiers) for op in ops)
+                raise AdsAbort("JOB_ALREADY_STARTED", "The job was already run.")
             if total > MAX_IDENTIFIERS_PER_REQUEST:
                 raise AdsAbort("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_REQUEST} identifiers a request")
             errors: list[errs.GoogleAdsError] = []
             accepted = []
-            offset = len(req.operations) - len(ops)
-            for i, op in enumerate(ops, start=offset):
-                ud = op.create if "create" in op else op.remove
-                why = self._invalid(ud, job, "create" in op)
+            for i in range(start, len(ops)):
+                create = ops[i].WhichOneof("operation") == "create"
+                ud = ops[i].create if create else ops[i].remove
+                key, why = self._read_user(ud, job, create)
                 if why is not None:
                     errors.append(google_ads_error(why[0], why[1], index=i))
                 else:
-                    accepted.append((("create" if "create" in op else "remove"), ud))
+                    accepted.append(("create" if create else "remove", key))
             if errors and not req.enable_partial_failure:
                 raise AdsAbort(_name(errors[0]), errors[0].message)
             with self._lock:
@@ -349,48 +506,92 @@ class GoogleAdsEmulator(Emulator):
                 self._busy.discard(name)
 
     @staticmethod
-    def _invalid(ud: cod.UserData, job: dict[str, Any], create: bool) -> tuple[str, str] | None:
-        if len(ud.user_identifiers) > MAX_IDENTIFIERS_PER_USER:
-            return "TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData"
-        for ident in ud.user_identifiers:
-            kind = cod.UserIdentifier.pb(ident).WhichOneof("identifier")
-            values = ([ident.hashed_email] if kind == "hashed_email" else [ident.hashed_phone_number]
-                      if kind == "hashed_phone_number" else [ident.address_info.hashed_first_name,
-                                                             ident.address_info.hashed_last_name])  # fmt: skip
-            if any(not _HEX64.match(v) for v in values):
-                return "INVALID_SHA256_FORMAT", "hashed values must be SHA-256 lowercase hex"
-        consent = ud.consent if "consent" in ud else job["consent"]
-        if create and consent.ad_user_data == 3:  # DENIED
-            return "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS", "ad_user_data consent is DENIED"
-        return None
+    def _read_user(ud: Any, job: dict[str, Any], create: bool) -> tuple[Key, tuple[str, str] | None]:
+        """One operation's UserData (a raw protobuf message) as its member key, or why the platform refuses it."""
+        idents = ud.user_identifiers
+        if not idents:
+            return (), ("MISSING_USER_IDENTIFIER", "a UserData needs at least one user identifier")
+        if len(idents) > MAX_IDENTIFIERS_PER_USER:
+            return (), ("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData")
+        match = _HEX64.match
+        bad_hash = ("INVALID_SHA256_FORMAT", "hashed values must be SHA-256 lowercase hex")
+        row: list[tuple[str, str]] = []
+        for ident in idents:
+            kind = ident.WhichOneof("identifier")
+            if kind == "hashed_email":
+                v = ident.hashed_email
+                if not match(v):
+                    return (), bad_hash
+                row.append(("email", v))
+            elif kind == "hashed_phone_number":
+                v = ident.hashed_phone_number
+                if not match(v):
+                    return (), bad_hash
+                row.append(("phone", v))
+            elif kind == "address_info":
+                a = ident.address_info
+                first, last, country, postal = a.hashed_first_name, a.hashed_last_name, a.country_code, a.postal_code
+                if not (first and last and country and postal):
+                    return (), ("REQUIRED", "address_info needs hashed_first_name, hashed_last_name, country_code and "
+                                            "postal_code")  # fmt: skip
+                if not (match(first) and match(last)):
+                    return (), bad_hash
+                row += [("first_name", first), ("last_name", last), ("country_code", country), ("postal_code", postal)]
+            else:
+                return (), ("INCOMPATIBLE_UPLOAD_KEY_TYPE", f"{kind} does not fit a CONTACT_INFO list")
+        if create:
+            denied = ud.consent.ad_user_data == CONSENT_DENIED if ud.HasField("consent") else job["consent_denied"]
+            if denied:
+                return (), ("CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS", "ad_user_data consent is DENIED")
+        row.sort()
+        return tuple(row), None
 
     def _run_job(self, req: ojs.RunOfflineUserDataJobRequest, _ctx: grpc.ServicerContext) -> Any:
+        if not req.resource_name:
+            raise AdsAbort("REQUIRED", "resource_name is required")
         with self._lock:
             job = self.jobs.get(req.resource_name)
             if job is None:
-                raise AdsAbort("SEED_LIST_DOES_NOT_EXIST", "offline user data job not found")
+                raise AdsAbort("RESOURCE_NOT_FOUND", "offline user data job not found")
             if job["status"] != "PENDING":
-                raise AdsAbort("CONFLICTING_OPERATION", "The job was already run.")
+                raise AdsAbort("JOB_ALREADY_STARTED", "The job was already run.")
             running = [n for n, j in self.jobs.items() if j["list"] == job["list"] and self._status(j) == "RUNNING"]
             if running:
                 raise AdsAbort("CONCURRENT_MODIFICATION", "Another job is running on this user list.")
-            job["status"], job["run_at"] = "RUNNING", time.time()
+            job["status"], job["run_at"] = "RUNNING", self.clock.time()
+            job["failed"] = self.faults.fails_request()
             self._status(job)
         return operations_pb2.Operation(name=f"operations/{req.resource_name}", done=False)
 
     def _status(self, job: dict[str, Any]) -> str:
-        """Jobs finish `processing_delay_seconds` after they were run; applied exactly once."""
-        if job["status"] == "RUNNING" and time.time() >= job["run_at"] + self.processing_delay_seconds:
-            members = self.lists[job["list"]]["members"]
-            for kind, ud in job["ops"]:
+        """Jobs finish `processing_delay_seconds` after they were run; applied exactly once (or FAILED: not at all)."""
+        if job["status"] == "RUNNING" and self.clock.time() >= job["run_at"] + self.processing_delay_seconds:
+            lid = job["list"]
+            if job["failed"] or lid not in self.lists:
+                job["status"] = "FAILED"
+                return "FAILED"
+            members = self.lists[lid]["members"]
+            now = self.clock.time()
+            added: list[Key] = []
+            removed: list[Key] = []
+            for kind, key in job["ops"]:
                 if kind == "remove_all":
+                    if added or removed or members:
+                        self._record({"op": "clear", "id": lid})
                     members.clear()
-                    continue
-                row = user_row(ud)
-                if kind == "create":
-                    members.add(row)
+                    added, removed = [], []
+                elif kind == "create":
+                    added.append(key)
                 else:
-                    members.discard(row)
+                    removed.append(key)
+            self._put_members(lid, added, now)
+            for key in removed:
+                members.pop(key, None)
+            if added:
+                self._record({"op": "add", "id": lid, "t": now, "rows": added})
+            if removed:
+                self._record({"op": "del", "id": lid, "rows": removed})
+            job["ops"] = []
             job["status"] = "SUCCESS"
         return str(job["status"])
 
@@ -416,6 +617,7 @@ class GoogleAdsEmulator(Emulator):
                 for lid, e in self.lists.items():
                     if (field == "id" and lid == value) or (field == "name" and e["list"].get("name") == value):
                         ul = ul_res.UserList.from_json(json.dumps(e["list"]))
+                        self._expire(lid)
                         n = len(e["members"]) if "lookalike_user_list" not in ul else 0
                         ul.size_for_search = ul.size_for_display = n
                         ul.match_rate_percentage = 100 if n else 0
@@ -427,8 +629,10 @@ class GoogleAdsEmulator(Emulator):
                 if job is None:
                     return []
                 state = self._status(job)
-                return [gas.GoogleAdsRow(offline_user_data_job=ouj.OfflineUserDataJob(
-                    resource_name=m.group(1), status=getattr(JobStatus, state)))]  # fmt: skip
+                row = ouj.OfflineUserDataJob(resource_name=m.group(1), status=getattr(JobStatus, state))
+                if state == "FAILED":
+                    row.failure_reason = ouj.OfflineUserDataJob.meta.fields["failure_reason"].enum.UNKNOWN
+                return [gas.GoogleAdsRow(offline_user_data_job=row)]
             m = re.search(r"FROM offline_user_data_job WHERE offline_user_data_job\.status = '(\w+)' "
                           r"AND offline_user_data_job\.type = 'CUSTOMER_MATCH_USER_LIST'$", q)  # fmt: skip
             if m:
@@ -449,6 +653,11 @@ class GoogleAdsEmulator(Emulator):
 
     def _search_stream(self, req: gas.SearchGoogleAdsStreamRequest, _ctx: grpc.ServicerContext) -> Any:
         yield gas.SearchGoogleAdsStreamResponse(results=self._rows(req.query))
+
+
+def _customer(customer_id: str) -> None:
+    if not customer_id or not customer_id.isdigit():
+        raise AdsAbort("INVALID_CUSTOMER_ID", f"customer_id must be digits without dashes, got {customer_id!r}")
 
 
 def _expansion(value: Any) -> int:

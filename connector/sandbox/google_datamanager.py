@@ -1,22 +1,32 @@
 """Emulator of the Google Data Manager API (REST) subset used for Customer Match, on loopback.
 
-Requests are parsed with the official client's own message types (`google.ads.datamanager_v1`)
-from the JSON it sends (camelCase; enums as numbers or names), and answers are written with them,
-so the emulator accepts exactly what the real client sends. Enforced like the real API: at most
-10,000 audience members a request, `encoding` required for hashed data, 64-hex hashes, every
-member's identifiers describe one person (one AudienceMember), the destination list must exist,
-consent DENIED for ad_user_data means the record is not ingested (reported in the request
-status), `removeAll` honours `removeAsOfTime`. Errors are Google JSON error bodies
-(``{"error": {"code", "message", "status"}}``) that the client maps to `google.api_core`
-exceptions. Request status is SUCCESS at once, or PROCESSING for `processing_delay_seconds`.
+Request bodies are read as the official client sends them (camelCase JSON, enums as numbers or names)
+and checked against the client's own message descriptors: unknown names, two members of a oneof and
+bad enum values are refused with Google's JSON error body (``{"error": {"code", "message", "status",
+"details"}}``, which the client maps to `google.api_core` exceptions). Enforced like the real API:
+- ingest: `destinations` and `audienceMembers` required, at most 10,000 members, `encoding` required
+  for hashed user data, `termsOfService.customerMatchTermsOfServiceStatus` ACCEPTED (the Customer
+  Match terms, https://support.google.com/adspolicy/answer/6299717), hashes are SHA-256 in the
+  declared encoding (HEX: 64 lowercase hex), every member one person (one AudienceMember, at most 10
+  identifiers), the destination list exists under the operating account;
+- consent is stored per member (member-level overrides request-level); `ad_user_data` DENIED means
+  the member is not ingested (reported as DENIED_CONSENT in the request status);
+- `removeAll` honours `removeAsOfTime`; lists can be deleted (`DELETE .../userLists/{id}`);
+- members older than the list's `membershipDuration` drop out (by the emulator's clock);
+- request status is PROCESSING for `processing_delay_seconds`, then SUCCESS / PARTIAL_SUCCESS, or
+  FAILED with nothing applied (`faults.failed_request_rate`).
+
+Members are held in a dict per list keyed by the member's hashed identifiers, so adding or removing
+10,000 members is 10,000 dict operations; each call that changes something appends one journal line.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,78 +34,179 @@ from typing import Any
 from google.ads import datamanager_v1 as dm
 from google.protobuf import json_format
 
+from connector.clock import SYSTEM_CLOCK, Clock
+from connector.sandbox import protojson
 from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
 
 MAX_MEMBERS = 10_000
+MAX_IDENTIFIERS = 10
+MAX_MEMBERSHIP_DAYS = 540
+REQUEST_STATUS_KEPT_SECONDS = 30 * 86400
+TERMS_URL = "https://support.google.com/adspolicy/answer/6299717"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _LISTS = re.compile(r"^/v1/accountTypes/([^/]+)/accounts/([^/]+)/userLists(?:/([^/:]+))?$")
-_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-         "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
+_HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
+         "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
          "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}  # fmt: skip
 ACCOUNT_TYPES = {"1": "GOOGLE_ADS", "GOOGLE_ADS": "GOOGLE_ADS"}
+HEX, BASE64 = int(dm.Encoding.HEX), int(dm.Encoding.BASE64)
+GRANTED, DENIED = int(dm.ConsentStatus.CONSENT_GRANTED), int(dm.ConsentStatus.CONSENT_DENIED)
+ACCEPTED = int(dm.TermsOfServiceStatus.ACCEPTED)
+GOOGLE_ADS = int(dm.ProductAccount.AccountType.GOOGLE_ADS)
+_INGEST = dm.IngestAudienceMembersRequest.pb().DESCRIPTOR
+_REMOVE = dm.RemoveAudienceMembersRequest.pb().DESCRIPTOR
+_REMOVE_ALL = dm.RemoveAllAudienceMembersRequest.pb().DESCRIPTOR
+_USER_LIST = dm.UserList.pb().DESCRIPTOR
+_ADDRESS_KEYS = (("givenName", "first_name", True), ("familyName", "last_name", True),
+                 ("regionCode", "country_code", False), ("postalCode", "postal_code", False))  # fmt: skip
+
+Row = frozenset[tuple[str, str]]
+# members are keyed by their sorted (key, value) pairs: a tuple of strings is hashable like a frozenset
+# but, unlike it, not tracked by the garbage collector (which would otherwise walk millions of members
+# on every collection)
+Key = tuple[tuple[str, str], ...]
 
 
 class ApiError(Exception):
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.field = field
 
     def response(self) -> HttpResponse:
         code = _HTTP.get(self.status, 400)
-        return HttpResponse(code, {"error": {"code": code, "message": str(self), "status": self.status}})
+        error: dict[str, Any] = {"code": code, "message": str(self), "status": self.status}
+        if self.field is not None:
+            error["details"] = [{"@type": "type.googleapis.com/google.rpc.BadRequest",
+                                 "fieldViolations": [{"field": self.field, "description": str(self)}]}]  # fmt: skip
+        return HttpResponse(code, {"error": error})
 
 
-def _member_row(m: dm.AudienceMember) -> frozenset[tuple[str, str]]:
-    """One AudienceMember as (key, value) pairs in `connector`'s Google payload keys."""
-    row: list[tuple[str, str]] = []
-    for ident in m.user_data.user_identifiers:
-        kind = dm.UserIdentifier.pb(ident).WhichOneof("identifier")
-        if kind == "email_address":
-            row.append(("email", ident.email_address))
-        elif kind == "phone_number":
-            row.append(("phone", ident.phone_number))
-        elif kind == "address":
-            a = ident.address
-            row += [("first_name", a.given_name), ("last_name", a.family_name),
-                    ("country_code", a.region_code), ("postal_code", a.postal_code)]  # fmt: skip
-    return frozenset(row)
+def _invalid(message: str, field: str) -> ApiError:
+    return ApiError("INVALID_ARGUMENT", message, field)
+
+
+def _duration_seconds(value: Any) -> float:
+    """A proto3 JSON Duration ("46656000s")."""
+    if value in (None, ""):
+        return MAX_MEMBERSHIP_DAYS * 86400.0
+    if isinstance(value, str) and value.endswith("s"):
+        try:
+            return float(value[:-1])
+        except ValueError:
+            pass
+    raise _invalid(f"Invalid value at 'user_list.membership_duration' ({value!r}): expected a duration like \"86400s\"",
+                   "user_list.membership_duration")  # fmt: skip
 
 
 class DataManagerEmulator(HttpEmulator):
     def __init__(self, *, state_file: Path | None = None, faults: FaultKnobs | None = None,
-                 processing_delay_seconds: float = 0.0, auth_token: str | None = None, port: int = 0) -> None:  # fmt: skip
+                 processing_delay_seconds: float = 0.0, auth_token: str | None = None, port: int = 0,
+                 clock: Clock | None = None) -> None:  # fmt: skip
         self.state_file = state_file
         self.faults = faults or FaultKnobs()
         self.processing_delay_seconds = processing_delay_seconds
         self.auth_token = auth_token
-        # list id -> {"list": UserList JSON dict, "members": {row: ingest_time}}
+        self.clock = clock or SYSTEM_CLOCK
+        # list id -> {"list": UserList JSON, "members": {key: (ingested_at, ad_user_data, ad_personalization)},
+        #             "ttl": membership seconds, "oldest": a lower bound of the members' ingest times}
         self.lists: dict[str, dict[str, Any]] = {}
         self.requests: dict[str, dict[str, Any]] = {}
         self.request_log: list[dict[str, Any]] = []
         self.write_calls = 0
+        self._next_id = 9_000_000_000
         self._lock = threading.RLock()
         self._serve(port)
-        self._load()
+        self._load_state()
+        if self.lists and self.faults.audience_deletion_rate > 0:
+            self.between_runs()
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def _load(self) -> None:
-        data = self._read_state() or {}
-        for lid, entry in data.get("lists", {}).items():
-            members = {frozenset(tuple(p) for p in row): t for row, t in entry["members"]}
-            self.lists[lid] = {"list": entry["list"], "members": members}
+    # ------------------------------------------------------------------ state
 
     def _state(self) -> dict[str, Any]:
-        return {"lists": {lid: {"list": e["list"], "members": [[sorted(r), t] for r, t in e["members"].items()]}
-                          for lid, e in self.lists.items()}}  # fmt: skip
+        return {
+            "next_id": self._next_id,
+            "lists": {lid: {"list": e["list"], "members": [[key, *v] for key, v in e["members"].items()]}
+                      for lid, e in self.lists.items()},
+            # request statuses stay readable for a while, not forever (the state file would only grow)
+            "requests": {rid: r for rid, r in self.requests.items()
+                         if r["ready_at"] > self.clock.time() - REQUEST_STATUS_KEPT_SECONDS},
+        }  # fmt: skip
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._next_id = int(state.get("next_id", self._next_id))
+        for lid, e in state.get("lists", {}).items():
+            self._put_list(lid, e["list"])
+            self._put_rows(lid, e["members"])
+        self.requests.update(state.get("requests", {}))
+
+    def _replay(self, entry: dict[str, Any]) -> None:
+        op = entry["op"]
+        if op == "list":
+            self._put_list(entry["id"], entry["list"])
+        elif op == "drop":
+            self.lists.pop(entry["id"], None)
+        elif op == "put" and entry["list"] in self.lists:
+            self._put_rows(entry["list"], entry["rows"])
+        elif op == "del" and entry["list"] in self.lists:
+            members = self.lists[entry["list"]]["members"]
+            for pairs in entry["rows"]:
+                members.pop(_key(pairs), None)
+        elif op == "req":
+            self.requests[entry["id"]] = entry["request"]
+
+    def _put_list(self, lid: str, doc: dict[str, Any]) -> None:
+        self.lists[lid] = {"list": doc, "members": {}, "ttl": _duration_seconds(doc.get("membershipDuration")),
+                           "oldest": float("inf")}  # fmt: skip
+        self._next_id = max(self._next_id, int(lid))
+
+    def _put_rows(self, lid: str, rows: list[list[Any]]) -> None:
+        e = self.lists[lid]
+        members = e["members"]
+        for item in rows:
+            if len(item) == 2:  # a state file of an older emulator: [[key, value] pairs, ingested_at]
+                item = [item[0], item[1], 0, 0]
+            pairs, t, aud, ap = item
+            members[_key(pairs)] = (t, aud, ap)
+            if t < e["oldest"]:
+                e["oldest"] = t
 
     # ------------------------------------------------------------------ inspection
 
-    def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
+    def members(self, list_id: str) -> set[Row]:
         with self._lock:
-            return set(self.lists[list_id]["members"])
+            self._expire(list_id)
+            return {frozenset(key) for key in self.lists[list_id]["members"]}
+
+    def member_consent(self, list_id: str) -> dict[Row, tuple[str, str]]:
+        """Each member's stored consent: (ad_user_data, ad_personalization) as GRANTED / DENIED / UNSPECIFIED."""
+        names = {0: "UNSPECIFIED", GRANTED: "GRANTED", DENIED: "DENIED"}
+        with self._lock:
+            self._expire(list_id)
+            return {frozenset(key): (names[v[1]], names[v[2]]) for key, v in self.lists[list_id]["members"].items()}
+
+    def member_count(self, list_id: str) -> int | None:
+        with self._lock:
+            if list_id not in self.lists:
+                return None
+            self._expire(list_id)
+            return len(self.lists[list_id]["members"])
+
+    def delete_audience(self, list_id: str) -> None:
+        """The advertiser deleted the list in Google Ads (or it was removed for inactivity)."""
+        with self._lock:
+            if self.lists.pop(list_id, None) is not None:
+                self._record({"op": "drop", "id": list_id})
+                self._flush()
+
+    def between_runs(self) -> None:
+        """Roll `faults.audience_deletion_rate` for each list, as if time passed between two runs."""
+        with self._lock:
+            for lid in list(self.lists):
+                if self.faults.deletes_audience():
+                    self.delete_audience(lid)
 
     # ------------------------------------------------------------------ handling
 
@@ -114,27 +225,38 @@ class DataManagerEmulator(HttpEmulator):
             code = self.faults.pick_error(write)
             if code is not None:
                 raise ApiError(code, f"Injected {code}")
+            body = self._body(req) if req.method in ("POST", "PATCH") else None
             with self._lock:
-                body = self._route(req)
+                try:
+                    result = self._route(req, body)
+                finally:
+                    self._flush()
                 if write:
                     self.write_calls += 1
-                    self._save()
             if write and self.faults.drop_after_apply and self.faults.drop(write):
                 raise DropConnection()
-            return HttpResponse(200, body)
+            return HttpResponse(200, result)
         except ApiError as exc:
             return exc.response()
 
-    def _route(self, req: HttpRequest) -> Any:
+    @staticmethod
+    def _body(req: HttpRequest) -> dict[str, Any]:
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            raise ApiError("INVALID_ARGUMENT", "Invalid JSON payload received. Unexpected token.") from None
+        if not isinstance(body, dict):
+            raise ApiError("INVALID_ARGUMENT", "Invalid JSON payload received. Expected an object.")
+        return body
+
+    def _route(self, req: HttpRequest, body: dict[str, Any] | None) -> Any:
         path = req.path
         if req.method == "POST" and path == "/v1/audienceMembers:ingest":
-            return self._ingest(dm.IngestAudienceMembersRequest.from_json(req.body or b"{}", ignore_unknown_fields=True))
+            return self._ingest(self._checked(body, _INGEST))
         if req.method == "POST" and path == "/v1/audienceMembers:remove":
-            return self._remove(dm.RemoveAudienceMembersRequest.from_json(req.body or b"{}", ignore_unknown_fields=True))
+            return self._remove(self._checked(body, _REMOVE))
         if req.method == "POST" and path == "/v1/audienceMembers:removeAll":
-            return self._remove_all(
-                dm.RemoveAllAudienceMembersRequest.from_json(req.body or b"{}", ignore_unknown_fields=True)
-            )
+            return self._remove_all(self._checked(body, _REMOVE_ALL))
         if req.method == "GET" and path == "/v1/requestStatus:retrieve":
             return self._status((req.query.get("requestId") or req.query.get("request_id") or [""])[0])
         m = _LISTS.match(path)
@@ -143,40 +265,55 @@ class DataManagerEmulator(HttpEmulator):
             if ACCOUNT_TYPES.get(account_type) is None:
                 raise ApiError("INVALID_ARGUMENT", f"unsupported account type {account_type}")
             if req.method == "POST" and list_id is None:
-                return self._create_list(account, req.body)
+                return self._create_list(account, self._checked(body, _USER_LIST))
             if req.method == "GET" and list_id is None:
                 return self._list_lists(account)
             if req.method == "GET" and list_id:
                 return self._get_list(account, list_id)
+            if req.method == "DELETE" and list_id:
+                self._get_list(account, list_id)
+                self.delete_audience(list_id)
+                return {}
         raise ApiError("NOT_FOUND", f"{req.method} {path} is not part of the emulated API")
+
+    @staticmethod
+    def _checked(body: dict[str, Any] | None, desc: Any) -> dict[str, Any]:
+        body = body if body is not None else {}
+        try:
+            protojson.check(body, desc)
+        except protojson.JsonFieldError as exc:
+            raise ApiError("INVALID_ARGUMENT", str(exc), exc.field) from None
+        return body
 
     # ------------------------------------------------------------------ user lists
 
-    def _create_list(self, account: str, body: bytes) -> Any:
-        ul = dm.UserList.from_json(body or b"{}", ignore_unknown_fields=True)
-        if not ul.display_name:
-            raise ApiError("INVALID_ARGUMENT", "user_list.display_name is required")
+    def _create_list(self, account: str, ul: dict[str, Any]) -> Any:
+        name = ul.get("displayName")
+        if not name:
+            raise _invalid("user_list.display_name is required", "user_list.display_name")
         for e in self.lists.values():
-            if e["list"]["account"] == account and e["list"]["displayName"] == ul.display_name:
+            if e["list"]["account"] == account and e["list"]["displayName"] == name:
                 raise ApiError("ALREADY_EXISTS", "a user list with this name already exists (NAME_ALREADY_USED)")
-        days = ul.membership_duration.total_seconds() / 86400 if ul.membership_duration else 540
-        if days > 540:
-            raise ApiError("INVALID_ARGUMENT", "membership_duration may be at most 540 days")
-        lid = str(9_000_000_000 + len(self.lists) + 1)
-        ul.id = int(lid)
-        ul.name = f"accountTypes/GOOGLE_ADS/accounts/{account}/userLists/{lid}"
-        ul.membership_status = dm.UserList.MembershipStatus.OPEN
-        stored = json.loads(dm.UserList.to_json(ul))
-        stored["account"] = account
-        self.lists[lid] = {"list": stored, "members": {}}
+        if _duration_seconds(ul.get("membershipDuration")) > MAX_MEMBERSHIP_DAYS * 86400:
+            raise _invalid(f"membership_duration may be at most {MAX_MEMBERSHIP_DAYS} days",
+                           "user_list.membership_duration")  # fmt: skip
+        for output_only in ("id", "name", "membershipStatus", "sizeInfo"):
+            ul.pop(output_only, None)
+        self._next_id += 1
+        lid = str(self._next_id)
+        stored = {**ul, "id": lid, "name": f"accountTypes/GOOGLE_ADS/accounts/{account}/userLists/{lid}",
+                  "membershipStatus": "OPEN", "account": account}  # fmt: skip
+        self._put_list(lid, stored)
+        self._record({"op": "list", "id": lid, "list": stored})
         return self._list_json(lid)
 
     def _list_json(self, lid: str) -> Any:
+        self._expire(lid)
         e = self.lists[lid]
         doc = {k: v for k, v in e["list"].items() if k != "account"}
         n = len(e["members"])
         doc["sizeInfo"] = {"displayNetworkMembersCount": str(n), "searchNetworkMembersCount": str(n)}
-        doc["ingestedUserListInfo"] = {"uploadKeyTypes": ["CONTACT_ID"],
+        doc["ingestedUserListInfo"] = {**doc.get("ingestedUserListInfo", {}), "uploadKeyTypes": ["CONTACT_ID"],
                                        "contactIdInfo": {"matchRatePercentage": 100 if n else 0}}  # fmt: skip
         return doc
 
@@ -189,95 +326,229 @@ class DataManagerEmulator(HttpEmulator):
     def _list_lists(self, account: str) -> Any:
         return {"userLists": [self._list_json(lid) for lid, e in self.lists.items() if e["list"]["account"] == account]}
 
+    def _expire(self, lid: str) -> None:
+        """Members older than the list's membership duration drop out, as on the platform."""
+        e = self.lists.get(lid)
+        if e is None:
+            return
+        cutoff = self.clock.time() - e["ttl"]
+        if e["oldest"] >= cutoff:
+            return
+        members = e["members"]
+        gone = [row for row, v in members.items() if v[0] < cutoff]
+        for row in gone:
+            del members[row]
+        e["oldest"] = min((v[0] for v in members.values()), default=float("inf"))
+        if gone:
+            self._record({"op": "del", "list": lid, "rows": gone})
+
     # ------------------------------------------------------------------ members
 
-    def _target(self, destinations: Any) -> str:
-        if len(destinations) != 1:
-            raise ApiError("INVALID_ARGUMENT", "exactly one destination is supported by the emulator")
-        d = destinations[0]
-        lid = str(d.product_destination_id)
-        e = self.lists.get(lid)
-        if e is None or e["list"]["account"] != d.operating_account.account_id:
-            raise ApiError("NOT_FOUND", f"destination user list {lid} not found for the operating account")
-        return lid
+    def _targets(self, destinations: Any) -> list[str]:
+        if not destinations:
+            raise _invalid("destinations is required: at least one destination", "destinations")
+        lids = []
+        for i, d in enumerate(destinations):
+            op = d.get("operatingAccount") or {}
+            if not op.get("accountId"):
+                raise _invalid(f"destinations[{i}].operating_account is required", f"destinations[{i}].operating_account")
+            if op.get("accountType") != GOOGLE_ADS:
+                raise _invalid(f"destinations[{i}].operating_account.account_type must be GOOGLE_ADS",
+                               f"destinations[{i}].operating_account.account_type")  # fmt: skip
+            lid = str(d.get("productDestinationId") or "")
+            if not lid:
+                raise _invalid(f"destinations[{i}].product_destination_id is required",
+                               f"destinations[{i}].product_destination_id")  # fmt: skip
+            e = self.lists.get(lid)
+            if e is None or e["list"]["account"] != op["accountId"]:
+                raise ApiError("NOT_FOUND", f"destinations[{i}]: user list {lid} not found for the operating account")
+            self._expire(lid)
+            lids.append(lid)
+        return lids
 
-    def _check_members(self, members: Any, encoding: int) -> None:
-        if len(members) > MAX_MEMBERS:
-            raise ApiError("INVALID_ARGUMENT", f"too many audience members: at most {MAX_MEMBERS} per request")
+    def _rows(self, members: Any, encoding: int) -> list[Key]:
+        """Each member as its set of (key, hashed value) pairs, in `connector`'s Google payload keys."""
         if not members:
-            raise ApiError("INVALID_ARGUMENT", "audience_members must not be empty")
-        if encoding != dm.Encoding.HEX and encoding != dm.Encoding.BASE64:
-            raise ApiError("INVALID_ARGUMENT", "encoding is required for hashed user data")
+            raise _invalid("audience_members is required and must not be empty", "audience_members")
+        if len(members) > MAX_MEMBERS:
+            raise _invalid(f"too many audience members: at most {MAX_MEMBERS} per request, got {len(members)}",
+                           "audience_members")  # fmt: skip
+        if encoding not in (HEX, BASE64):
+            raise _invalid("encoding is required for hashed user data (HEX or BASE64)", "encoding")
+        hashed = _hex if encoding == HEX else _base64_to_hex
+        rows: list[Key] = []
         for i, m in enumerate(members):
-            for ident in m.user_data.user_identifiers:
-                kind = dm.UserIdentifier.pb(ident).WhichOneof("identifier")
-                values = ([ident.email_address] if kind == "email_address" else [ident.phone_number]
-                          if kind == "phone_number" else [ident.address.given_name, ident.address.family_name])  # fmt: skip
-                if any(not _HEX64.match(v) for v in values):
-                    raise ApiError("INVALID_ARGUMENT", f"audience_members[{i}]: hashed values must be SHA-256 hex "
-                                   "(INVALID_SHA256_FORMAT)")  # fmt: skip
-            if not m.user_data.user_identifiers:
-                raise ApiError("INVALID_ARGUMENT", f"audience_members[{i}] has no user identifier")
+            ud = m.get("userData")
+            if ud is None:
+                kinds = sorted(k for k in m if k not in ("consent", "destinationReferences"))
+                raise _invalid(f"audience_members[{i}]: only user_data (contact information) is emulated, got {kinds}",
+                               f"audience_members[{i}]")  # fmt: skip
+            idents = ud.get("userIdentifiers")
+            if not idents:
+                raise _invalid(f"audience_members[{i}].user_data.user_identifiers is required",
+                               f"audience_members[{i}].user_data.user_identifiers")  # fmt: skip
+            if len(idents) > MAX_IDENTIFIERS:
+                raise _invalid(f"audience_members[{i}]: at most {MAX_IDENTIFIERS} user identifiers per member",
+                               f"audience_members[{i}].user_data.user_identifiers")  # fmt: skip
+            row: list[tuple[str, str]] = []
+            for j, ident in enumerate(idents):
+                where = f"audience_members[{i}].user_data.user_identifiers[{j}]"
+                if "emailAddress" in ident:
+                    row.append(("email", hashed(ident["emailAddress"], f"{where}.email_address")))
+                elif "phoneNumber" in ident:
+                    row.append(("phone", hashed(ident["phoneNumber"], f"{where}.phone_number")))
+                elif "address" in ident:
+                    a = ident["address"]
+                    for key, ours, is_hashed in _ADDRESS_KEYS:
+                        value = a.get(key)
+                        if not value:
+                            raise _invalid(f"{where}.address: given_name, family_name, region_code and postal_code are "
+                                           "all required for an address match", f"{where}.address")  # fmt: skip
+                        row.append((ours, hashed(value, f"{where}.address") if is_hashed else value))
+                else:
+                    raise _invalid(f"{where}: one of email_address, phone_number or address is required", where)
+            rows.append(tuple(sorted(row)))
+        return rows
 
-    def _new_request(self, kind: str, lid: str, records: int, errors: dict[str, int]) -> str:
+    def _new_request(self, kind: str, lids: list[str], records: int, errors: dict[str, int], failed: bool) -> str:
         rid = uuid.uuid4().hex
-        self.requests[rid] = {"kind": kind, "list": lid, "records": records, "errors": errors,
-                              "ready_at": time.time() + self.processing_delay_seconds}  # fmt: skip
+        request = {"kind": kind, "lists": lids, "records": records, "errors": errors, "failed": failed,
+                   "ready_at": self.clock.time() + self.processing_delay_seconds}  # fmt: skip
+        self.requests[rid] = request
+        self._record({"op": "req", "id": rid, "request": request})
         return rid
 
-    def _ingest(self, r: dm.IngestAudienceMembersRequest) -> Any:
-        lid = self._target(r.destinations)
-        self._check_members(r.audience_members, r.encoding)
-        now = time.time()
+    def _ingest(self, r: dict[str, Any]) -> Any:
+        lids = self._targets(r.get("destinations"))
+        tos = (r.get("termsOfService") or {}).get("customerMatchTermsOfServiceStatus")
+        if tos != ACCEPTED:
+            raise _invalid("terms_of_service.customer_match_terms_of_service_status must be ACCEPTED when ingesting "
+                           f"user data: the advertiser must accept the Customer Match terms of service ({TERMS_URL})",
+                           "terms_of_service.customer_match_terms_of_service_status")  # fmt: skip
+        members = r.get("audienceMembers") or []
+        rows = self._rows(members, r.get("encoding") or 0)
+        if r.get("validateOnly"):
+            return {}
+        failed = self.faults.fails_request()
+        now = self.clock.time()
+        request_consent = r.get("consent") or {}
         denied = 0
-        for m in r.audience_members:
-            consent = m.consent if "consent" in m else r.consent
-            if consent.ad_user_data == dm.ConsentStatus.CONSENT_DENIED:
+        stored: list[tuple[Key, float, int, int]] = []
+        for m, key in zip(members, rows, strict=True):
+            # member-level consent overrides the request's, field by field
+            consent = m.get("consent") or request_consent
+            aud = consent.get("adUserData", request_consent.get("adUserData", 0)) or 0
+            ap = consent.get("adPersonalization", request_consent.get("adPersonalization", 0)) or 0
+            if aud == DENIED:
                 denied += 1  # like the real API: accepted, not ingested, reported as DENIED_CONSENT
                 continue
-            self.lists[lid]["members"][_member_row(m)] = now
+            stored.append((key, now, aud, ap))
+        if not failed:
+            for lid in lids:
+                e = self.lists[lid]
+                members_of = e["members"]
+                for key, t, aud, ap in stored:
+                    members_of[key] = (t, aud, ap)
+                if stored and now < e["oldest"]:
+                    e["oldest"] = now
+                self._record({"op": "put", "list": lid, "rows": stored})
         errors = {"PROCESSING_ERROR_REASON_DENIED_CONSENT": denied} if denied else {}
-        rid = self._new_request("ingest", lid, len(r.audience_members), errors)
-        return {"requestId": rid}
+        return {"requestId": self._new_request("ingest", lids, len(rows), errors, failed)}
 
-    def _remove(self, r: dm.RemoveAudienceMembersRequest) -> Any:
-        lid = self._target(r.destinations)
-        self._check_members(r.audience_members, r.encoding)
-        rows = self.lists[lid]["members"]
-        for m in r.audience_members:
-            rows.pop(_member_row(m), None)
-        return {"requestId": self._new_request("remove", lid, len(r.audience_members), {})}
+    def _remove(self, r: dict[str, Any]) -> Any:
+        lids = self._targets(r.get("destinations"))
+        rows = self._rows(r.get("audienceMembers"), r.get("encoding") or 0)  # removals need no consent or terms
+        if r.get("validateOnly"):
+            return {}
+        failed = self.faults.fails_request()
+        if not failed:
+            for lid in lids:
+                members = self.lists[lid]["members"]
+                gone = [row for row in rows if members.pop(row, None) is not None]
+                if gone:
+                    self._record({"op": "del", "list": lid, "rows": gone})
+        return {"requestId": self._new_request("remove", lids, len(rows), {}, failed)}
 
-    def _remove_all(self, r: dm.RemoveAllAudienceMembersRequest) -> Any:
-        lid = self._target(r.destinations)
-        cutoff = r.remove_as_of_time.timestamp() if "remove_as_of_time" in r else time.time()
-        rows = self.lists[lid]["members"]
-        for row in [row for row, t in rows.items() if t < cutoff]:
-            del rows[row]
-        return {"requestId": self._new_request("remove_all", lid, 0, {})}
+    def _remove_all(self, r: dict[str, Any]) -> Any:
+        lids = self._targets(r.get("destinations"))
+        if r.get("validateOnly"):
+            return {}
+        cutoff = self.clock.time()
+        if r.get("removeAsOfTime"):
+            cutoff = _timestamp(r["removeAsOfTime"])
+        failed = self.faults.fails_request()
+        if not failed:
+            for lid in lids:
+                members = self.lists[lid]["members"]
+                gone = [row for row, v in members.items() if v[0] < cutoff]
+                for row in gone:
+                    del members[row]
+                if gone:
+                    self._record({"op": "del", "list": lid, "rows": gone})
+        return {"requestId": self._new_request("remove_all", lids, 0, {}, failed)}
 
     def _status(self, rid: str) -> Any:
         req = self.requests.get(rid)
-        if req is None:
+        if req is None or req["ready_at"] <= self.clock.time() - REQUEST_STATUS_KEPT_SECONDS:
             raise ApiError("NOT_FOUND", "request id not found")
-        processing = time.time() < req["ready_at"]
-        errors = req["errors"]
-        state = "PROCESSING" if processing else ("PARTIAL_SUCCESS" if errors else "SUCCESS")
-        status: dict[str, Any] = {
-            "destination": {"productDestinationId": req["list"]},
-            "requestStatus": state,
-        }
-        key = {"ingest": "audienceMembersIngestionStatus", "remove": "audienceMembersRemovalStatus"}.get(req["kind"])
-        if key and not processing:
-            inner = "userDataIngestionStatus" if req["kind"] == "ingest" else "userDataRemovalStatus"
-            status[key] = {inner: {"recordCount": str(req["records"])}}
-        if errors and not processing:
-            status["errorInfo"] = {"errorCounts": [{"recordCount": str(n), "reason": reason}
-                                                   for reason, n in errors.items()]}  # fmt: skip
+        processing = self.clock.time() < req["ready_at"]
+        errors = dict(req["errors"])
+        if req.get("failed"):
+            state = "FAILED"
+            errors = {"PROCESSING_ERROR_REASON_INTERNAL_ERROR": req["records"] or 1}
+        else:
+            state = "PARTIAL_SUCCESS" if errors else "SUCCESS"
+        if processing:
+            state = "PROCESSING"
+        out = []
+        for lid in req.get("lists") or [req.get("list")]:
+            status: dict[str, Any] = {"destination": {"productDestinationId": lid}, "requestStatus": state}
+            key = {"ingest": "audienceMembersIngestionStatus", "remove": "audienceMembersRemovalStatus"}.get(req["kind"])
+            if key and not processing:
+                inner = "userDataIngestionStatus" if req["kind"] == "ingest" else "userDataRemovalStatus"
+                status[key] = {inner: {"recordCount": str(req["records"])}}
+            if errors and not processing:
+                status["errorInfo"] = {"errorCounts": [{"recordCount": str(n), "reason": reason}
+                                                       for reason, n in errors.items()]}  # fmt: skip
+            out.append(status)
+        doc = {"requestStatusPerDestination": out}
         # validate against the client's own types before answering
-        json_format.Parse(json.dumps({"requestStatusPerDestination": [status]}),
-                          dm.RetrieveRequestStatusResponse.pb(dm.RetrieveRequestStatusResponse()))  # fmt: skip
-        return {"requestStatusPerDestination": [status]}
+        json_format.Parse(json.dumps(doc), dm.RetrieveRequestStatusResponse.pb(dm.RetrieveRequestStatusResponse()))
+        return doc
+
+
+def _hex(value: Any, field: str) -> str:
+    if type(value) is not str or not _HEX64.match(value):
+        raise _invalid(f"{field}: hashed values must be SHA-256 as 64 lowercase hex characters (INVALID_SHA256_FORMAT)",
+                       field)  # fmt: skip
+    return value
+
+
+def _base64_to_hex(value: Any, field: str) -> str:
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise _invalid(f"{field}: hashed values must be SHA-256 in base64 (INVALID_SHA256_FORMAT)", field)
+    return raw.hex()
+
+
+def _timestamp(value: str) -> float:
+    from google.protobuf import timestamp_pb2
+
+    ts = timestamp_pb2.Timestamp()
+    try:
+        ts.FromJsonString(value)
+    except ValueError:
+        raise _invalid(f"Invalid value at 'remove_as_of_time' ({value!r}): expected an RFC 3339 time",
+                       "remove_as_of_time") from None
+    return float(ts.seconds + ts.nanos / 1e9)
+
+
+def _key(pairs: list[list[str]]) -> Key:
+    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
+    return tuple(sorted((k, v) for k, v in pairs))
 
 
 def start_datamanager_emulator(state_file: Path | None = None, **kwargs: Any) -> DataManagerEmulator:

@@ -2,15 +2,30 @@
 
 Faithful to the real request and response shapes and limits: ``/v26.0`` prefix (optional),
 trailing-slash reads, form or JSON bodies, access token in the body, the query string or an
-``Authorization`` header; at most 10,000 rows a ``/users`` call (error 100), one multi-key schema
-per audience (error 2650), 64-hex hashes for hashed keys (counted in ``num_invalid_entries``
-with ``invalid_entry_samples``), ``/usersreplace`` sessions (``operation_status`` 414 while
-running, 200 after, 415 when the 90-minute window passed) with no ``/users`` call meanwhile,
-lookalikes (error 2654 for the same seed, country and ratio twice), ``tos_accepted``, error bodies
-with ``code``/``error_subcode``/``is_transient``/``fbtrace_id`` and usage headers.
+``Authorization`` header. Strict like the platform, with its error body (``code``, ``error_subcode``,
+``is_transient``, ``fbtrace_id``) and usage headers:
+- ``/users`` and ``/usersreplace`` take only the documented parameters (``payload``, ``session``,
+  ``method`` for removals, ``namespace`` on replace); ``payload`` only ``schema``, ``data``,
+  ``is_raw``, ``app_ids``, ``page_ids``, ``ig_account_ids``, ``data_source``; the schema's keys must be
+  known and unique, every row a list of the schema's length (error 100 naming the row); at most
+  10,000 rows a request (error 100); ``session`` needs ``session_id``, ``batch_seq`` and
+  ``last_batch_flag`` (``estimated_num_total`` optional), nothing else;
+- one multi-key schema per audience (error 2650); hashed keys must be SHA-256 as 64 lowercase hex:
+  other values are counted in ``num_invalid_entries`` and named in ``invalid_entry_samples``, a
+  ``Map {string: string}`` (offending value -> reason) as the reference documents it, holding at
+  most ``max_invalid_samples`` entries (so the count may exceed the samples); peers have seen
+  lists, so ``invalid_samples_shape = "list"`` answers with a list of the offending values;
+- ``/usersreplace`` sessions (``operation_status`` 414 while running, 200 after, 415 when the
+  90-minute window passed) with no ``/users`` call meanwhile; lookalikes (error 2654 for the same
+  seed, country and ratio twice); ``tos_accepted``; ``DELETE /{audience_id}``.
 
 Fault knobs (`FaultKnobs`): error rates per Graph code (``{"2": 0.2}``), throttling (error 80003
-with ``estimated_time_to_regain_access``), latency, dropped connections before or after the change.
+with ``estimated_time_to_regain_access``), latency, dropped connections before or after the change,
+invalid values (``reject_rate``), audiences deleted between runs (``audience_deletion_rate``). Time
+(the replace window) comes from an injectable clock.
+
+Audiences hold their rows in a set of tuples of hashes, so a 10,000-row call is 10,000 set
+operations; each call that changes something appends one journal line to the state file.
 """
 
 from __future__ import annotations
@@ -18,12 +33,12 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
+from connector.clock import SYSTEM_CLOCK, Clock
 from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
@@ -33,6 +48,16 @@ REPLACE_WINDOW_SECONDS = 90 * 60
 HASHED_KEYS = frozenset({"EMAIL", "PHONE", "FN", "LN", "FI", "ZIP", "CT", "ST", "COUNTRY", "GEN", "DOBY",
                          "DOBM", "DOBD"})  # fmt: skip
 VALID_KEYS = HASHED_KEYS | {"MADID", "EXTERN_ID"}
+# single-key schema names of the reference ("EMAIL_SHA256", ...) and the multi-key key they stand for
+SINGLE_KEY_ALIASES = {"EMAIL_SHA256": "EMAIL", "PHONE_SHA256": "PHONE", "MOBILE_ADVERTISER_ID": "MADID"}
+VALUE_KEY = "LOOKALIKE_VALUE"  # value-based audiences only; a number, not hashed
+USERS_PARAMS = frozenset({"payload", "session", "method", "appsecret_proof"})
+REPLACE_PARAMS = frozenset({"payload", "session", "namespace", "appsecret_proof"})
+PAYLOAD_KEYS = frozenset({"schema", "data", "is_raw", "app_ids", "page_ids", "ig_account_ids", "data_source"})
+SESSION_KEYS = frozenset({"session_id", "batch_seq", "last_batch_flag", "estimated_num_total"})
+CREATE_PARAMS = frozenset({"name", "subtype", "description", "customer_file_source", "origin_audience_id",
+                           "lookalike_spec", "is_value_based", "retention_days", "audience_labels",
+                           "appsecret_proof"})  # fmt: skip
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^/v\d+\.\d+")
 TRANSIENT_CODES = frozenset({"1", "2"})
@@ -65,36 +90,78 @@ class MetaGraphEmulator(HttpEmulator):
 
     def __init__(self, *, state_file: Path | None = None, expected_token: str | None = "sandbox-token",  # noqa: S107
                  faults: FaultKnobs | None = None, tos_accepted: bool = True, port: int = 0,
-                 size_too_low_threshold: int = 0, min_lookalike_seed: int = 100) -> None:  # fmt: skip
+                 size_too_low_threshold: int = 0, min_lookalike_seed: int = 100, clock: Clock | None = None,
+                 max_invalid_samples: int = 100, invalid_samples_shape: Literal["map", "list"] = "map") -> None:  # fmt: skip
         self.state_file = state_file
         self.expected_token = expected_token
         self.faults = faults or FaultKnobs()
         self.tos_accepted = tos_accepted
         self.size_too_low_threshold = size_too_low_threshold
         self.min_lookalike_seed = min_lookalike_seed
+        self.clock = clock or SYSTEM_CLOCK
+        self.max_invalid_samples = max_invalid_samples
+        self.invalid_samples_shape = invalid_samples_shape
         self.audiences: dict[str, dict[str, Any]] = {}
         self.request_log: list[dict[str, Any]] = []
         self.write_calls = 0
+        self._next_id = 10**14
         self._lock = threading.RLock()
         self._serve(port)
-        self._load()
+        self._load_state()
+        if self.audiences and self.faults.audience_deletion_rate > 0:
+            self.between_runs()
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ state
 
-    def _load(self) -> None:
-        data = self._read_state() or {}
-        for aid, a in data.get("audiences", {}).items():
+    @staticmethod
+    def _meta(a: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in a.items() if k not in ("rows", "replace")}
+
+    def _state(self) -> dict[str, Any]:
+        return {"next_id": self._next_id,
+                "audiences": {aid: {**self._meta(a), "rows": list(a["rows"])} for aid, a in self.audiences.items()}}  # fmt: skip
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._next_id = int(state.get("next_id", self._next_id))
+        for aid, a in state.get("audiences", {}).items():
             a["rows"] = {tuple(r) for r in a.get("rows", [])}
             a["replace"] = None
             self.audiences[aid] = a
+            self._next_id = max(self._next_id, int(aid))
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "audiences": {
-                aid: {**{k: v for k, v in a.items() if k not in ("rows", "replace")}, "rows": sorted(a["rows"])}
-                for aid, a in self.audiences.items()
-            }
-        }
+    def _replay(self, entry: dict[str, Any]) -> None:
+        op, aid = entry["op"], entry["id"]
+        if op == "audience":
+            a = self.audiences.setdefault(aid, {"rows": set(), "replace": None})
+            a.update(entry["audience"])
+            self._next_id = max(self._next_id, int(aid))
+        elif op == "drop":
+            self.audiences.pop(aid, None)
+        elif aid in self.audiences:
+            rows = self.audiences[aid]["rows"]
+            if op == "clear":
+                rows.clear()
+            elif op == "add":
+                rows.update(tuple(r) for r in entry["rows"])
+            elif op == "del":
+                rows.difference_update(tuple(r) for r in entry["rows"])
+
+    def _record_audience(self, a: dict[str, Any]) -> None:
+        self._record({"op": "audience", "id": a["id"], "audience": self._meta(a)})
+
+    def delete_audience(self, audience_id: str) -> None:
+        """The advertiser deleted the audience in Ads Manager (or Meta removed it for inactivity)."""
+        with self._lock:
+            if self.audiences.pop(audience_id, None) is not None:
+                self._record({"op": "drop", "id": audience_id})
+                self._flush()
+
+    def between_runs(self) -> None:
+        """Roll `faults.audience_deletion_rate` for each audience, as if time passed between two runs."""
+        with self._lock:
+            for aid in list(self.audiences):
+                if self.faults.deletes_audience():
+                    self.delete_audience(aid)
 
     # ------------------------------------------------------------------ inspection
 
@@ -119,7 +186,7 @@ class MetaGraphEmulator(HttpEmulator):
         if not token and auth.lower().startswith(("bearer ", "oauth ")):
             token = auth.split(" ", 1)[1].strip()
         path = _VERSION.sub("", req.path).rstrip("/") or "/"
-        write = req.method == "POST"
+        write = req.method in ("POST", "DELETE")
         self.request_log.append({
             "method": req.method, "path": req.path, "query_keys": sorted(req.query), "token_in_url": token_in_url,
             "body": self._log_body(req.body), "headers": dict(req.headers),
@@ -134,10 +201,12 @@ class MetaGraphEmulator(HttpEmulator):
                 raise DropConnection()
             self._inject(write)
             with self._lock:
-                body = self._route(req.method, path, params)
+                try:
+                    body = self._route(req.method, path, params)
+                finally:
+                    self._flush()
                 if write:
                     self.write_calls += 1
-                    self._save()
             if write and self.faults.drop_after_apply and self.faults.drop(write):
                 raise DropConnection()
             return HttpResponse(200, body, headers=headers)
@@ -201,6 +270,10 @@ class MetaGraphEmulator(HttpEmulator):
                 return self._list(account, p)
         elif len(parts) == 1 and method == "GET":
             return self._read(self._audience(parts[0]), p)
+        elif len(parts) == 1 and method == "DELETE":
+            self._audience(parts[0])
+            self.delete_audience(parts[0])
+            return {"success": True}
         elif len(parts) == 2 and method == "POST" and parts[1] == "users":
             delete = str(p.get("method", "")).upper() == "DELETE"
             return self._users(self._audience(parts[0]), p, delete)
@@ -228,14 +301,17 @@ class MetaGraphEmulator(HttpEmulator):
         return v
 
     def _create(self, account: str, p: dict[str, Any]) -> dict[str, Any]:
+        _only(p, CREATE_PARAMS, "creating a custom audience")
         subtype = str(p.get("subtype", "CUSTOM")).upper()
         name = p.get("name")
         if not name:
             raise GraphError(100, "Invalid parameter: name is required")
-        aid = str(10**14 + len(self.audiences) + 1 + int(time.time()) % 10**6 * 1000)
+        self._next_id += 1
+        aid = str(self._next_id)
         base = {"id": aid, "account_id": account, "name": name, "subtype": subtype, "rows": set(), "schema": None,
-                "replace": None, "operation_status": 200, "created": time.time(),
-                "description": p.get("description", "")}  # fmt: skip
+                "replace": None, "operation_status": 200, "created": self.clock.time(),
+                "description": p.get("description", ""),
+                "is_value_based": str(p.get("is_value_based", "")).lower() in ("1", "true")}  # fmt: skip
         if subtype == "CUSTOM":
             if not self.tos_accepted:
                 raise GraphError(200, "Permissions error: Custom Audience terms not accepted", subcode=1870090,
@@ -265,6 +341,7 @@ class MetaGraphEmulator(HttpEmulator):
         else:
             raise GraphError(100, f"Invalid parameter: subtype {subtype}")
         self.audiences[aid] = base
+        self._record_audience(base)
         return {"id": aid}
 
     def _summary(self, a: dict[str, Any], fields: list[str]) -> dict[str, Any]:
@@ -272,7 +349,7 @@ class MetaGraphEmulator(HttpEmulator):
                                                              * 100 if a.get("origin_audience_id") in self.audiences
                                                              else 0)  # fmt: skip
         op = a.get("operation_status", 200)
-        if a.get("replace") and time.time() - a["replace"]["started"] > REPLACE_WINDOW_SECONDS:
+        if a.get("replace") and self.clock.time() - a["replace"]["started"] > REPLACE_WINDOW_SECONDS:
             a["replace"], op = None, 415
             a["operation_status"] = 415
         full = {
@@ -288,6 +365,9 @@ class MetaGraphEmulator(HttpEmulator):
             "origin_audience_id": a.get("origin_audience_id"),
             "lookalike_spec": a.get("lookalike_spec"),
         }  # fmt: skip
+        unknown = [f for f in fields if f not in full]
+        if unknown:
+            raise GraphError(100, f"Tried accessing nonexisting field ({unknown[0]}) on node type (CustomAudience)")
         if not fields:
             return {"id": a["id"]}
         return {k: v for k, v in full.items() if k in fields or k == "id"}
@@ -301,74 +381,143 @@ class MetaGraphEmulator(HttpEmulator):
         items = [self._summary(a, fields) for a in self.audiences.values() if a["account_id"] == account]
         return {"data": items, "paging": {}}
 
-    def _rows(self, a: dict[str, Any], p: dict[str, Any]) -> tuple[list[str], list[list[str]], int, dict[str, str]]:
+    def _session(self, p: dict[str, Any], required: bool) -> dict[str, Any]:
+        session = self._json_param(p, "session")
+        if session is None:
+            if required:
+                raise GraphError(100, "Invalid parameter: session is required (session_id, batch_seq, last_batch_flag)")
+            return {}
+        if not isinstance(session, dict):
+            raise GraphError(100, "Invalid parameter: session must be a JSON object")
+        _only(session, SESSION_KEYS, "session")
+        for key in ("session_id", "batch_seq", "last_batch_flag"):
+            if key not in session:
+                raise GraphError(100, f"Invalid parameter: session.{key} is required")
+        for key in ("session_id", "batch_seq", "estimated_num_total"):
+            v = session.get(key)
+            if v is not None and not (type(v) is int or (isinstance(v, str) and v.isdigit())):
+                raise GraphError(100, f"Invalid parameter: session.{key} must be an integer, got {v!r}")
+        if int(session["batch_seq"]) < 1:
+            raise GraphError(100, "Invalid parameter: session.batch_seq starts at 1")
+        if not isinstance(session["last_batch_flag"], bool):
+            raise GraphError(100, "Invalid parameter: session.last_batch_flag must be true or false")
+        return session
+
+    def _rows(self, a: dict[str, Any], p: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]], int, Any]:
+        """(schema, valid rows, number of invalid rows, invalid_entry_samples) of one upload."""
         payload = self._json_param(p, "payload")
         if not isinstance(payload, dict) or "schema" not in payload or "data" not in payload:
             raise GraphError(100, "Invalid parameter: payload must have schema and data")
-        schema = payload["schema"]
-        schema = [schema] if isinstance(schema, str) else list(schema)
-        unknown = [k for k in schema if k not in VALID_KEYS]
+        _only(payload, PAYLOAD_KEYS, "payload")
+        raw_schema = payload["schema"]
+        single = isinstance(raw_schema, str)
+        schema = [SINGLE_KEY_ALIASES.get(raw_schema, raw_schema)] if single else raw_schema
+        if not isinstance(schema, list) or not schema or not all(isinstance(k, str) for k in schema):
+            raise GraphError(100, "Invalid parameter: payload.schema must be a key or a list of keys")
+        valid_keys = VALID_KEYS | ({VALUE_KEY} if a.get("is_value_based") else set())
+        unknown = [k for k in schema if k not in valid_keys]
         if unknown:
             raise GraphError(100, f"Invalid parameter: unknown schema key(s) {unknown}")
+        if len(set(schema)) != len(schema):
+            raise GraphError(100, "Invalid parameter: a schema key appears twice")
+        if a.get("is_value_based") and VALUE_KEY not in schema:
+            raise GraphError(100, f"Invalid parameter: a value-based audience needs {VALUE_KEY} in the schema")
         data = payload["data"]
+        if not isinstance(data, list) or not data:
+            raise GraphError(100, "Invalid parameter: payload.data must be a non-empty list of rows")
         if len(data) > MAX_ROWS:
             raise GraphError(100, f"Invalid parameter: a request may contain at most {MAX_ROWS} users",
                              subcode=1870065)  # fmt: skip
         if a["schema"] is not None and a["schema"] != schema:
             raise GraphError(2650, "The schema of the uploaded data does not match the schema of this audience")
-        good: list[list[str]] = []
+        width = len(schema)
+        hashed = [k in HASHED_KEYS for k in schema]
+        value_at = schema.index(VALUE_KEY) if VALUE_KEY in schema else -1
+        rejects = self.faults.reject_rate > 0
+        good: list[tuple[Any, ...]] = []
         invalid = 0
-        samples: dict[str, str] = {}
-        for row in data:
-            row = [row] if isinstance(row, str) else list(row)
-            if len(row) != len(schema):
+        bad_values: dict[str, str] = {}
+        hex64 = _HEX64.match
+        for i, row in enumerate(data):
+            if single and isinstance(row, str):
+                row = [row]
+            if type(row) is not list or len(row) != width:
+                raise GraphError(100, f"Invalid parameter: payload.data[{i}] must be a list of {width} value(s), one "
+                                      "per schema key")  # fmt: skip
+            bad = bad_key = None
+            for j, v in enumerate(row):
+                if j == value_at:
+                    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+                        bad, bad_key = str(v), VALUE_KEY
+                        break
+                    continue
+                if type(v) is not str:
+                    raise GraphError(100, f"Invalid parameter: payload.data[{i}][{j}] must be a string")
+                if v and hashed[j] and (not hex64(v) or (rejects and self.faults.rejects(v))):
+                    bad, bad_key = v, schema[j]
+                    break
+            if bad is not None:
                 invalid += 1
+                if len(bad_values) < self.max_invalid_samples:
+                    bad_values[bad] = f"Invalid {bad_key} value: expected a SHA-256 hash (64 lowercase hex)" \
+                        if bad_key != VALUE_KEY else f"Invalid {VALUE_KEY}: expected a non-negative number"
                 continue
-            bad = next((v for k, v in zip(schema, row, strict=True) if k in HASHED_KEYS and v
-                        and (not _HEX64.match(v) or self.faults.rejects(v))), None)  # fmt: skip
-            if bad is not None or not any(row):
-                invalid += 1
-                if len(samples) < 100:
-                    samples[bad or ""] = "Invalid hashed value" if bad else "Empty row"
+            if not any(v for j, v in enumerate(row) if j != value_at):
+                invalid += 1  # a row without any identifier matches nobody
                 continue
-            good.append(row)
+            good.append(tuple(row))
+        samples: Any = list(bad_values) if self.invalid_samples_shape == "list" else bad_values
         return schema, good, invalid, samples
 
     def _users(self, a: dict[str, Any], p: dict[str, Any], delete: bool) -> dict[str, Any]:
         if a["subtype"] != "CUSTOM":
             raise GraphError(100, "Users can only be added to customer file custom audiences")
+        _only(p, USERS_PARAMS, "/users")
         if a.get("replace"):
             raise GraphError(2655, "The audience is being replaced; /users calls are not allowed until it finishes")
+        session = self._session(p, required=True)
         schema, good, invalid, samples = self._rows(a, p)
-        session = self._json_param(p, "session") or {}
+        rows = a["rows"]
         if delete:
-            rows_after = a["rows"] - {tuple(r) for r in good}
-            if self.size_too_low_threshold and len(rows_after) < self.size_too_low_threshold:
+            gone = [r for r in good if r in rows]
+            if self.size_too_low_threshold and len(rows) - len(gone) < self.size_too_low_threshold:
                 raise GraphError(100, "Audience Size too low: removing these users would make the audience too small",
                                  subcode=SIZE_TOO_LOW_SUBCODE)  # fmt: skip
-            a["rows"] = rows_after
+            rows.difference_update(gone)
+            if gone:
+                self._record({"op": "del", "id": a["id"], "rows": gone})
         else:
-            a["schema"] = a["schema"] or schema
-            a["rows"].update(tuple(r) for r in good)
+            if a["schema"] is None:
+                a["schema"] = schema
+                self._record_audience(a)
+            new = [r for r in good if r not in rows]
+            rows.update(new)
+            if new:
+                self._record({"op": "add", "id": a["id"], "rows": new})
         return {
-            "audience_id": a["id"], "session_id": session.get("session_id"), "num_received": len(good) + invalid,
+            "audience_id": a["id"], "session_id": str(session.get("session_id")), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
         }  # fmt: skip
 
     def _replace(self, a: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
-        session = self._json_param(p, "session") or {}
+        if a["subtype"] != "CUSTOM":
+            raise GraphError(100, "Users can only be replaced in customer file custom audiences")
+        _only(p, REPLACE_PARAMS, "/usersreplace")
+        session = self._session(p, required=True)
         sid, seq = session.get("session_id"), int(session.get("batch_seq", 0))
         last = bool(session.get("last_batch_flag"))
         rep = a.get("replace")
+        now = self.clock.time()
         if seq == 1 and rep is None:
-            rep = a["replace"] = {"session_id": sid, "started": time.time(), "seq": 0, "rows": set()}
+            rep = a["replace"] = {"session_id": sid, "started": now, "seq": 0, "rows": set()}
             a["operation_status"] = 414
         if rep is None or rep["session_id"] != sid:
             raise GraphError(100, "Invalid replace session: start with batch_seq 1 and one session at a time")
         if seq != rep["seq"] + 1 and seq != rep["seq"]:
             raise GraphError(100, f"Invalid batch_seq {seq}: expected {rep['seq'] + 1}")
-        if time.time() - rep["started"] > REPLACE_WINDOW_SECONDS:
+        if now - rep["started"] > REPLACE_WINDOW_SECONDS:
             a["replace"], a["operation_status"] = None, 415
+            self._record_audience(a)
             raise GraphError(100, "The replace session expired (90 minutes)")
         saved_schema = a["schema"]
         a["schema"] = None  # a replace may set a new schema
@@ -377,15 +526,24 @@ class MetaGraphEmulator(HttpEmulator):
         finally:
             a["schema"] = saved_schema
         rep["schema"] = schema
-        rep["rows"].update(tuple(r) for r in good)
+        rep["rows"].update(good)
         rep["seq"] = seq
         if last:
             a["rows"], a["schema"] = rep["rows"], schema
             a["replace"], a["operation_status"] = None, 200
+            self._record_audience(a)
+            self._record({"op": "clear", "id": a["id"]})
+            self._record({"op": "add", "id": a["id"], "rows": list(a["rows"])})
         return {
-            "audience_id": a["id"], "session_id": sid, "num_received": len(good) + invalid,
+            "audience_id": a["id"], "session_id": str(sid), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
         }  # fmt: skip
+
+
+def _only(params: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(k for k in params if k not in allowed)
+    if unknown:
+        raise GraphError(100, f"Invalid parameter: {unknown[0]!r} is not a parameter of {where}")
 
 
 def start_meta_emulator(state_file: Path | None = None, **kwargs: Any) -> MetaGraphEmulator:

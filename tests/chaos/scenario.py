@@ -191,12 +191,14 @@ graph_url = "{emus.meta.url}"
 [destinations.google_dm]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 sandbox = true
 datamanager_endpoint = "{emus.dm.url}"
 {retry}
 [destinations.google_jobs]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 upload_api = "google_ads"
 sandbox = true
 google_ads_endpoint = "{emus.ads.endpoint}"

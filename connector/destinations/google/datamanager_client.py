@@ -3,19 +3,28 @@
 The official generated client is used as is (REST transport, `client_options` endpoint), with our
 retry policy and a timeout on every call (its own retry is switched off, so a call is retried
 once, by us, on classified errors only). Errors are mapped in `errors.py`.
+
+Except on the member path: ingest and remove bodies are written as proto3 JSON directly (the same
+camelCase JSON with enums as numbers that the client sends, `$alt=json;enum-encoding=int`) and posted
+with google-auth's `AuthorizedSession`, the session the client's REST transport uses. The client
+would build a proto-plus message per member and serialize it with `json_format` (pure Python): for
+a 10,000-member request about 3 s, ten times the rest of the sync. Errors go through the same
+`google.api_core.exceptions.from_http_response` the client uses, so they map alike.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from google.ads import datamanager_v1 as dm
 from google.api_core.client_options import ClientOptions
-from google.api_core.exceptions import GoogleAPICallError
+from google.api_core.exceptions import GoogleAPICallError, from_http_response
 from google.auth.credentials import Credentials
+from google.auth.transport.requests import AuthorizedSession
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from connector.destinations.base import Consent, Member
@@ -28,30 +37,37 @@ log = logging.getLogger("connector.google")
 SCOPE = "https://www.googleapis.com/auth/datamanager"
 
 
-def _consent(value: bool | None) -> dm.ConsentStatus:
-    if value is None:
-        return dm.ConsentStatus(dm.ConsentStatus.CONSENT_STATUS_UNSPECIFIED)
-    return dm.ConsentStatus(dm.ConsentStatus.CONSENT_GRANTED if value else dm.ConsentStatus.CONSENT_DENIED)
+DEFAULT_ENDPOINT = "datamanager.googleapis.com"
+_GRANTED, _DENIED = int(dm.ConsentStatus.CONSENT_GRANTED), int(dm.ConsentStatus.CONSENT_DENIED)
+_HEX = int(dm.Encoding.HEX)
+_GOOGLE_ADS = int(dm.ProductAccount.AccountType.GOOGLE_ADS)
+# required on every ingest of user data; a Google destination is only built when the advertiser set
+# customer_match_terms = "accepted" (settings refuse one without it)
+TERMS_ACCEPTED = {"customerMatchTermsOfServiceStatus": int(dm.TermsOfServiceStatus.ACCEPTED)}
 
 
-def audience_member(m: Member) -> dm.AudienceMember:
-    """One person = one AudienceMember holding all of that person's identifiers."""
+def member_json(m: Member, *, with_consent: bool = True) -> dict[str, Any]:
+    """One person = one AudienceMember holding all of that person's identifiers (proto3 JSON)."""
     p = m.payload
-    idents: list[dm.UserIdentifier] = []
+    idents: list[dict[str, Any]] = []
     if p.get("email"):
-        idents.append(dm.UserIdentifier(email_address=p["email"]))
+        idents.append({"emailAddress": p["email"]})
     if p.get("phone"):
-        idents.append(dm.UserIdentifier(phone_number=p["phone"]))
+        idents.append({"phoneNumber": p["phone"]})
     if p.get("first_name") and p.get("last_name") and p.get("country_code") and p.get("postal_code"):
-        idents.append(dm.UserIdentifier(address=dm.AddressInfo(
-            given_name=p["first_name"], family_name=p["last_name"], region_code=p["country_code"],
-            postal_code=p["postal_code"],
-        )))  # fmt: skip
-    member = dm.AudienceMember(user_data=dm.UserData(user_identifiers=idents))
+        idents.append({"address": {"givenName": p["first_name"], "familyName": p["last_name"],
+                                   "regionCode": p["country_code"], "postalCode": p["postal_code"]}})  # fmt: skip
+    member: dict[str, Any] = {"userData": {"userIdentifiers": idents}}
     c: Consent | None = m.consent
-    if c is not None:
-        member.consent = dm.Consent(ad_user_data=_consent(c.ad_user_data),
-                                    ad_personalization=_consent(c.ad_personalization))  # fmt: skip
+    if with_consent and c is not None:
+        consent = {}
+        # unspecified is proto3's default value: left out, as the client leaves it out
+        if c.ad_user_data is not None:
+            consent["adUserData"] = _GRANTED if c.ad_user_data else _DENIED
+        if c.ad_personalization is not None:
+            consent["adPersonalization"] = _GRANTED if c.ad_personalization else _DENIED
+        if consent:
+            member["consent"] = consent
     return member
 
 
@@ -60,6 +76,9 @@ class DataManagerClient:
                  endpoint: str | None, timeout: float, policy: RetryPolicy, stats: RetryStats | None) -> None:  # fmt: skip
         options = ClientOptions(api_endpoint=endpoint) if endpoint else None
         self.ingestion = dm.IngestionServiceClient(credentials=credentials, transport="rest", client_options=options)
+        base = endpoint or DEFAULT_ENDPOINT
+        self._base_url = base.rstrip("/") if "://" in base else f"https://{base}"
+        self._session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
         self.user_lists = dm.UserListServiceClient(credentials=credentials, transport="rest", client_options=options)
         self.customer_id = customer_id
         self.login_customer_id = login_customer_id
@@ -71,6 +90,7 @@ class DataManagerClient:
     def close(self) -> None:
         for c in (self.ingestion, self.user_lists):
             c.transport.close()  # type: ignore[no-untyped-call]
+        self._session.close()  # type: ignore[no-untyped-call]
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def once() -> T:
@@ -82,6 +102,24 @@ class DataManagerClient:
                 raise map_google_api_error(exc, what) from None
 
         return self._policy.call(once, what=f"Google {what}", stats=self._stats)
+
+    def _destination_json(self, list_id: str) -> dict[str, Any]:
+        d: dict[str, Any] = {"operatingAccount": {"accountType": _GOOGLE_ADS, "accountId": self.customer_id},
+                             "productDestinationId": list_id}  # fmt: skip
+        if self.login_customer_id:
+            d["loginAccount"] = {"accountType": _GOOGLE_ADS, "accountId": self.login_customer_id}
+        return d
+
+    def _post(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/audienceMembers:{method} as the client's REST transport does; errors as it raises them."""
+        resp = self._session.post(f"{self._base_url}/v1/audienceMembers:{method}",
+                                  params={"$alt": "json;enum-encoding=int"},
+                                  data=json.dumps(body, separators=(",", ":")),
+                                  headers={"Content-Type": "application/json"}, timeout=self._timeout)  # fmt: skip
+        if resp.status_code >= 400:
+            raise from_http_response(resp)  # type: ignore[no-untyped-call]
+        out: dict[str, Any] = resp.json()
+        return out
 
     def _destination(self, list_id: str) -> dm.Destination:
         d = dm.Destination(
@@ -130,25 +168,17 @@ class DataManagerClient:
     # ------------------------------------------------------------------ members
 
     def ingest(self, list_id: str, members: Sequence[Member]) -> str:
-        req = dm.IngestAudienceMembersRequest(
-            destinations=[self._destination(list_id)],
-            audience_members=[audience_member(m) for m in members],
-            encoding=dm.Encoding.HEX,
-        )
-        resp = self._call("ingest audience members", lambda: self.ingestion.ingest_audience_members(
-            request=req, timeout=self._timeout, retry=None))  # fmt: skip
-        return str(resp.request_id)
+        body = {"destinations": [self._destination_json(list_id)], "audienceMembers": [member_json(m) for m in members],
+                "encoding": _HEX, "termsOfService": TERMS_ACCEPTED}  # fmt: skip
+        resp = self._call("ingest audience members", lambda: self._post("ingest", body))
+        return str(resp.get("requestId", ""))
 
     def remove(self, list_id: str, members: Sequence[Member]) -> str:
         # removals need no consent
-        req = dm.RemoveAudienceMembersRequest(
-            destinations=[self._destination(list_id)],
-            audience_members=[dm.AudienceMember(user_data=audience_member(m).user_data) for m in members],
-            encoding=dm.Encoding.HEX,
-        )
-        resp = self._call("remove audience members", lambda: self.ingestion.remove_audience_members(
-            request=req, timeout=self._timeout, retry=None))  # fmt: skip
-        return str(resp.request_id)
+        body = {"destinations": [self._destination_json(list_id)],
+                "audienceMembers": [member_json(m, with_consent=False) for m in members], "encoding": _HEX}  # fmt: skip
+        resp = self._call("remove audience members", lambda: self._post("remove", body))
+        return str(resp.get("requestId", ""))
 
     def remove_all(self, list_id: str, as_of: dt.datetime) -> str:
         ts = timestamp_pb2.Timestamp()

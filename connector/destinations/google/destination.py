@@ -33,7 +33,7 @@ from connector.destinations.google.ads_client import GoogleAdsApi
 from connector.destinations.google.datamanager_client import SCOPE, DataManagerClient, list_summary
 from connector.errors import ConfigError, RetriableError
 from connector.retry import RetryPolicy, RetryStats, policy_from
-from connector.settings import GoogleDestinationConfig
+from connector.settings import CUSTOMER_MATCH_TERMS_REQUIRED, GoogleDestinationConfig
 
 log = logging.getLogger("connector.google")
 
@@ -78,6 +78,8 @@ class GoogleDestination:
     def __init__(self, name: str, config: GoogleDestinationConfig, client: DataManagerClient | None, *,
                  policy: RetryPolicy, emulator: Any = None, ads: GoogleAdsApi | None = None,
                  ads_emulator: Any = None) -> None:  # fmt: skip
+        if config.customer_match_terms != "accepted":
+            raise ConfigError(f"destinations.{name}: {CUSTOMER_MATCH_TERMS_REQUIRED}")
         if config.upload_api == "google_ads" and ads is None:
             raise ConfigError(f"destinations.{name}: upload_api = \"google_ads\" needs developer_token")
         if config.upload_api == "datamanager" and client is None:
@@ -117,12 +119,9 @@ class GoogleDestination:
             dm_emu = start_datamanager_emulator(state_dir / f"sandbox-google-dm-{name}.json")
             emulator = dm_emu
 
-            def seed_size(list_id: str) -> int | None:
-                # one account: Data Manager list ids are Google Ads user list ids
-                entry = dm_emu.lists.get(list_id)
-                return None if entry is None else len(entry["members"])
-
-            ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.json", seed_sizes=seed_size)
+            # one account: Data Manager list ids are Google Ads user list ids
+            ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.json",
+                                                     seed_sizes=dm_emu.member_count)  # fmt: skip
             endpoint, ads_endpoint = dm_emu.url, ads_emulator.endpoint
             developer_token = ads_emulator.developer_token
             credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]

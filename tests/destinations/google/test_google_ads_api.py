@@ -130,3 +130,12 @@ def test_jobs_a_killed_process_filled_but_never_ran_are_run_by_the_next_one(emu:
     assert len(resumed) == 1 and nxt.job_outcome(resumed[0]).state == "succeeded"
     assert len(emu.members(lid)) == 2 and emu.members(other) == set()
     assert nxt.resume_pending_jobs(lid) == []
+
+
+def test_a_list_removed_in_google_ads_is_replaced_by_a_new_empty_one(emu: GoogleAdsEmulator) -> None:
+    a = api(emu)
+    lid = a.ensure_crm_list("ads-removed", None, 30)
+    emu.delete_audience(lid)
+    assert a.user_list_status(lid).state == "missing"
+    again = a.ensure_crm_list("ads-removed", lid, 30)
+    assert again != lid and emu.members(again) == set()

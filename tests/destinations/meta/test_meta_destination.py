@@ -62,9 +62,28 @@ def test_rows_use_one_schema_and_invalid_samples_map_to_members(emu: MetaGraphEm
     dest = make(emu)
     a = audience(dest)
     out = dest.add_members(a, [member(1), member(2, email="not-a-hash")], SESSION)
-    assert out.rejected == {"k2": "meta: Invalid hashed value"}
+    assert out.rejected == {"k2": "meta: Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)"}
     (row,) = emu.members(a.audience_id)
     assert row == (sha256_hex("u1@x.com"), sha256_hex("14150000001"), "")  # "" for the missing FN
+
+
+def test_invalid_samples_in_list_shape_map_to_members(emu: MetaGraphEmulator) -> None:
+    emu.invalid_samples_shape = "list"
+    dest = make(emu)
+    a = audience(dest)
+    out = dest.add_members(a, [member(1), member(2, email="NOT-HEX"), member(3, email="A" * 64)], SESSION)
+    assert out.rejected == {"k2": "meta: invalid entry", "k3": "meta: invalid entry"}
+    assert len(emu.members(a.audience_id)) == 1
+
+
+def test_more_invalid_entries_than_samples_maps_what_the_samples_name(emu: MetaGraphEmulator,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    emu.max_invalid_samples = 1
+    dest = make(emu)
+    a = audience(dest)
+    out = dest.add_members(a, [member(1, email="bad-1"), member(2, email="bad-2"), member(3)], SESSION)
+    assert out.rejected.keys() == {"k1"} and out.received == 3
+    assert "2 invalid entries, 1 traced back to members from samples" in caplog.text
 
 
 def test_terms_not_accepted_says_where_to_accept(emu: MetaGraphEmulator) -> None:
@@ -149,3 +168,12 @@ def test_5xx_or_non_json_body_is_never_success(tmp_path: Path) -> None:
         client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
     with pytest.raises(FatalError, match="HTTP 200"):
         client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+
+
+def test_an_audience_deleted_in_ads_manager_is_replaced_by_a_new_empty_one(emu: MetaGraphEmulator) -> None:
+    dest = make(emu)
+    a = audience(dest)
+    dest.add_members(a, [member(1)], SESSION)
+    emu.delete_audience(a.audience_id)
+    b = dest.ensure_audience("vip", a, ["EMAIL", "PHONE", "FN"])
+    assert b.audience_id != a.audience_id and emu.members(b.audience_id) == set()
