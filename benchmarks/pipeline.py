@@ -162,12 +162,8 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     extra = f'memory_limit = "{args.memory_limit}"' if args.memory_limit else ""
     config = CONFIG.format(extra=extra)
-    try:
-        (work / "connector.toml").write_text(config)
-        settings = load_settings(work / "connector.toml")
-    except Exception:  # noqa: BLE001 - a tree without the terms setting yet
-        (work / "connector.toml").write_text(config.replace('customer_match_terms = "accepted"\n', ""))
-        settings = load_settings(work / "connector.toml")
+    (work / "connector.toml").write_text(config)
+    settings = load_settings(work / "connector.toml")
     dests = {"meta": AckDestination("meta", "meta"), "google": AckDestination("google", "google")}
 
     def run(label: str) -> tuple[str, float, list[RunResult]]:

@@ -95,6 +95,7 @@ ad_account_id = "act_1"
 [destinations.google]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 {google_extra}
 [segments.vip]
 source = {source}

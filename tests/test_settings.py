@@ -61,7 +61,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, monkeypa
     cfg = conf_dir / "c.toml"
     cfg.write_text(
         'state_dir = "var/state"\n'
-        '[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\nservice_account_file = "keys/sa.json"\n'
+        '[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\ncustomer_match_terms = "accepted"\nservice_account_file = "keys/sa.json"\n'
         '[segments.vip]\nsource = { type = "csv", path = "data/x.csv" }\nidentifiers = { email = "email" }\n'
         'destinations = ["g"]\n'
         '[segments.shoes]\nsource = { type = "parquet", path = "data/x.parquet" }\nidentifiers = { email = "email" }\n'
@@ -95,7 +95,7 @@ def test_google_destination_reads_the_service_account_file_beside_the_config(tmp
     from connector.destinations import build_destination
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text('state_dir = "var/state"\n[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\n'
+    cfg.write_text('state_dir = "var/state"\n[destinations.g]\ntype = "google"\ncustomer_id = "1234567890"\ncustomer_match_terms = "accepted"\n'
                    'service_account_file = "sa.json"\n')  # fmt: skip
     s = load_settings(cfg)
     # the file is missing: the error names where it was looked for, which must be beside the config

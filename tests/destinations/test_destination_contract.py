@@ -57,7 +57,7 @@ class Pair:
         self.platform = platform
         self.csv = tmp / "members.csv"
         dest = (
-            'type = "meta"\nad_account_id = "act_42"' if platform == "meta" else 'type = "google"\ncustomer_id = "1234567890"'
+            'type = "meta"\nad_account_id = "act_42"' if platform == "meta" else 'type = "google"\ncustomer_id = "1234567890"\ncustomer_match_terms = "accepted"'
         )
         if variant == "google_ads":
             dest += '\nupload_api = "google_ads"'
