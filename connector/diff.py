@@ -15,8 +15,10 @@ Either file numbers the batches it will be sent in: removals first, then additio
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -290,7 +292,7 @@ class Planner:
             if filtered:
                 wanted = " OR ".join(["anytodo", "nokey", *(f"left{i}" for i, _ in ledgered)])
                 sql = f"SELECT * FROM ({sql}) WHERE {wanted}"
-            for rb in self.con.sql(sql).to_arrow_reader(self._batch_rows):
+            for rb in prefetched(self.con.sql(sql).to_arrow_reader(self._batch_rows)):
                 self._batch(rb, new_keys)
                 if self._on_rows and not filtered:
                     self._on_rows(self.source_rows)
@@ -589,6 +591,39 @@ def _copy(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: st
 
 
 Prefixes = npt.NDArray[np.uint64]
+
+
+def prefetched(reader: pa.RecordBatchReader, depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """The reader's batches, the next ones fetched on a thread of their own while the caller works on the
+    current one (DuckDB computes a batch when it is fetched, and releases the GIL while it does)."""
+    q: queue.Queue[pa.RecordBatch | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for rb in reader:
+                if stop.is_set():
+                    return
+                q.put(rb)
+            q.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=pump, name="pass-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let the pump see `stop` (it may be blocked on a full queue)
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def key_prefixes(keys: pa.Array) -> Prefixes:
