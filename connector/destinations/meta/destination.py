@@ -19,6 +19,7 @@ from connector.destinations.base import (
     Capabilities,
     LookalikeRef,
     Member,
+    MemberBatch,
     Platform,
     RequestOutcome,
 )
@@ -132,6 +133,8 @@ class MetaDestination:
 
     def _rows(self, schema: list[str], members: Sequence[Member]) -> list[list[str]]:
         # "" for values a member lacks: the schema stays the same for every row and call
+        if isinstance(members, MemberBatch):
+            return members.rows(schema)  # column by column, no object per member
         return [[m.payload.get(k, "") for k in schema] for m in members]
 
     @staticmethod
