@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Self
 
 from connector.clock import SYSTEM_CLOCK, Clock
+from connector.sandbox.faults import FaultKnobs
 
 # fold the journal into the snapshot during a run only past this size and this multiple of the snapshot
 COMPACT_MIN_BYTES = 64 * 1024 * 1024
@@ -28,8 +30,28 @@ COMPACT_RATIO = 4
 class Emulator:
     state_file: Path | None = None
     clock: Clock = SYSTEM_CLOCK
+    faults: FaultKnobs
+    _lock: threading.RLock
     # request logs keep the start of each body: enough to scan for leaks, bounded on million-member runs
     log_body_bytes: int = 64 * 1024
+
+    def _audiences(self) -> dict[str, Any]:
+        """The emulator's audiences (or user lists) by id."""
+        raise NotImplementedError
+
+    def delete_audience(self, audience_id: str) -> None:
+        """The advertiser deleted the audience on the platform (or the platform removed it for inactivity)."""
+        with self._lock:
+            if self._audiences().pop(audience_id, None) is not None:
+                self._record({"op": "drop", "id": audience_id})
+                self._flush()
+
+    def between_runs(self) -> None:
+        """Roll `faults.audience_deletion_rate` for each audience, as if time passed between two runs."""
+        with self._lock:
+            for aid in list(self._audiences()):
+                if self.faults.deletes_audience():
+                    self.delete_audience(aid)
 
     def _log_body(self, body: bytes) -> str:
         return body[: self.log_body_bytes].decode("utf-8", "replace")

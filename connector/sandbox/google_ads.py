@@ -242,19 +242,9 @@ class GoogleAdsEmulator(Emulator):
             self._expire(list_id)
             return len(self.lists[list_id]["members"])
 
-    def delete_audience(self, list_id: str) -> None:
-        """The advertiser removed the user list in Google Ads."""
-        with self._lock:
-            if self.lists.pop(list_id, None) is not None:
-                self._record({"op": "drop", "id": list_id})
-                self._flush()
+    def _audiences(self) -> dict[str, Any]:
+        return self.lists
 
-    def between_runs(self) -> None:
-        """Roll `faults.audience_deletion_rate` for each list, as if time passed between two runs."""
-        with self._lock:
-            for lid in list(self.lists):
-                if self.faults.deletes_audience():
-                    self.delete_audience(lid)
 
     def user_list(self, list_id: str) -> ul_res.UserList:
         ul: ul_res.UserList = ul_res.UserList.from_json(json.dumps(self.lists[list_id]["list"]))

@@ -194,21 +194,9 @@ class DataManagerEmulator(HttpEmulator):
             self._expire(list_id)
             return len(self.lists[list_id]["members"])
 
-    def delete_audience(self, list_id: str) -> None:
-        """The advertiser deleted the list in Google Ads (or it was removed for inactivity)."""
-        with self._lock:
-            if self.lists.pop(list_id, None) is not None:
-                self._record({"op": "drop", "id": list_id})
-                self._flush()
+    def _audiences(self) -> dict[str, Any]:
+        return self.lists
 
-    def between_runs(self) -> None:
-        """Roll `faults.audience_deletion_rate` for each list, as if time passed between two runs."""
-        with self._lock:
-            for lid in list(self.lists):
-                if self.faults.deletes_audience():
-                    self.delete_audience(lid)
-
-    # ------------------------------------------------------------------ handling
 
     def handle(self, req: HttpRequest) -> HttpResponse:
         write = req.method in ("POST", "PATCH", "DELETE")

@@ -149,21 +149,9 @@ class MetaGraphEmulator(HttpEmulator):
     def _record_audience(self, a: dict[str, Any]) -> None:
         self._record({"op": "audience", "id": a["id"], "audience": self._meta(a)})
 
-    def delete_audience(self, audience_id: str) -> None:
-        """The advertiser deleted the audience in Ads Manager (or Meta removed it for inactivity)."""
-        with self._lock:
-            if self.audiences.pop(audience_id, None) is not None:
-                self._record({"op": "drop", "id": audience_id})
-                self._flush()
+    def _audiences(self) -> dict[str, Any]:
+        return self.audiences
 
-    def between_runs(self) -> None:
-        """Roll `faults.audience_deletion_rate` for each audience, as if time passed between two runs."""
-        with self._lock:
-            for aid in list(self.audiences):
-                if self.faults.deletes_audience():
-                    self.delete_audience(aid)
-
-    # ------------------------------------------------------------------ inspection
 
     def members(self, audience_id: str) -> set[tuple[str, ...]]:
         with self._lock:
