@@ -250,3 +250,21 @@ def test_members_expire_from_the_list_after_membership_days(emu: DataManagerEmul
     assert dest.audience_status(a).size_lower == 1
     clock.advance(1)
     assert dest.audience_status(a).size_lower == 0 and emu.members(a.audience_id) == set()
+
+
+def test_a_column_batch_makes_the_same_request_members_as_member_by_member() -> None:
+    import os
+
+    import pyarrow as pa
+
+    from connector.destinations.base import MemberBatch
+    from connector.destinations.google.datamanager_client import member_json, members_json
+
+    n = 9
+    digest = pa.array([os.urandom(32) if i % 3 else None for i in range(n)], pa.binary())
+    phone = pa.array([os.urandom(32) if i % 2 else None for i in range(n)], pa.binary())
+    batch = MemberBatch(pa.array([os.urandom(16) for _ in range(n)], pa.binary()), {"email": digest, "phone": phone},
+                        pa.array(range(n), pa.uint8()))  # every consent code 0..8
+    assert members_json(batch) == [member_json(m) for m in batch]
+    assert members_json(batch, with_consent=False) == [member_json(m, with_consent=False) for m in batch]
+    assert any("consent" in m for m in members_json(batch)) and not any("consent" in m for m in members_json(batch, with_consent=False))
