@@ -26,8 +26,9 @@ FIRST = ["Mary", "José", "Anna", "Liam", "Noah", "Emma", "Olivia", "Lucas", "Mi
 LAST = ["Smith", "García", "Müller", "Johnson", "Brown", "O'Neil", "Dubois", "Rossi", "Nowak", "Silva",
         "Taylor", "Martin", "Lee", "Walker", "Young", "King", "Wright", "Lopez", "Hill", "Scott"]
 DOMAINS = ["gmail.com", "example.com", "shop-mail.com", "googlemail.com", "yahoo.com", "outlook.com"]
-REGIONS = [("US", "+1", "{a}{b}{c}-{d}{e}{f}-{g}{h}{i}{j}"), ("GB", "+44", "07{a}{b}{c} {d}{e}{f}{g}{h}{i}"),
+REGIONS = [("US", "+1", "{npa}-{d}{e}{f}-{g}{h}{i}{j}"), ("GB", "+44", "07{a}{b}{c} {d}{e}{f}{g}{h}{i}"),
            ("DE", "+49", "0151 {a}{b}{c}{d}{e}{f}{g}{h}")]
+US_AREA_CODES = ["212", "312", "415", "512", "617", "646", "702", "713", "206", "305"]
 ZIPS = {"US": ["94107", "10001-1234", "60614", "73301"], "GB": ["SW1A 1AA", "EC1A 1BB"], "DE": ["10115", "80331"]}
 
 
@@ -41,7 +42,8 @@ def person(rng: random.Random, i: int) -> dict[str, str]:
     if rng.random() < 0.3:
         email = f"  {email.upper()} "
     country, cc, fmt = rng.choice(REGIONS)
-    digits = {k: str(rng.randint(2 if k == "a" else 0, 9)) for k in "abcdefghij"}
+    digits = {k: str(rng.randint(2 if k in "ad" else 0, 9)) for k in "abcdefghij"}
+    digits["npa"] = rng.choice(US_AREA_CODES)  # assigned area codes: phonenumbers drops numbers in others
     phone = fmt.format(**digits)
     if rng.random() < 0.3:
         phone = cc + " " + phone.lstrip("0")
