@@ -199,7 +199,7 @@ class Planner:
             parts.append(f"(CASE WHEN {v} IN ({granted}) THEN 1 WHEN {v} IN ({denied}) THEN 2 ELSE {d} END)")
         return f"(3 * {parts[0]} + {parts[1]})::UTINYINT"
 
-    def _pass_sql(self, src: str, dedupe: bool) -> str:
+    def _pass_sql(self, src: str, dedupe: bool, filtered: bool = False) -> str:
         """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
         pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
         source, `onI` on the platform before the run; then the normalized columns of rows to normalize."""
@@ -239,6 +239,11 @@ class Planner:
             todo.append(f"(pres AND k IS NOT NULL AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
+        if filtered:
+            # only the rows to plan go on (to normalization, and out of DuckDB): changed, new, key-less, departed
+            keep = " OR ".join([anytodo, "(pres AND k IS NULL)",
+                                *(f"left{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None)])  # fmt: skip
+            t = f"SELECT * FROM ({t}) WHERE {keep}"
         outs = ["pres", "kk AS k", "fp", "pres AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
         for i, p in enumerate(self.plans):
             if p.input.resolved is not None:
@@ -273,8 +278,9 @@ class Planner:
         Without member files (a first run) every row streams from the source into each pair's new base.
         With them, only the rows to normalize and the members who left come out of DuckDB: the unchanged
         rows are what is left of the source's row count once those are taken away."""
-        sql = self._pass_sql(src, dedupe)
         ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.resolved is not None]
+        filtered = bool(ledgered) and len(ledgered) == len(self.plans) and not dedupe
+        sql = self._pass_sql(src, dedupe, filtered)
         self.source_rows = 0
         for plan in self.plans:
             if plan.input.resolved is None and not self.dry_run:
@@ -283,15 +289,11 @@ class Planner:
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
         new_keys: list[Prefixes] = []  # first 8 bytes of each new key (duplicate check)
         known: dict[int, int] = {}
-        filtered = bool(ledgered) and len(ledgered) == len(self.plans) and not dedupe
         try:
             for i, plan in ledgered:
                 n, on = self.con.execute(f"SELECT count(*), count(*) FILTER (WHERE st = {ON}) FROM "
                                          f"({plan.input.resolved}) WHERE kind = {MEMBER}").fetchall()[0]  # fmt: skip
                 known[i], plan.counts.audience_before = int(n), int(on)
-            if filtered:
-                wanted = " OR ".join(["anytodo", "nokey", *(f"left{i}" for i, _ in ledgered)])
-                sql = f"SELECT * FROM ({sql}) WHERE {wanted}"
             for rb in prefetched(self.con.sql(sql).to_arrow_reader(self._batch_rows)):
                 self._batch(rb, new_keys)
                 if self._on_rows and not filtered:
