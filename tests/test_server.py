@@ -23,6 +23,8 @@ import uvicorn
 
 from connector.ledger.journal import Journal
 from connector.locks import Coordinator
+from connector.sandbox.google_datamanager import ApiError as DataManagerApiError
+from connector.sandbox.google_datamanager import DataManagerEmulator
 from connector.sandbox.meta_graph import MetaGraphEmulator
 from connector.sandbox.server import HttpRequest, HttpResponse
 from connector.server import SyncService, create_app, sign
@@ -75,7 +77,8 @@ class Running:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 10
-        while not self.server.started and time.time() < deadline:
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
             time.sleep(0.02)
 
     def post(self, body: bytes, *, ts: float | None = None, secret: str = SECRET, segment: str = "vip",
@@ -209,6 +212,55 @@ def test_schedule_during_a_webhook_run_does_not_overlap(held: tuple[Running, Hol
     runs = sorted(r.runs(), key=lambda x: str(x["started_at"]))
     assert [(x["trigger"], x["status"]) for x in runs] == [("webhook", "success"), ("schedule", "success")], runs
     assert str(runs[0]["ended_at"]) <= str(runs[1]["started_at"])
+
+
+class QuotaDataManager(DataManagerEmulator):
+    """A Data Manager emulator whose daily quota is used up until `quota_left` is set: every ingest is
+    refused with RESOURCE_EXHAUSTED, as the API answers then."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.quota_left = False
+        self.refused = 0
+        super().__init__(**kw)
+
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        if req.method == "POST" and req.path.endswith(":ingest") and not self.quota_left:
+            self.refused += 1
+            return DataManagerApiError("RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Requests per day'").response()
+        return super().handle(req)
+
+
+def test_quota_exhausted_stops_the_pair_without_retrying_and_the_next_trigger_resumes(tmp_path: Path) -> None:
+    with QuotaDataManager() as emu:
+        cfg = write_config(tmp_path)
+        cfg.write_text(cfg.read_text().replace('destinations = ["meta"]', 'destinations = ["google"]') + f"""
+[destinations.google]
+type = "google"
+customer_id = "1234567890"
+sandbox = true
+datamanager_endpoint = "{emu.url}"
+max_attempts = 8
+backoff_max_seconds = 0.01
+""")
+        r = Running(cfg)
+        try:
+            assert r.post(json.dumps({"event_id": "q1"}).encode()).status_code == 202
+            r.wait_idle()
+            (run,) = r.runs()
+            assert run["status"] == "failed" and "quota exhausted, will retry on the next run" in str(run["error"]), run
+            # stopped at once: one ingest, not max_attempts of them, and nothing queued to spin on
+            assert emu.refused == 1 and r.service.coord.pending() == []
+            assert r.service.engine.stats["google"].retries == 0
+            emu.quota_left = True  # the quota refills; the next trigger (a schedule in production) resumes
+            assert r.post(json.dumps({"event_id": "q2"}).encode()).status_code == 202
+            r.wait_idle()
+            runs = r.runs()
+            assert [x["status"] for x in runs] == ["success", "failed"], runs
+            assert runs[0]["counts"]["adds"] == 50 and emu.refused == 1  # type: ignore[index]
+            (members,) = (emu.members(lid) for lid in emu.lists)
+            assert len(members) == 50
+        finally:
+            r.stop()
 
 
 HOLD = """
