@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
+from connector.clock import FakeClock
 from connector.ledger.journal import Journal
 from connector.locks import Coordinator
 from connector.sandbox.google_datamanager import ApiError as DataManagerApiError
@@ -237,6 +237,7 @@ def test_quota_exhausted_stops_the_pair_without_retrying_and_the_next_trigger_re
 [destinations.google]
 type = "google"
 customer_id = "1234567890"
+customer_match_terms = "accepted"
 sandbox = true
 datamanager_endpoint = "{emu.url}"
 max_attempts = 8
@@ -305,19 +306,17 @@ def test_manual_sync_no_wait_exits_1_naming_the_holder(tmp_path: Path) -> None:
     ledger.close()
 
 
-def test_expired_lease_of_a_dead_holder_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lease clock is the coordinator's `now`, set by the test: no sleep, no race with the lease."""
-    import connector.locks
-
-    clock = [datetime(2026, 1, 1, tzinfo=UTC)]
-    monkeypatch.setattr(connector.locks, "now", lambda: clock[0])
+def test_expired_lease_of_a_dead_holder_is_taken_over(tmp_path: Path) -> None:
+    """The leases run on a clock the test moves: no sleep, no race with the lease."""
+    clock = FakeClock()
     ledger = Journal(f"sqlite:///{tmp_path / 'l.db'}")
-    dead = Coordinator(ledger, lease_seconds=60, holder="other-host:1:dead")  # another machine: no pid to check
-    alive = Coordinator(ledger, lease_seconds=60, holder="alive")
+    # another machine's holder: no pid to check, only its lease decides
+    dead = Coordinator(ledger, lease_seconds=60, holder="other-host:1:dead", clock=clock)
+    alive = Coordinator(ledger, lease_seconds=60, holder="alive", clock=clock)
     assert dead.try_acquire("s", "d") is None
-    clock[0] += timedelta(seconds=59)
+    clock.advance(59)
     assert alive.try_acquire("s", "d") == "other-host:1:dead"  # the lease still runs
-    clock[0] += timedelta(seconds=2)
+    clock.advance(2)
     assert alive.try_acquire("s", "d") is None  # expired: taken over
     assert dead.try_acquire("s", "d") == "alive"
     ledger.close()
