@@ -21,14 +21,17 @@ def test_retries_only_retriable_and_counts() -> None:
     assert stats.retries == 2 and stats.by_code == {"UNAVAILABLE": 2} and len(waits) == 2
     for exc in (FatalError("no"), QuotaExhaustedError("quota")):
         n = {"c": 0}
+        quiet: list[float] = []
+        after = RetryStats()
 
         def fail(e: Exception = exc, counter: dict[str, int] = n) -> None:
             counter["c"] += 1
             raise e
 
         with pytest.raises(type(exc)):
-            RetryPolicy(max_attempts=5, sleep=waits.append).call(fail, what="x")
-        assert n["c"] == 1  # never retried
+            RetryPolicy(max_attempts=5, sleep=quiet.append).call(fail, what="x", stats=after)
+        # never retried, never waited for: a used-up quota stops the pair at once (no spin)
+        assert n["c"] == 1 and quiet == [] and after.retries == 0 and after.by_code == {}
 
 
 def test_throttle_waits_for_the_platform_but_never_beyond_the_cap() -> None:

@@ -130,7 +130,8 @@ destinations = ["meta"]
                 return await asyncio.gather(*(one(*req) for req in batch))
 
         rng = random.Random(6)
-        asyncio.run(fire(requests(rng, 100)))  # warm up: imports, first sync, caches
+        warm = asyncio.run(fire(requests(rng, 100)))  # warm up: imports, first sync, caches
+        assert all(status < 500 for _, status in warm) and ("signed", 202) in warm, warm
         wait_idle(base)  # the first sync (SDK imports, emulator) is done before the baseline is read
         before = rss_kib(server.pid)
         batch = requests(rng, 2000)

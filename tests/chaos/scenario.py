@@ -2,11 +2,17 @@
 processes into the three emulators (Meta Graph, Google Data Manager, Google Ads offline jobs), which
 run in this process with their fault knobs on. At random points the sync process is killed with
 SIGKILL and started again. After the last step and at most two clean runs, every audience must equal
-the segment's hashed members exactly, and the ledger must agree with every emulator.
+the segment's members as the reference normalizer (tests/reference_normalize.py, written from the
+platforms' documents, not from `connector.identifiers`) says the platform is sent them, and the ledger
+must agree with every emulator. A scenario that killed no process or injected no fault is a failure:
+it would have tested nothing.
 
-Everything random comes from the scenario's seed (the segment, its changes, the fault knobs, when
+Everything random comes from the scenario's seed (the segment, its changes, the fault knobs, where
 kills happen), so a failing seed can be replayed: `python benchmarks/chaos.py --seeds 1 --first SEED -v`.
-Kill points are times, so what a kill interrupts also depends on the machine's speed.
+A kill point is a count, not a time: the process is killed at its N-th write request to the emulators,
+either before the platform applies it or after it did and before the process reads the answer. What
+stays timing-dependent: the emulators' 0.3 s processing delay (a request still pending when a run
+reconciles it) and the throttling waits.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from connector.identifiers.normalize import Normalizer
 from connector.ledger.files import MEMBER, ON, OWED, TO_SEND
@@ -34,14 +43,28 @@ from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.google_ads import GoogleAdsEmulator
 from connector.sandbox.google_datamanager import DataManagerEmulator
 from connector.sandbox.meta_graph import MetaGraphEmulator
+from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
 from connector.sandbox.tls import ROOTS_ENV, localhost_certificate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from reference_normalize import payload as reference_payload
 
 TOKEN = "chaos-meta-token-5f1e9c"
 FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
 IDS = ["email", "phone", "first_name", "last_name", "zip", "country"]
+# odd seeds map only email and phone: the connector normalizes those in SQL (connector/identifiers/sql.py);
+# even seeds map all six, which go through its Python rules: the two paths are checked alike
+SQL_IDS = ["email", "phone"]
+
+
+def mapped(seed: int) -> list[str]:
+    return SQL_IDS if seed % 2 else IDS
 DESTINATIONS = ("meta", "google_dm", "google_jobs")
-FIRST = ["Mary", "José", "Zoë", "Li", "Ahmed", "Åsa", "Chloé", "Björn"]
-LAST = ["Smith", "García", "Müller", "O'Neil", "Nguyen", "Dubois", "Rossi"]
+FIRST = ["Mary", "José", "Zoë", "Li", "Ahmed", "Åsa", "Chloé", "Björn", "Jean-Luc", "Dr. Anne"]
+LAST = ["Smith", "García", "Müller", "O'Neil", "Nguyen", "Dubois", "Rossi", "Smith Jr.", "Ruiz-Ortega"]
+# where the normalization rules differ: Gmail dots and +tags (Google drops them, Meta keeps them),
+# upper case, googlemail.com, other domains that keep their dots and tags
+DOMAINS = ["Example.com", "gmail.com", "GMAIL.com", "googlemail.com", "shop.co.uk"]
 
 
 @dataclass
@@ -53,6 +76,7 @@ class Outcome:
     source_failures: int = 0
     full_refreshes: int = 0
     faults: dict[str, int] = field(default_factory=dict)
+    writes: int = 0  # write requests the emulators received from sync processes
     mismatches: list[str] = field(default_factory=list)
     seconds: float = 0.0
     log: list[str] = field(default_factory=list)
@@ -65,8 +89,9 @@ class Outcome:
 class Segment:
     """The segment as the shop sees it: rows keyed by customer id, mutated step by step."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, ids: list[str]) -> None:
         self.rng = rng
+        self.ids = ids  # the identifier fields the segment maps
         self.next_id = 0
         self.rows: dict[str, dict[str, str]] = {}
         for _ in range(rng.randint(40, 160)):
@@ -74,13 +99,16 @@ class Segment:
 
     def person(self, i: int) -> dict[str, str]:
         r = self.rng
-        email = f"{r.choice(['', ' ', 'Mr.'])}{r.choice(FIRST)}.{i}@{r.choice(['Example.com', 'gmail.com', 'shop.co.uk'])}"
-        phone = r.choice([f"+1 415 555 {i % 10000:04d}", f"(415) 555-{i % 10000:04d}", f"+44 20 7946 {i % 10000:04d}"])
+        local = f"{r.choice(['', ' ', 'Mr.'])}{r.choice(FIRST).replace(' ', '')}.{i}{r.choice(['', '', '+promo', '.x+Tag'])}"
+        email = f"{local}@{r.choice(DOMAINS)}"
+        country = r.choice(["US", "US", "GB", ""])
+        phone = r.choice([f"+1 415 555 {i % 10000:04d}", f"(415) 555-{i % 10000:04d}", f"+44 20 7946 {i % 10000:04d}",
+                          f"020 7946 {i % 10000:04d}", f"001 415 555 {i % 10000:04d}"])  # fmt: skip
         if r.random() < 0.08:  # garbage a shop really has: some identifiers are unusable
             email, phone = r.choice(["n/a", "", "@@", "x@"]), r.choice(["", "123", "call me"])
         return {"customer_id": f"C{i}", "email": email.strip(), "phone": phone, "first_name": r.choice(FIRST),
-                "last_name": r.choice(LAST), "zip": r.choice(["94107", "10001", "SW1A 1AA"]),
-                "country": r.choice(["US", "US", "GB"]), "consent": "denied" if r.random() < 0.1 else "granted"}  # fmt: skip
+                "last_name": r.choice(LAST), "zip": r.choice(["94107", "10001-1234", "SW1A 1AA", " ec1a 1bb "]),
+                "country": country, "consent": "denied" if r.random() < 0.1 else "granted"}  # fmt: skip
 
     def add(self) -> None:
         row = self.person(self.next_id)
@@ -119,13 +147,13 @@ class Segment:
         tmp.replace(path)
 
     def expected(self, platform: str, meta_faults: FaultKnobs | None = None) -> dict[str, frozenset[tuple[str, str]]]:
-        """customer id -> the hashed member the platform should hold."""
-        n = Normalizer(platform, IDS, "US")  # type: ignore[arg-type]
+        """customer id -> the member the platform should hold, as the reference normalizer sends it
+        (only the segment's mapped identifier fields, default region US)."""
         out: dict[str, frozenset[tuple[str, str]]] = {}
         for key, row in self.rows.items():
             if platform == "google" and row["consent"] == "denied":
                 continue
-            payload = n.normalize({k: row[k] for k in IDS}).payload
+            payload = reference_payload(platform, {k: row[k] for k in self.ids}, "US")
             if not payload:
                 continue
             if meta_faults is not None and any(meta_faults.rejects(v, count=False) for k, v in payload.items() if k != "EXTERN_ID"):
@@ -134,27 +162,143 @@ class Segment:
         return out
 
 
+@dataclass(frozen=True)
+class KillPoint:
+    """Kill the sync process at its `write`-th write request to any emulator (counted from 1 across
+    all three): before the platform applies it, or (`after_apply`) once the platform has applied it
+    and before the process reads the answer. When that request is refused by an injected fault, the
+    kill moves to the next write the platform applies. A run with fewer writes is not killed."""
+
+    write: int
+    after_apply: bool
+
+    def __str__(self) -> str:
+        return f"write {self.write} {'after' if self.after_apply else 'before'} the platform applied it"
+
+
+class KillSwitch:
+    """Counts the write requests of the sync process being run and SIGKILLs it at its kill point,
+    from inside the emulator that received the request (so the kill lands on the same request on any
+    machine, however fast). Write requests arriving when no process is armed are not counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._point: KillPoint | None = None
+        self._due = False
+        self.writes = 0
+        self.fired = False
+
+    @contextmanager
+    def armed(self, start: Callable[[], subprocess.Popen[bytes]], point: KillPoint | None) -> Iterator[subprocess.Popen[bytes]]:
+        with self._lock:  # held while the process starts: no request can be counted before it is known
+            self._proc, self._point, self._due, self.writes, self.fired = None, point, False, 0, False
+            self._proc = start()
+        try:
+            yield self._proc
+        finally:
+            with self._lock:
+                self._proc = None
+
+    def before_write(self) -> bool:
+        """A write request arrived. True when the process was just killed and the platform must not
+        apply the request (the caller drops the connection)."""
+        with self._lock:
+            if self._proc is None or self.fired:
+                return False
+            self.writes += 1
+            if self._point is None or self.writes < self._point.write:
+                return False
+            if self._point.after_apply:
+                self._due = True
+                return False
+            self._kill()
+            return True
+
+    def after_write(self) -> None:
+        """The platform applied a write request and is about to answer it."""
+        with self._lock:
+            if self._due and not self.fired and self._proc is not None:
+                self._kill()
+
+    def _kill(self) -> None:
+        assert self._proc is not None
+        self._proc.kill()  # SIGKILL: pending before the answer is written, so the process never reads it
+        self.fired = True
+
+
+class KillableMeta(MetaGraphEmulator):
+    def __init__(self, switch: KillSwitch, **kw: Any) -> None:
+        self.switch = switch
+        super().__init__(**kw)
+
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        return _killable_http(self.switch, req, super().handle)
+
+
+class KillableDataManager(DataManagerEmulator):
+    def __init__(self, switch: KillSwitch, **kw: Any) -> None:
+        self.switch = switch
+        super().__init__(**kw)
+
+    def handle(self, req: HttpRequest) -> HttpResponse:
+        return _killable_http(self.switch, req, super().handle)
+
+
+def _killable_http(switch: KillSwitch, req: HttpRequest, handle: Callable[[HttpRequest], HttpResponse]) -> HttpResponse:
+    if req.method == "GET":
+        return handle(req)
+    if switch.before_write():
+        raise DropConnection()
+    resp = handle(req)
+    if resp.status < 300:
+        switch.after_write()
+    return resp
+
+
+class KillableAds(GoogleAdsEmulator):
+    def __init__(self, switch: KillSwitch, **kw: Any) -> None:
+        self.switch = switch
+        super().__init__(**kw)
+
+    def _wrap(self, fn: Callable[[Any, grpc.ServicerContext], Any], write: bool) -> Callable[[Any, grpc.ServicerContext], Any]:
+        inner = super()._wrap(fn, write)
+        if not write:
+            return inner
+        switch = self.switch
+
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            if switch.before_write():
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the client was killed")
+            result = inner(request, context)  # an injected fault aborts: nothing applied, no kill here
+            switch.after_write()
+            return result
+
+        return handler
+
+
 class Emulators:
-    def __init__(self, rng: random.Random, seed: int, faults_on: bool = True) -> None:
+    def __init__(self, rng: random.Random, seed: int) -> None:
+        self.switch = KillSwitch()
+
         def knobs(errors: dict[str, float], **kw: Any) -> FaultKnobs:
-            if not faults_on:
-                return FaultKnobs(seed=seed)
-            return FaultKnobs(error_rates=errors, throttle_rate=rng.uniform(0, 0.1), throttle_retry_after=0.05,
-                              latency_seconds=rng.uniform(0.0, 0.08), drop_rate=rng.uniform(0, 0.1),
+            # every kind of fault has a floor: a scenario with no fault at all tests nothing
+            return FaultKnobs(error_rates=errors, throttle_rate=rng.uniform(0.02, 0.1), throttle_retry_after=0.05,
+                              latency_seconds=rng.uniform(0.0, 0.08), drop_rate=rng.uniform(0.02, 0.1),
                               drop_after_apply=rng.random() < 0.5, seed=seed, **kw)  # fmt: skip
 
-        self.meta = MetaGraphEmulator(expected_token=TOKEN,
-                                      faults=knobs({"2": rng.uniform(0, 0.15)}, reject_rate=rng.choice([0, 0.05])))  # fmt: skip
-        self.dm = DataManagerEmulator(faults=knobs({"UNAVAILABLE": rng.uniform(0, 0.2), "ABORTED": rng.uniform(0, 0.05)}),
-                                      processing_delay_seconds=rng.choice([0.0, 0.3]))  # fmt: skip
+        self.meta = KillableMeta(self.switch, expected_token=TOKEN,
+                                 faults=knobs({"2": rng.uniform(0.03, 0.15)}, reject_rate=rng.choice([0, 0.05])))  # fmt: skip
+        self.dm = KillableDataManager(self.switch, processing_delay_seconds=rng.choice([0.0, 0.3]),
+                                      faults=knobs({"UNAVAILABLE": rng.uniform(0.03, 0.2), "ABORTED": rng.uniform(0, 0.05)}))  # fmt: skip
 
         def seed_size(list_id: str) -> int | None:
             entry = self.dm.lists.get(list_id)
             return None if entry is None else len(entry["members"])
 
-        self.ads = GoogleAdsEmulator(faults=knobs({"CONCURRENT_MODIFICATION": rng.uniform(0, 0.1),
-                                                   "TRANSIENT_ERROR": rng.uniform(0, 0.1)}),
-                                     processing_delay_seconds=rng.choice([0.0, 0.3]), seed_sizes=seed_size)  # fmt: skip
+        self.ads = KillableAds(self.switch, faults=knobs({"CONCURRENT_MODIFICATION": rng.uniform(0.02, 0.1),
+                                                          "TRANSIENT_ERROR": rng.uniform(0.02, 0.1)}),
+                               processing_delay_seconds=rng.choice([0.0, 0.3]), seed_sizes=seed_size)  # fmt: skip
 
     @contextmanager
     def running(self) -> Iterator[Emulators]:
@@ -177,7 +321,7 @@ class Emulators:
         return {frozenset((k, v) for k, v in row if v) for row in emu.members(audience_id)}
 
 
-def write_config(workdir: Path, emus: Emulators, segment: str, ledger_url: str | None) -> Path:
+def write_config(workdir: Path, emus: Emulators, segment: str, ids: list[str], ledger_url: str | None) -> Path:
     cfg = workdir / "connector.toml"
     retry = "max_attempts = 12\nbackoff_max_seconds = 0.2\ntimeout_seconds = 10"
     cfg.write_text(f"""state_dir = "state"
@@ -206,7 +350,7 @@ google_ads_endpoint = "{emus.ads.endpoint}"
 [segments.{segment}]
 source = {{ type = "csv", path = "members.csv" }}
 key = "customer_id"
-identifiers = {{ email = "email", phone = "phone", first_name = "first_name", last_name = "last_name", zip = "zip", country = "country" }}
+identifiers = {{ {", ".join(f'{f} = "{f}"' for f in ids)} }}
 consent = {{ ad_user_data_column = "consent" }}
 destinations = {list(DESTINATIONS)!r}
 """.replace("'", '"'), encoding="utf-8")  # fmt: skip
@@ -214,32 +358,34 @@ destinations = {list(DESTINATIONS)!r}
 
 
 class Syncer:
-    """Starts `connector sync` processes and kills them with SIGKILL when told to."""
+    """Starts `connector sync` processes; the emulators' kill switch SIGKILLs one at its kill point."""
 
-    def __init__(self, workdir: Path, cfg: Path) -> None:
-        self.workdir, self.cfg = workdir, cfg
+    def __init__(self, workdir: Path, cfg: Path, switch: KillSwitch) -> None:
+        self.workdir, self.cfg, self.switch = workdir, cfg, switch
         self.env = {**os.environ, "CONNECTOR_DESTINATIONS__META__ACCESS_TOKEN": TOKEN,
                     ROOTS_ENV: os.environ[ROOTS_ENV], "PYTHONUNBUFFERED": "1"}  # fmt: skip
         self.n = 0
+        self.writes = 0  # write requests of every run so far
 
-    def run(self, kill_after: float | None, timeout: float = 120,
-            *args: str) -> tuple[int | None, dict[str, Any] | None, str]:  # fmt: skip
-        """(exit code or None when killed, the --json document, stderr)."""
+    def run(self, kill: KillPoint | None, *args: str, timeout: float = 120) -> tuple[int | None, dict[str, Any] | None, str]:
+        """(exit code or None when killed, the --json document, stderr). `timeout` only guards against a
+        hung process (a failure); kills come from the kill point."""
         self.n += 1
         out, err = self.workdir / f"run{self.n}.out", self.workdir / f"run{self.n}.err"
+        cmd = [sys.executable, "-m", "connector", "sync", "--config", str(self.cfg), "--json", *args]
         with out.open("wb") as fo, err.open("wb") as fe:
-            proc = subprocess.Popen([sys.executable, "-m", "connector", "sync", "--config", str(self.cfg), "--json", *args],
-                                    stdout=fo, stderr=fe, env=self.env, cwd=self.workdir)  # fmt: skip
-            try:
-                proc.wait(timeout=kill_after if kill_after is not None else timeout)
-            except subprocess.TimeoutExpired:
-                if kill_after is None:
+            start = lambda: subprocess.Popen(cmd, stdout=fo, stderr=fe, env=self.env, cwd=self.workdir)  # noqa: E731
+            with self.switch.armed(start, kill) as proc:
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
                     raise AssertionError(f"sync did not finish in {timeout} s: {err.read_text()[-2000:]}") from None
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return None, None, err.read_text(errors="replace")
+        self.writes += self.switch.writes
+        if self.switch.fired:
+            assert proc.returncode == -signal.SIGKILL, f"killed at {kill}, yet exit {proc.returncode}"
+            return None, None, err.read_text(errors="replace")
         text = out.read_text()
         return proc.returncode, (json.loads(text) if text.strip() else None), err.read_text(errors="replace")
 
@@ -283,7 +429,7 @@ def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome, name: str,
             if have != want:
                 out.mismatches.append(f"{dest}: platform has {len(have)}, segment {len(want)}: "
                                       f"{len(have - want)} extra, {len(want - have)} missing")  # fmt: skip
-            keys = Normalizer(platform, IDS, "US").schema()
+            keys = Normalizer(platform, seg.ids, "US").schema()
             rows = read_pair(ledger, workdir / "state" / "members", name, dest, keys).to_pylist()
             present = {frozenset((k, r[k]) for k in keys if r[k]) for r in rows if r["kind"] == MEMBER and r["st"] == ON}
             if present != have:
@@ -296,6 +442,10 @@ def check(seg: Segment, emus: Emulators, workdir: Path, out: Outcome, name: str,
         ledger.close()
 
 
+FIRST_KILL_WRITES = 5  # the first run's kill point: one of its first five write requests
+KILL_WRITES = 14  # later runs: one of their first 14 (a run of a step writes about 10 to 15 times, Google Ads last)
+
+
 def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float = 0.5, verbose: bool = False,
                  ledger_url: str | None = None) -> Outcome:
     """`ledger_url`: a PostgreSQL ledger instead of the SQLite file (shared: the segment gets a unique name)."""
@@ -304,7 +454,7 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
     rng = random.Random(seed)
     out = Outcome(seed=seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    seg = Segment(rng)
+    seg = Segment(rng, mapped(seed))
     emus = Emulators(rng, seed)
 
     def note(msg: str) -> None:
@@ -314,7 +464,7 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
 
     with emus.running():
         name = f"chaos_{seed}_{uuid.uuid4().hex[:8]}" if ledger_url else "chaos"
-        syncer = Syncer(workdir, write_config(workdir, emus, name, ledger_url))
+        syncer = Syncer(workdir, write_config(workdir, emus, name, seg.ids, ledger_url), emus.switch)
         csv_path = workdir / "members.csv"
         for step in range(steps):
             out.steps += 1
@@ -328,26 +478,31 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
                 if code != 1 or "members.csv" not in err:
                     out.mismatches.append(f"step {step}: a missing source gave exit {code}: {err[-500:]}")
             seg.write(csv_path)
-            note(f"step {step}: {what}, {len(seg.rows)} rows")
-            for _attempt in range(3):
-                kill_after = rng.uniform(0.6, 3.0) if rng.random() < kill_rate else None
-                code, doc, err = syncer.run(kill_after)
+            note(f"step {step}: {what}, {len(seg.rows)} rows" + (f", mapped {', '.join(seg.ids)}" if step == 0 else ""))
+            for attempt in range(3):
+                # the scenario's first run is always killed (its first sync writes to all three
+                # emulators, at least six write requests); later runs at random
+                first = step == 0 and attempt == 0
+                armed = rng.random() < kill_rate or first
+                point = KillPoint(rng.randint(1, FIRST_KILL_WRITES if first else KILL_WRITES), rng.random() < 0.5)
+                code, doc, err = syncer.run(point if armed else None)
                 out.runs += 1
                 if code is None:
                     out.kills += 1
-                    note(f"step {step}: killed after {kill_after:.2f} s")
+                    note(f"step {step}: killed at {point}")
                     if rng.random() < 0.5:
                         break  # the segment changes again before anyone restarts the sync
                     continue
-                note(f"step {step}: exit {code} " + " ".join(f"{r['destination']}:{r['status']}+{r['adds']}-{r['removes']}"
-                                                            for r in (doc or {}).get("runs", [])))  # fmt: skip
+                note(f"step {step}: exit {code} after {syncer.switch.writes} writes"
+                     + (f" (the kill at write {point.write} never came)" if armed else "") + " "
+                     + " ".join(f"{r['destination']}:{r['status']}+{r['adds']}-{r['removes']}" for r in (doc or {}).get("runs", [])))  # fmt: skip
                 if code != 0:
                     note(f"stderr: {err[-800:]}")
                 break
             if step and rng.random() < 0.15:
                 # a full refresh (replace) under faults; never killed: a Meta audience whose replace session
                 # was abandoned refuses every change for the platform's 90-minute window
-                code, doc, err = syncer.run(None, 120, "--full-refresh")
+                code, doc, err = syncer.run(None, "--full-refresh")
                 out.runs += 1
                 out.full_refreshes += 1
                 note(f"step {step}: full refresh -> exit {code} " + " ".join(
@@ -369,6 +524,11 @@ def run_scenario(seed: int, workdir: Path, *, steps: int = 4, kill_rate: float =
             out.mismatches.append(f"the second clean run still changed something: {runs}")
         check(seg, emus, workdir, out, name, ledger_url)
     out.faults = emus.faults()
+    out.writes = syncer.writes
+    if out.kills == 0:
+        out.mismatches.append("no sync process was killed: the scenario tested no crash")
+    if out.faults_injected == 0:
+        out.mismatches.append("no fault was injected: the scenario tested no platform failure")
     out.seconds = time.monotonic() - started
     return out
 
@@ -380,5 +540,5 @@ def summary(outcomes: list[Outcome]) -> str:
     faults = sum(o.faults_injected for o in outcomes)
     return (f"chaos: {len(outcomes)} scenarios, {sum(o.runs for o in outcomes)} sync processes, {faults} faults injected, "
             f"{sum(o.kills for o in outcomes)} kills, {sum(o.source_failures for o in outcomes)} source failures, "
-            f"{sum(o.full_refreshes for o in outcomes)} full refreshes, "
+            f"{sum(o.full_refreshes for o in outcomes)} full refreshes, {sum(o.writes for o in outcomes)} write requests, "
             f"{sum(len(o.mismatches) for o in outcomes)} mismatches")  # fmt: skip

@@ -1,6 +1,7 @@
 """The chaos convergence suite, CI subset: a few seeds of tests/chaos/scenario.py. Each scenario runs
-real `connector sync` processes, SIGKILLs some of them, and checks that every emulator audience and
-the ledger end up equal to the segment. `python benchmarks/chaos.py --seeds 200` runs the full suite."""
+real `connector sync` processes, SIGKILLs some of them at chosen write requests, injects platform
+faults, and checks that every emulator audience equals what the reference normalizer says the
+platform holds, and that the ledger agrees. `python benchmarks/chaos.py --seeds 200` runs the full suite."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ PG = os.environ.get("CONNECTOR_TEST_POSTGRES_URL")
 def test_audiences_converge_after_faults_and_kills(seed: int, tmp_path: Path) -> None:
     out = run_scenario(seed, tmp_path)
     OUTCOMES.append(out)
-    assert out.runs >= out.steps + 2
+    assert out.kills > 0 and out.faults_injected > 0, (out.kills, out.faults)  # a scenario that tested something
     assert out.mismatches == [], "\n".join([*out.mismatches, *out.log])
 
 
@@ -30,4 +31,5 @@ def test_audiences_converge_after_faults_and_kills(seed: int, tmp_path: Path) ->
 def test_audiences_converge_with_a_postgresql_ledger(seed: int, tmp_path: Path) -> None:
     out = run_scenario(seed, tmp_path, ledger_url=PG)
     OUTCOMES.append(out)
+    assert out.kills > 0 and out.faults_injected > 0, (out.kills, out.faults)
     assert out.mismatches == [], "\n".join([*out.mismatches, *out.log])
