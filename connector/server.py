@@ -84,8 +84,8 @@ class SyncService:
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Finish and commit the batch in flight; leave queued work queued."""
-        log.info("shutting down: the batch in flight is finished and committed, queued syncs stay queued")
         self.stop.set()
+        log.info("shutting down: the batch in flight is finished and committed, queued syncs stay queued")
         self._wake.set()
         for t in self._threads:
             t.join(timeout=timeout)
