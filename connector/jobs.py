@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision
+from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision, builtin_tasks
 from procrastinate.exceptions import AlreadyEnqueued, ProcrastinateException, UniqueViolation
 from procrastinate.jobs import Job, Status
 from procrastinate.schema import SchemaManager
@@ -108,6 +108,7 @@ def build_app(settings: ConnectorSettings, runner: Callable[[], Runner] | None =
     cfg = settings.workers
     if cfg is None:
         raise ConfigError("the job queue needs a [workers] table with url = \"postgresql://...\"")
+    _quiet_procrastinate()
     app = App(connector=PsycopgConnector(conninfo=conninfo(cfg)))
 
     def sync_segment(context: JobContext, segment: str, destinations: list[str] | None = None,
@@ -129,6 +130,10 @@ def build_app(settings: ConnectorSettings, runner: Callable[[], Runner] | None =
     retry = SyncRetry(cfg.max_attempts, cfg.backoff_seconds)
     app.task(name=SYNC_TASK, queue=cfg.queue, pass_context=True, retry=retry)(sync_segment)
     scheduled = app.task(name=SCHEDULED_TASK, queue=cfg.queue, pass_context=True, retry=retry)(scheduled_sync)
+    # finished jobs stay in the job table (the run queue's history) for keep_jobs_hours
+    app.periodic(cron="17 * * * *", periodic_id="connector-cleanup", queue=cfg.queue,
+                 task_kwargs={"max_hours": cfg.keep_jobs_hours, "remove_failed": True, "remove_cancelled": True,
+                              "remove_aborted": True})(builtin_tasks.remove_old_jobs)  # fmt: skip
     for name, seg in settings.segments.items():
         if seg.schedule:
             app.periodic(cron=seg.schedule, periodic_id=name, lock=segment_lock(name), queueing_lock=segment_lock(name),
@@ -202,7 +207,7 @@ class JobQueue:
     def pending(self) -> list[str]:
         assert self.settings.workers is not None
         jobs = self.app.job_manager.list_jobs(queue=self.settings.workers.queue, status=Status.TODO.value)
-        return sorted({str(j.task_kwargs.get("segment")) for j in jobs})
+        return sorted({str(j.task_kwargs["segment"]) for j in jobs if j.task_kwargs.get("segment")})
 
 
 def _json(kwargs: dict[str, Any]) -> dict[str, JSONValue]:
@@ -282,7 +287,7 @@ class Worker:
             work = asyncio.create_task(self.app.run_worker_async(
                 queues=[self.cfg.queue], name=self.name or "connector-worker", concurrency=1, wait=True,
                 install_signal_handlers=False, update_heartbeat_interval=self.cfg.heartbeat_seconds,
-                stalled_worker_timeout=self.cfg.stalled_after_seconds, delete_jobs="successful",
+                stalled_worker_timeout=self.cfg.stalled_after_seconds, delete_jobs="never",
             ))  # fmt: skip
 
             def stopping() -> None:

@@ -296,6 +296,7 @@ class WorkersConfig(_Strict):
     stalled_after_seconds: float = Field(
         default=60.0, gt=0, description="a worker silent this long is dead: its job is retried elsewhere"
     )
+    keep_jobs_hours: int = Field(default=72, ge=1, description="finished jobs stay in the job table this long")
 
     @field_validator("url")
     @classmethod

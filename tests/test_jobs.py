@@ -5,6 +5,7 @@ S3-compatible server (moto), the platforms' emulators - with a worker SIGKILLed 
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import signal
 import socket
@@ -217,7 +218,7 @@ def _overlaps(journal: Journal) -> list[str]:
     bad = []
     for pair, rs in by_pair.items():
         rs.sort(key=lambda r: r.started_at)
-        for a, b in zip(rs, rs[1:], strict=False):
+        for a, b in itertools.pairwise(rs):
             if a.ended_at is None or b.started_at < a.ended_at:
                 bad.append(f"{pair}: run {a.id} ({a.started_at}-{a.ended_at}) and run {b.id} ({b.started_at})")
     return bad
@@ -305,6 +306,20 @@ def test_workers_converge_with_a_worker_killed_mid_sync_and_one_added(tmp_path: 
         # the dead worker's job went back to the queue through procrastinate's heartbeats
         assert any("its worker stopped; queued again" in dep.log(w) or "the sync queued for its segment covers it" in dep.log(w)
                    for w in ("w2", "w3", "w4", "w1") if w != victim), [dep.log(w)[-2000:] for w in dep.procs]
+        # each schedule fired once per period, however many workers ran its deferrer (jobs are kept)
+        import psycopg
+
+        with psycopg.connect(_plain(pg_database)) as conn:
+            fired = conn.execute("SELECT args->>'segment', (args->>'timestamp')::bigint FROM procrastinate_jobs "
+                                 "WHERE task_name = 'connector.scheduled_sync'").fetchall()  # fmt: skip
+        ticks: dict[str, list[int]] = {}
+        for seg_name, ts in fired:
+            ticks.setdefault(seg_name, []).append(int(ts))
+        assert set(ticks) == scheduled
+        elapsed = time.time() - t0
+        for seg_name, stamps in ticks.items():
+            assert len(stamps) == len(set(stamps)), (seg_name, sorted(stamps))  # no tick deferred twice
+            assert all(t % 4 == 0 for t in stamps) and 2 <= len(stamps) <= elapsed / 4 + 2, (seg_name, stamps, elapsed)
         # member files live on S3 only: each pair's pointer names objects that exist
         objects = set(s3.objects("ledger", "members"))
         for n in names:
