@@ -130,10 +130,14 @@ def build_app(settings: ConnectorSettings, runner: Callable[[], Runner] | None =
     retry = SyncRetry(cfg.max_attempts, cfg.backoff_seconds)
     app.task(name=SYNC_TASK, queue=cfg.queue, pass_context=True, retry=retry)(sync_segment)
     scheduled = app.task(name=SCHEDULED_TASK, queue=cfg.queue, pass_context=True, retry=retry)(scheduled_sync)
-    # finished jobs stay in the job table (the run queue's history) for keep_jobs_hours
-    app.periodic(cron="17 * * * *", periodic_id="connector-cleanup", queue=cfg.queue,
-                 task_kwargs={"max_hours": cfg.keep_jobs_hours, "remove_failed": True, "remove_cancelled": True,
-                              "remove_aborted": True})(builtin_tasks.remove_old_jobs)  # fmt: skip
+    async def remove_old_jobs(context: JobContext, timestamp: int) -> None:
+        # finished jobs stay in the job table (the run queue's history) for keep_jobs_hours
+        await builtin_tasks.remove_old_jobs(context, max_hours=cfg.keep_jobs_hours, queue=cfg.queue, remove_failed=True,
+                                            remove_cancelled=True, remove_aborted=True)  # fmt: skip
+
+    cleanup = app.task(name="connector.remove_old_jobs", queue=cfg.queue, pass_context=True,
+                       queueing_lock="connector:remove_old_jobs")(remove_old_jobs)  # fmt: skip
+    app.periodic(cron="17 * * * *", periodic_id="cleanup")(cleanup)
     for name, seg in settings.segments.items():
         if seg.schedule:
             app.periodic(cron=seg.schedule, periodic_id=name, lock=segment_lock(name), queueing_lock=segment_lock(name),

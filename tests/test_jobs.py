@@ -377,3 +377,28 @@ def _deployment_config(tmp: Path, db: str, s3: S3Server, meta_url: str, dm_url: 
     cfg = tmp / "connector.toml"
     cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return cfg
+
+
+@needs_pg
+def test_old_finished_jobs_are_removed_by_the_cleanup_task(tmp_path: Path, pg_database: str) -> None:
+    import psycopg
+
+    from connector.jobs import build_app, ensure_schema
+
+    settings = _settings(tmp_path, pg_database, {"a": ""})
+    assert settings.workers is not None
+    ensure_schema(settings.workers)
+    app = build_app(settings)
+    with app.open():
+        old = app.configure_task("connector.sync_segment", queue="connector").defer(segment="a")
+        app.configure_task("connector.remove_old_jobs", queue="connector").defer(timestamp=0)
+    with psycopg.connect(_plain(pg_database), autocommit=True) as conn:
+        # a sync that finished long ago (no worker ran it here)
+        conn.execute("UPDATE procrastinate_jobs SET status = 'succeeded' WHERE id = %s", (old,))
+        conn.execute("UPDATE procrastinate_events SET at = now() - interval '100 hours' WHERE job_id = %s", (old,))
+        conn.execute("INSERT INTO procrastinate_events (job_id, type, at) VALUES (%s, 'succeeded', now() - interval '99 hours')", (old,))
+    app.run_worker(queues=["connector"], wait=False, install_signal_handlers=False)
+    with psycopg.connect(_plain(pg_database)) as conn:
+        left = conn.execute("SELECT task_name, status FROM procrastinate_jobs").fetchall()
+    # the old sync is gone; the cleanup itself (and any hourly tick the worker deferred) succeeded
+    assert left and set(left) == {("connector.remove_old_jobs", "succeeded")}
