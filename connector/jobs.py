@@ -198,6 +198,8 @@ class JobQueue:
                 self.app.configure_task(
                     SYNC_TASK, queue=self.settings.workers.queue if self.settings.workers else None,
                     lock=segment_lock(segment), queueing_lock=segment_lock(segment),
+                    # a burst of triggers settles into the one queued job (it waits webhook_debounce_seconds)
+                    schedule_in={"seconds": self.settings.webhook_debounce_seconds},
                 ).defer(**_json({"segment": segment, "destinations": wanted, "trigger": trigger, "run_ids": run_ids}))
             except AlreadyEnqueued:
                 continue
