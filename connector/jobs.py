@@ -261,6 +261,8 @@ class Worker:
 
     def run_sync(self, segment: str, destinations: list[str] | None, trigger: str, run_ids: dict[str, int],
                  attempts: int) -> list[RunResult]:  # fmt: skip
+        if attempts:
+            run_ids = {}  # the first attempt used the queued runs: a retry records runs of its own
         closed = close_stale_runs(self.journal, self.coord, segment, self.settings.segments[segment].destinations,
                                   set(run_ids.values()))  # fmt: skip
         if closed:

@@ -402,3 +402,59 @@ def test_old_finished_jobs_are_removed_by_the_cleanup_task(tmp_path: Path, pg_da
         left = conn.execute("SELECT task_name, status FROM procrastinate_jobs").fetchall()
     # the old sync is gone; the cleanup itself (and any hourly tick the worker deferred) succeeded
     assert left and set(left) == {("connector.remove_old_jobs", "succeeded")}
+
+
+@needs_pg
+@pytest.mark.slow
+def test_sigterm_mid_sync_commits_the_batch_in_flight_and_requeues_the_rest(tmp_path: Path, pg_database: str) -> None:
+    from connector.jobs import JobQueue
+    from connector.sandbox.faults import FaultKnobs
+    from connector.sandbox.meta_graph import MetaGraphEmulator
+
+    rows = [_person(i, 0) for i in range(25_000)]  # three Meta batches (10,000 a call)
+    _write(tmp_path / "big.csv", rows)
+    meta = MetaGraphEmulator(expected_token=TOKEN, faults=FaultKnobs(latency_seconds=0.5, fail_writes_only=False))
+    with meta:
+        ids = ", ".join(f'{k} = "{k}"' for k in IDS)
+        cfg = tmp_path / "connector.toml"
+        cfg.write_text("\n".join([
+            'state_dir = "state"', f'ledger_url = "{pg_database}"',
+            "[workers]", f'url = "{pg_database}"', "heartbeat_seconds = 0.5", "stalled_after_seconds = 3",
+            "backoff_seconds = 0.5",
+            "[destinations.meta]", 'type = "meta"', 'ad_account_id = "act_77"', f'graph_url = "{meta.url}"',
+            "[segments.big]", 'source = { type = "csv", path = "big.csv" }', 'key = "customer_id"',
+            f"identifiers = {{ {ids} }}", 'destinations = ["meta"]',
+        ]) + "\n", encoding="utf-8")  # fmt: skip
+        from connector.settings import load_settings
+
+        settings = load_settings(cfg)
+        journal = Journal(settings.ledger_sqlalchemy_url())
+        queue = JobQueue(settings, journal)
+        queue.open()
+        env = {**os.environ, "CONNECTOR_DESTINATIONS__META__ACCESS_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+        dep = Deployment(tmp_path, cfg, env)
+        try:
+            _, run_ids = queue.enqueue("big", None, "webhook")
+            first = dep.worker("first")
+            # the first batch is acknowledged (one journal row): the second is on its way or next, the third waits
+            _wait("a batch acknowledged", lambda: journal.acks("big", "meta").num_rows >= 1, dep)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=60) == 0, dep.log("first")
+            runs_ = {r.id: r for r in journal.list_runs(10)}
+            assert runs_[run_ids["meta"]].status == "interrupted", dep.log("first")
+            jobs = queue.app.job_manager.list_jobs(task="connector.sync_segment")
+            assert [(j.status, j.attempts) for j in jobs] == [("todo", 1)]  # back in the queue, not lost
+            sent = len(meta.member_dicts(journal.get_audience("big", "meta").audience_id))  # type: ignore[union-attr]
+            assert sent in (10_000, 20_000), sent  # whole batches only: the one in flight was finished
+
+            dep.worker("second")
+            _wait("the rest synced", lambda: any(r.status == "success" for r in journal.list_runs(10)), dep)
+            # the interrupted run keeps its record; the retry recorded a run of its own
+            statuses = sorted((r.id, r.status) for r in journal.list_runs(10))
+            assert statuses == [(run_ids["meta"], "interrupted"), (statuses[1][0], "success")], statuses
+        finally:
+            dep.stop_all()
+            queue.close()
+        rec = journal.get_audience("big", "meta")
+        assert rec is not None and meta.member_dicts(rec.audience_id) == _expected("meta", rows)
+        journal.close()
