@@ -170,6 +170,7 @@ class Deployment:
     def __init__(self, tmp: Path, cfg: Path, env: dict[str, str]) -> None:
         self.tmp, self.cfg, self.env = tmp, cfg, env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: set[str] = set()  # stopped on purpose: their exit is no failure
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         err = (self.tmp / f"{name}.err").open("wb")
@@ -202,9 +203,11 @@ def _wait(what: str, done: Any, procs: Deployment, timeout: float = 90) -> None:
     """Poll a state the processes report (journal, job table) until `done()`; fail with the logs if never."""
     deadline = time.monotonic() + timeout
     while not done():
-        if time.monotonic() > deadline:
+        died = [n for n, p in procs.procs.items() if n not in procs.killed and p.poll() is not None]
+        if died or time.monotonic() > deadline:
+            what = f"{what} ({', '.join(died)} exited)" if died else what
             logs = "\n".join(f"--- {n}\n{procs.log(n)[-3000:]}" for n in procs.procs)
-            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            raise AssertionError(f"gave up waiting for {what}\n{logs}")
         time.sleep(0.2)
 
 
@@ -272,6 +275,7 @@ def test_workers_converge_with_a_worker_killed_mid_sync_and_one_added(tmp_path: 
 
             # a worker is killed while it holds a pair (mid-sync): its lease names its pid
             victim = _wait_for_busy_worker(journal, dep)
+            dep.killed.add(victim)
             dep.procs[victim].send_signal(signal.SIGKILL)
             dep.procs[victim].wait()
             dep.worker("w4")  # and another one joins
@@ -366,7 +370,7 @@ def _deployment_config(tmp: Path, db: str, s3: S3Server, meta_url: str, dm_url: 
         "[workers]", f'url = "{db}"', "heartbeat_seconds = 0.5", "stalled_after_seconds = 3", "backoff_seconds = 0.5",
         "[destinations.meta]", 'type = "meta"', 'ad_account_id = "act_77"', f'graph_url = "{meta_url}"', retry,
         "[destinations.google]", 'type = "google"', 'customer_id = "1234567890"', "sandbox = true",
-        f'datamanager_endpoint = "{dm_url}"', retry,
+        f'datamanager_endpoint = "{dm_url}"', 'customer_match_terms = "accepted"', retry,
     ]  # fmt: skip
     ids = ", ".join(f'{k} = "{k}"' for k in IDS)
     for n in names:
@@ -438,6 +442,7 @@ def test_sigterm_mid_sync_commits_the_batch_in_flight_and_requeues_the_rest(tmp_
             first = dep.worker("first")
             # the first batch is acknowledged (one journal row): the second is on its way or next, the third waits
             _wait("a batch acknowledged", lambda: journal.acks("big", "meta").num_rows >= 1, dep)
+            dep.killed.add("first")
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=60) == 0, dep.log("first")
             runs_ = {r.id: r for r in journal.list_runs(10)}
