@@ -130,6 +130,7 @@ def build_app(settings: ConnectorSettings, runner: Callable[[], Runner] | None =
     retry = SyncRetry(cfg.max_attempts, cfg.backoff_seconds)
     app.task(name=SYNC_TASK, queue=cfg.queue, pass_context=True, retry=retry)(sync_segment)
     scheduled = app.task(name=SCHEDULED_TASK, queue=cfg.queue, pass_context=True, retry=retry)(scheduled_sync)
+
     async def remove_old_jobs(context: JobContext, timestamp: int) -> None:
         # finished jobs stay in the job table (the run queue's history) for keep_jobs_hours
         await builtin_tasks.remove_old_jobs(context, max_hours=cfg.keep_jobs_hours, queue=cfg.queue, remove_failed=True,
@@ -189,6 +190,8 @@ class JobQueue:
                     continue
                 wanted = None if destinations is None else sorted(set(have) | set(destinations))  # type: ignore[arg-type]
                 run_ids = old_ids
+                # its runs are ours now: reused by the widened job, or closed if we end up joining another
+                created.update({d: i for d, i in old_ids.items() if d not in created})
             for dest in wanted or everyone:
                 if dest not in run_ids:
                     if dest not in created:
