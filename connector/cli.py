@@ -1,4 +1,4 @@
-"""`connector` command line: validate, sync, status, runs, serve.
+"""`connector` command line: validate, sync, status, runs, serve, worker.
 
 Exit codes: 0 success, 1 a sync failed (or was stopped by a guardrail), 2 bad config or usage (also a
 configuration mistake found while syncing, such as a missing secret).
@@ -65,7 +65,7 @@ def _fail(message: str, *, kind: str, code: int, json_out: bool) -> NoReturn:
     if json_out:
         _emit_json({"error": message, "error_kind": kind})
     else:
-        err.print(f"[red]{_LABELS.get(kind, 'error')}:[/red] {message}", highlight=False)
+        err.print(f"[red]{_LABELS.get(kind, 'error')}:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -430,6 +430,29 @@ def serve(
 
     err.print(f"connector serving on http://{host}:{port} (webhooks, /runs, /metrics, /healthz)", highlight=False)
     run_server(settings, host, port, jitter)
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="worker name in logs and the job table")] = None,
+    log_format: Annotated[str | None, typer.Option("--log-format", help="text or json")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run queued and scheduled syncs from the job queue ([workers] in the config); any number, any machine.
+    SIGTERM finishes the batch in flight and puts the rest of the sync back in the queue."""
+    settings = _load(config)
+    _setup_logging(verbose, log_format or settings.log_format)
+    if settings.workers is None:
+        _fail("`connector worker` needs a [workers] table with url = \"postgresql://...\" (see docs/scaling.md)",
+              kind="config", code=2, json_out=False)  # fmt: skip
+    try:
+        from connector.jobs import run_worker
+    except ImportError as exc:
+        _fail(f"`connector worker` needs the workers extra: pip install 'connector[workers]' ({exc.name} is missing)",
+              kind="config", code=2, json_out=False)  # fmt: skip
+    with _reported(False):
+        run_worker(settings, name=name)
 
 
 def main(argv: list[str] | None = None) -> None:

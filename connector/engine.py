@@ -51,7 +51,7 @@ from connector.errors import (
     SourceError,
 )
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_schema, payload_column
+from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_root, member_schema, payload_column
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
 from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
 from connector.logs import log_context
@@ -187,7 +187,7 @@ class Engine:
         self._progress = progress
         self._destinations: dict[str, Destination] = {}
         self.stats: dict[str, RetryStats] = {}
-        self.files_root = settings.state_path / "members"
+        self.files_root = member_root(settings)
         if self.ledger.legacy_schema is not None:
             from connector.ledger.migrate import migrate_legacy
 
@@ -433,6 +433,7 @@ class Engine:
             # the write-ahead point: the file is durable, the pointer moves, then the platform hears of it
             base = plan.file if plan.as_base else pair.pointer.base
             delta = None if plan.as_base else plan.file
+            pair.files.publish(plan.file)
             pair.pointer = self.ledger.move_pair(segment, pair.name, pair.pointer, base, delta, pair.run_id)
             path = pair.files.path(plan.file)
             t0 = time.monotonic()
@@ -602,6 +603,7 @@ class Engine:
             if delta_rows > COMPACT_SHARE * base_rows:
                 name = pair.files.new_name("base", pair.run_id)
                 compact(con, pair.files, pointer, pair.payload_keys, resolved, name)
+                pair.files.publish(name)
                 pair.pointer = pointer = self.ledger.move_pair(segment, pair.name, pointer, name, None, pair.run_id)
                 self.ledger.forget_batches(segment, pair.name, pair.run_id)
                 current = current_sql(pair.files, pointer, schema)

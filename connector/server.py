@@ -6,6 +6,9 @@ the segment waits or runs collapse into one follow-up run. Pair locks (also in t
 any two processes - servers or manual syncs - from syncing the same (segment, destination) at once.
 On SIGTERM the batch in flight is finished and committed; what was queued stays queued.
 
+With ``[workers]`` in the config, this process only accepts webhooks and enqueues them as jobs on
+PostgreSQL; `connector worker` processes run the syncs and the schedules (see `connector.jobs`).
+
 Webhook security: HMAC-SHA256 over ``timestamp + "." + raw body`` with the shared secret
 (``CONNECTOR_WEBHOOK_SECRET``), sent as ``X-Connector-Timestamp`` and ``X-Connector-Signature``
 (hex, optionally ``sha256=``); timestamps older or newer than 5 minutes are refused, and so is
@@ -59,6 +62,11 @@ class SyncService:
         self._wake = threading.Event()
         self.engine = Engine(settings, ledger=self.ledger, destination_factory=destination_factory,
                              pair_lock=self.coord.pair_lock(wait=True), stop=self.stop)  # type: ignore[arg-type]
+        self.jobs: Any = None  # connector.jobs.JobQueue when [workers] is set: syncs run in `connector worker`
+        if settings.workers is not None:
+            from connector.jobs import JobQueue
+
+            self.jobs = JobQueue(settings, self.ledger)
         self.jitter = jitter_seconds
         self.counters: Counter[tuple[str, ...]] = Counter()
         self.current: str | None = None
@@ -70,6 +78,11 @@ class SyncService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        if self.jobs is not None:
+            self.jobs.open()
+            log.info("jobs: webhooks are queued on PostgreSQL; `connector worker` runs them and the schedules")
+            log.info("webhooks: %s", webhook_mode(self.settings))
+            return
         schedules = [f"{name} ({seg.schedule}, {self.settings.timezone})"
                      for name, seg in self.settings.segments.items() if seg.schedule]  # fmt: skip
         log.info("schedules active: %s", ", ".join(schedules) if schedules else "none")
@@ -87,6 +100,8 @@ class SyncService:
         self.stop.set()
         log.info("shutting down: the batch in flight is finished and committed, queued syncs stay queued")
         self._wake.set()
+        if self.jobs is not None:
+            self.jobs.close()
         for t in self._threads:
             t.join(timeout=timeout)
         self.engine.close()
@@ -95,6 +110,10 @@ class SyncService:
     # ------------------------------------------------------------------ triggers
 
     def trigger(self, segment: str, destinations: list[str] | None, trigger: str) -> tuple[bool, dict[str, int]]:
+        if self.jobs is not None:
+            new: bool
+            new, ids = self.jobs.enqueue(segment, destinations, trigger)
+            return new, ids
         new, run_ids = self.coord.enqueue(segment, destinations, trigger, self.settings.segments[segment].destinations)
         self._wake.set()
         return new, run_ids
@@ -134,6 +153,8 @@ class SyncService:
 
     def state(self) -> tuple[str | None, list[str]]:
         """(segment running, segments queued), read together."""
+        if self.jobs is not None:
+            return None, list(self.jobs.pending())
         with self._taking:
             return self.current, self.coord.pending()
 
@@ -201,7 +222,7 @@ class SyncService:
         lines += [f'connector_throttle_wait_seconds_total{{destination="{dest}"}} {st.throttle_wait_seconds:.3f}'
                   for dest, st in stats]  # fmt: skip
         lines += ["# HELP connector_queue_length Segments queued for a sync.", "# TYPE connector_queue_length gauge",
-                  f"connector_queue_length {len(self.coord.pending())}"]  # fmt: skip
+                  f"connector_queue_length {len(self.state()[1])}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 

@@ -282,6 +282,60 @@ DestinationConfig = Annotated[
     MetaDestinationConfig | GoogleDestinationConfig, Field(discriminator="type")
 ]
 
+# ----------------------------------------------------------------------------- workers
+
+
+class WorkersConfig(_Strict):
+    """Syncs as jobs on PostgreSQL (procrastinate): `serve` enqueues, `connector worker` runs them."""
+
+    url: SecretStr = Field(description="PostgreSQL URL of the job queue, e.g. postgresql://user@host/db")
+    queue: str = Field(default="connector", min_length=1, max_length=100)
+    max_attempts: int = Field(default=5, ge=1, le=50, description="tries of one sync job, backing off between them")
+    backoff_seconds: float = Field(default=2.0, gt=0, description="first wait before a retry; doubles each time")
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    stalled_after_seconds: float = Field(
+        default=60.0, gt=0, description="a worker silent this long is dead: its job is retried elsewhere"
+    )
+    keep_jobs_hours: int = Field(default=72, ge=1, description="finished jobs stay in the job table this long")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, v: SecretStr) -> SecretStr:
+        scheme = urlsplit(v.get_secret_value()).scheme.split("+")[0]
+        if scheme not in ("postgresql", "postgres"):
+            # never echo the URL: it may hold a password
+            raise ValueError(f"expected a postgresql:// URL (scheme {scheme!r} given)")
+        return v
+
+    @model_validator(mode="after")
+    def _stalled(self) -> WorkersConfig:
+        if self.stalled_after_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"stalled_after_seconds ({self.stalled_after_seconds}) must be more than twice heartbeat_seconds "
+                f"({self.heartbeat_seconds}), or live workers count as dead"
+            )
+        return self
+
+
+def check_ledger_files(value: str | None) -> str | None:
+    """`ledger_files`: a local folder or an object storage URL; credentials never inside it."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if len(parts.scheme) > 1:  # "C:" is a drive, not a scheme
+        if parts.scheme not in ("s3", "gs", "file"):
+            raise ValueError(f"ledger_files: unsupported scheme {parts.scheme!r} (use s3://bucket/prefix, gs://, or a path)")
+        lowered = parts.query.lower()
+        if parts.password or parts.username or "secret" in lowered or "access_key" in lowered or "token" in lowered:
+            raise ValueError(
+                "ledger_files must not carry credentials; use the platform's usual variables "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance role, GOOGLE_APPLICATION_CREDENTIALS)"
+            )
+        if parts.scheme != "file" and not parts.netloc:
+            raise ValueError(f"ledger_files: {parts.scheme}:// needs a bucket, e.g. {parts.scheme}://bucket/prefix")
+    return value
+
+
 # ----------------------------------------------------------------------------- top level
 
 
@@ -298,6 +352,14 @@ class ConnectorSettings(BaseSettings):
     )
     ledger_url: SecretStr | None = Field(
         default=None, description="SQLAlchemy URL of the ledger; default sqlite in state_dir"
+    )
+    ledger_files: str | None = Field(
+        default=None,
+        description="where member files live: a folder or s3://bucket/prefix (?endpoint_override=...&region=...); "
+        "default state_dir/members",
+    )
+    workers: WorkersConfig | None = Field(
+        default=None, description="jobs on PostgreSQL: `serve` enqueues, `connector worker` processes run the syncs"
     )
     max_remove_share: float = Field(default=0.20, ge=0.0, le=1.0)
     log_format: Literal["text", "json"] = "text"
@@ -327,6 +389,8 @@ class ConnectorSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # env overrides the file; the file arrives as init kwargs from `load_settings`.
         return (env_settings, init_settings)
+
+    _v_ledger_files = field_validator("ledger_files")(classmethod(lambda cls, v: check_ledger_files(v)))
 
     @model_validator(mode="before")
     @classmethod
@@ -366,6 +430,18 @@ class ConnectorSettings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.resolve(self.state_dir)
+
+    @property
+    def ledger_files_location(self) -> str | Path:
+        """The member files' root: a URL (object storage) or a local folder."""
+        if self.ledger_files is None:
+            return self.state_path / "members"
+        parts = urlsplit(self.ledger_files)
+        if parts.scheme == "file":
+            return Path(parts.path)
+        if len(parts.scheme) > 1:
+            return self.ledger_files
+        return self.resolve(Path(self.ledger_files).expanduser())
 
     def ledger_sqlalchemy_url(self) -> str:
         if self.ledger_url is not None:

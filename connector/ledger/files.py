@@ -19,23 +19,36 @@ Columns (narrow and binary; never a raw identifier)::
     acc    TIMESTAMP when the platform accepted the member (Google memberships expire from there)
 
 Files are written to a temporary name, fsynced and renamed: a reader sees a whole file or none.
+
+The files live in a local folder (default ``state_dir/members``) or on object storage
+(``ledger_files = "s3://bucket/prefix"``, through pyarrow's filesystem layer; see `MemberStore`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from hashlib import sha1
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from connector.errors import ConfigError, LedgerError
 from connector.identifiers.columns import CLEAR_KEYS as CLEAR_KEYS
+
+if TYPE_CHECKING:
+    from connector.settings import ConnectorSettings
+
+log = logging.getLogger("connector.ledger.files")
 
 MEMBER, OWED, GONE = 0, 1, 2
 TO_SEND, ON, REJECTED, SENT, MAYBE = 0, 1, 2, 3, 4
@@ -60,36 +73,154 @@ def _safe(name: str) -> str:
     return f"{clean}-{sha1(name.encode('utf-8')).hexdigest()[:8]}"  # noqa: S324 - a folder name, not security
 
 
-class PairFiles:
-    """The folder of one (segment, destination) pair's member files."""
+class MemberStore:
+    """Member files on object storage (any pyarrow filesystem: S3 and S3-compatible servers, GCS), with a
+    local working copy under `cache`.
 
-    def __init__(self, root: Path, segment: str, destination: str) -> None:
-        self.dir = root / _safe(segment) / _safe(destination)
+    DuckDB reads and writes local files only (its httpfs extension is not assumed to be installable), so
+    a file is written and fsynced in the working copy, then `publish`ed: uploaded under its final name.
+    Names are unique and never reused, and an object appears only whole (S3 completes an upload at once),
+    so an object no pointer names yet is the "temporary object": nothing reads it until the journal's
+    pointer move names it - that move is the commit. A crash between upload and pointer move leaves an
+    unreferenced object that `PairFiles.collect` deletes. A pointed-at object is fetched into the working
+    copy once; since names are never reused, a cached copy never goes stale."""
+
+    def __init__(self, url: str, cache: Path, filesystem: pafs.FileSystem | None = None) -> None:
+        if filesystem is None:
+            try:
+                filesystem, base = pafs.FileSystem.from_uri(url)
+            except (pa.ArrowInvalid, OSError, ValueError) as exc:
+                raise ConfigError(f"ledger_files: cannot open {_shown(url)}: {_redacted(str(exc), url)}") from None
+        else:
+            base = url.split("://", 1)[-1].split("?", 1)[0]
+        self.fs: pafs.FileSystem = filesystem
+        self.base = base.rstrip("/")
+        self.cache = cache
+        self.shown = _shown(url)
+        self._url = url
+
+    def _error(self, what: str, exc: OSError) -> LedgerError:
+        return LedgerError(f"{what} {self.shown}: {_redacted(str(exc), self._url)}")
+
+    def remote(self, *parts: str) -> str:
+        return "/".join((self.base, *parts))
+
+    def upload(self, local: Path, remote: str) -> None:
+        try:
+            with local.open("rb") as src, self.fs.open_output_stream(remote) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except OSError as exc:
+            raise self._error("could not upload a member file to", exc) from None
+
+    def download(self, remote: str, local: Path) -> bool:
+        """Fetch `remote` into `local` (whole or not at all); False when there is no such object."""
+        try:
+            if self.fs.get_file_info(remote).type == pafs.FileType.NotFound:
+                return False
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f"{local.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                with self.fs.open_input_stream(remote) as src, tmp.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._error("could not read a member file from", exc) from None
+        return True
+
+    def names(self, remote_dir: str) -> list[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(remote_dir, allow_not_found=True))
+        except OSError as exc:
+            raise self._error("could not list member files in", exc) from None
+        return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+    def delete(self, remote: str) -> None:
+        try:
+            self.fs.delete_file(remote)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete an unreferenced member file in %s (%s); the next run tries again",
+                        self.shown, type(exc).__name__)  # fmt: skip
+
+
+MemberRoot = Path | MemberStore
+
+
+def _shown(url: str) -> str:
+    """A storage URL as shown in messages: scheme, bucket and prefix (no query: endpoints, regions)."""
+    return url.split("?", 1)[0]
+
+
+def _redacted(message: str, url: str) -> str:
+    """`message` without the values of the URL's query (an endpoint may be private)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    for _, value in parse_qsl(urlsplit(url).query):
+        if value:
+            message = message.replace(value, "...")
+    return message
+
+
+def member_root(settings: ConnectorSettings) -> MemberRoot:
+    """Where the member files live: `ledger_files` (a URL or a folder), default state_dir/members."""
+    where = settings.ledger_files_location
+    if isinstance(where, Path):
+        return where
+    return MemberStore(where, settings.state_path / "cache" / "members")
+
+
+class PairFiles:
+    """The folder of one (segment, destination) pair's member files (a local folder: the files themselves,
+    or the working copy of a `MemberStore`'s)."""
+
+    def __init__(self, root: MemberRoot, segment: str, destination: str) -> None:
+        self.store = root if isinstance(root, MemberStore) else None
+        self._parts = (_safe(segment), _safe(destination))
+        self.dir = (root.cache if isinstance(root, MemberStore) else root) / self._parts[0] / self._parts[1]
 
     def path(self, name: str) -> Path:
-        return self.dir / name
+        """The local path of file `name`; from object storage, a file not in the working copy is fetched first."""
+        p = self.dir / name
+        if self.store is not None and not p.exists():
+            self.store.download(self.store.remote(*self._parts, name), p)
+        return p
+
+    def publish(self, name: str) -> None:
+        """Make a written file visible to every worker (upload it), before any pointer names it."""
+        if self.store is not None:
+            self.store.upload(self.dir / name, self.store.remote(*self._parts, name))
 
     def new_name(self, what: str, run_id: int) -> str:
         return f"{what}-{run_id}-{uuid.uuid4().hex[:8]}.parquet"
 
     def writer(self, name: str, schema: pa.Schema) -> MemberWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
-        return MemberWriter(self.path(name), schema)
+        return MemberWriter(self.dir / name, schema)
 
     def write(self, name: str, table: pa.Table) -> None:
         with self.writer(name, table.schema) as w:
             w.write(table)
+        self.publish(name)
 
     def collect(self, keep: Iterable[str | None]) -> int:
         """Delete the member files no pointer names (and temporary files a crash left); returns how many."""
         wanted = {k for k in keep if k}
         n = 0
+        if self.store is not None:
+            # the caller holds the pair's lock: no other writer has an upload of this pair under way
+            for name in self.store.names(self.store.remote(*self._parts)):
+                if name not in wanted and (name.endswith(".parquet") or name.endswith(".tmp")):
+                    self.store.delete(self.store.remote(*self._parts, name))
+                    n += 1
         if not self.dir.is_dir():
-            return 0
+            return n
         for p in self.dir.iterdir():
             if p.name not in wanted and (p.suffix == ".parquet" or p.name.endswith(".tmp")):
                 p.unlink(missing_ok=True)
-                n += 1
+                n += 0 if self.store is not None else 1  # the working copy's files were counted as objects
         return n
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 from collections import defaultdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +20,18 @@ from sqlalchemy import inspect, text
 
 from connector.errors import LedgerError
 from connector.identifiers.columns import CLEAR_KEYS
-from connector.ledger.files import MAYBE, MEMBER, ON, OWED, REJECTED, TO_SEND, PairFiles, member_schema, payload_column
+from connector.ledger.files import (
+    MAYBE,
+    MEMBER,
+    ON,
+    OWED,
+    REJECTED,
+    TO_SEND,
+    MemberRoot,
+    PairFiles,
+    member_schema,
+    payload_column,
+)
 from connector.ledger.journal import Journal, PairPointer, rejected
 
 log = logging.getLogger("connector.ledger")
@@ -56,7 +66,7 @@ def _ts(v: Any) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-def migrate_legacy(journal: Journal, root: Path) -> None:
+def migrate_legacy(journal: Journal, root: MemberRoot) -> None:
     """Convert every pair of a legacy ledger in this database, then drop the legacy tables."""
     with journal.engine.begin() as conn:
         tables = set(inspect(conn).get_table_names())
@@ -81,7 +91,7 @@ def migrate_legacy(journal: Journal, root: Path) -> None:
     journal.mark_current_schema()
 
 
-def _convert_pair(journal: Journal, root: Path, segment: str, destination: str, has_journal: bool) -> int:
+def _convert_pair(journal: Journal, root: MemberRoot, segment: str, destination: str, has_journal: bool) -> int:
     rows: list[dict[str, Any]] = []
     keys: set[str] = set()
     rejected_rows: list[dict[str, Any]] = []
