@@ -22,6 +22,21 @@ IDENTIFIERS = (
 FIELDS = ["customer_id", "email", "phone", "first_name", "last_name", "zip", "country", "consent"]
 
 
+def read_source(src: Any, columns: list[str]) -> dict[str, list[str | None]]:
+    """A source's columns as Python lists, read through its DuckDB relation (errors as the engine sees them)."""
+    import duckdb
+
+    from connector.sources import reading
+
+    con = duckdb.connect()
+    try:
+        with reading(src):
+            table = src.relation(con, columns).to_arrow_table()
+    finally:
+        con.close()
+    return {c: table.column(c).to_pylist() for c in ["__row", *columns]}
+
+
 def person(i: int, **over: str) -> dict[str, str]:
     row = {
         "customer_id": f"C{i}",

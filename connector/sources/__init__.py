@@ -1,5 +1,5 @@
 """Segment member sources: each hands the engine a DuckDB relation of text columns."""
 
-from connector.sources.base import ROW, RowBatch, Source, open_source, reading
+from connector.sources.base import ROW, Source, open_source, reading
 
-__all__ = ["ROW", "RowBatch", "Source", "open_source", "reading"]
+__all__ = ["ROW", "Source", "open_source", "reading"]

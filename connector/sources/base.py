@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import duckdb
 import pyarrow as pa
@@ -45,10 +44,6 @@ class Source(Protocol):
     def explain(self, exc: Exception) -> SourceError | None:
         """The `SourceError` for an error DuckDB raised while scanning this source's relation, or None
         if the error is not the source's."""
-        ...
-
-    def read_batches(self, columns: Sequence[str], batch_size: int = 50_000) -> Iterator[RowBatch]:
-        """temporary: removed when the engine reads relations."""
         ...
 
 
@@ -176,49 +171,6 @@ def _text_array(values: Sequence[str | None]) -> pa.Array:
 
 def text_schema(columns: Sequence[str]) -> pa.Schema:
     return pa.schema([pa.field(c, pa.string()) for c in columns])
-
-
-# --------------------------------------------------------------------------- temporary: removed when
-# the engine reads relations (the engine still takes Python lists through `read_batches`).
-
-
-@dataclass(slots=True)
-class RowBatch:
-    """temporary: removed when the engine reads relations."""
-
-    start: int
-    columns: dict[str, list[str | None]]
-
-    def __len__(self) -> int:
-        for v in self.columns.values():
-            return len(v)
-        return 0
-
-
-def batches_of(source: Source, columns: Sequence[str], batch_size: int) -> Iterator[RowBatch]:
-    """temporary: removed when the engine reads relations. The old `read_batches`, built on `relation`."""
-    con = duckdb.connect()
-    try:
-        con.execute("SET enable_progress_bar = false")
-        rel = source.relation(con, columns)
-        start = 0
-        with reading(source):
-            for batch in rel.to_arrow_reader(batch_size):
-                if batch.num_rows and batch.column(0)[0].as_py() != start:
-                    raise RuntimeError(f"{source.description}: rows came out of order")
-                for off in range(0, batch.num_rows, batch_size):
-                    part = batch.slice(off, batch_size)
-                    yield RowBatch(start, {c: part.column(i + 1).to_pylist() for i, c in enumerate(columns)})
-                    start += part.num_rows
-    finally:
-        con.close()
-
-
-class BatchAdapter:
-    """temporary: removed when the engine reads relations."""
-
-    def read_batches(self, columns: Sequence[str], batch_size: int = 50_000) -> Iterator[RowBatch]:
-        return batches_of(cast(Source, self), columns, batch_size)
 
 
 def open_source(config: SourceConfig, base_dir: Path) -> Source:

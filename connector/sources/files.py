@@ -30,7 +30,6 @@ from connector.settings import CsvSource, ParquetSource
 from connector.sources.base import (
     ROW,
     ArrowStream,
-    BatchAdapter,
     as_text,
     check_columns,
     ident,
@@ -61,7 +60,7 @@ def _encoding_name(encoding: str) -> str:
         raise SourceError(f"CSV source: unknown encoding {encoding!r}; set the source's `encoding`") from None
 
 
-class CsvFileSource(BatchAdapter):
+class CsvFileSource:
     def __init__(self, config: CsvSource, base_dir: Path) -> None:
         self.config = config
         self.path = config.path if config.path.is_absolute() else base_dir / config.path
@@ -187,7 +186,7 @@ class CsvFileSource(BatchAdapter):
         return SourceError(f"{self.description}: {where}: {reason} (the row is not shown)")
 
 
-class ParquetFileSource(BatchAdapter):
+class ParquetFileSource:
     def __init__(self, config: ParquetSource, base_dir: Path) -> None:
         self.path = config.path if config.path.is_absolute() else base_dir / config.path
         self.description = f"Parquet file {self.path}"

@@ -21,7 +21,6 @@ from connector.retry import RetryPolicy
 from connector.settings import HttpSource
 from connector.sources.base import (
     ArrowStream,
-    BatchAdapter,
     check_columns,
     ident,
     missing_columns,
@@ -60,7 +59,7 @@ def safe_url(url: str) -> str:
     return urlunsplit((p.scheme, host, p.path, "", ""))
 
 
-class HttpJsonSource(BatchAdapter):
+class HttpJsonSource:
     def __init__(self, config: HttpSource, *, transport: httpx.BaseTransport | None = None,
                  policy: RetryPolicy | None = None) -> None:  # fmt: skip
         self.config = config

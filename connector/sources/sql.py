@@ -31,7 +31,6 @@ from connector.errors import SourceError
 from connector.settings import SqlSource
 from connector.sources.base import (
     ArrowStream,
-    BatchAdapter,
     as_text,
     check_columns,
     ident,
@@ -61,7 +60,7 @@ def _to_str(v: Any) -> str | None:
     return str(v)
 
 
-class SqlQuerySource(BatchAdapter):
+class SqlQuerySource:
     def __init__(self, config: SqlSource, base_dir: Path) -> None:
         self.config = config
         try:

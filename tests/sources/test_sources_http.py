@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import read_source
 from pydantic import SecretStr
 
 from connector.errors import SourceError
@@ -56,7 +57,7 @@ def api() -> Iterator[tuple[Api, str]]:
 
 
 def emails(src: HttpJsonSource) -> list[str | None]:
-    return [e for b in src.read_batches(["id", "contact.email"]) for e in b.columns["contact.email"]]
+    return read_source(src, ["id", "contact.email"])["contact.email"]
 
 
 def fast(cfg: HttpSource) -> HttpJsonSource:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import read_source
 from pydantic import SecretStr
 
 from connector.errors import SourceError
@@ -23,11 +24,10 @@ def test_sqlite_query_streams_batches_relative_to_config(tmp_path: Path) -> None
     con.close()
     src = open_source(SqlSource(type="sql", url=SecretStr("sqlite:///shop.db"), query="SELECT id, email, ltv FROM c"),
                       tmp_path)  # fmt: skip
-    batches = list(src.read_batches(["id", "email"], batch_size=3))
-    assert [len(b) for b in batches] == [3, 3, 1]
-    assert batches[0].columns["id"] == ["0", "1", "2"] and batches[2].start == 6
+    rows = read_source(src, ["id", "email"])
+    assert rows["id"] == [str(i) for i in range(7)] and rows["__row"] == list(range(7))
     with pytest.raises(SourceError, match=r"missing column\(s\) 'phone'; available: 'id', 'email', 'ltv'"):
-        list(src.read_batches(["phone"]))
+        read_source(src, ["phone"])
 
 
 def test_sql_error_has_no_password(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_sql_error_has_no_password(tmp_path: Path) -> None:
     src = open_source(SqlSource(type="sql", url=SecretStr("sqlite:///x.db"), query="SELECT * FROM missing_table"),
                       tmp_path)  # fmt: skip
     with pytest.raises(SourceError, match="no such table"):
-        list(src.read_batches(["a"]))
+        read_source(src, ["a"])
     with pytest.raises(SourceError, match="not found"):
         open_source(SqlSource(type="sql", url=SecretStr("sqlite:///nope.db"), query="SELECT 1"), tmp_path)
 
@@ -53,13 +53,13 @@ def test_postgres_query() -> None:
         conn.execute(text(f"INSERT INTO {table} SELECT g, 'u' || g || '@x.com', DATE '2024-01-02' FROM generate_series(1, 25) g"))
     try:
         src = open_source(SqlSource(type="sql", url=SecretStr(url), query=f"SELECT * FROM {table} ORDER BY id"), Path())
-        batches = list(src.read_batches(["id", "email", "joined"], batch_size=10))
-        assert [len(b) for b in batches] == [10, 10, 5]
-        assert batches[0].columns["joined"][0] == "2024-01-02" and batches[0].columns["id"][0] == "1"
+        rows = read_source(src, ["id", "email", "joined"])
+        assert rows["__row"] == list(range(25)) and rows["id"] == [str(i) for i in range(1, 26)]
+        assert rows["joined"][0] == "2024-01-02"
         bad = open_source(SqlSource(type="sql", url=SecretStr(url.replace("@", ":hunter2@", 1)), query="SELEC nope"),
                           Path())  # fmt: skip
         with pytest.raises(SourceError) as err:
-            list(bad.read_batches(["id"]))
+            read_source(bad, ["id"])
         assert "hunter2" not in str(err.value)
     finally:
         with engine.begin() as conn:
