@@ -43,6 +43,7 @@ from connector.ledger.files import (
     TO_SEND,
     MemberWriter,
     PairFiles,
+    copy_to,
     member_schema,
     payload_column,
 )
@@ -179,12 +180,11 @@ class Planner:
 
     # ------------------------------------------------------------------ the pass
 
-    def _columns(self) -> list[str]:
+    def source_columns(self) -> list[str]:
+        """The source columns a plan reads: the key, the identifiers, the consent columns."""
         cols = list(dict.fromkeys([*self.seg.identifiers.values(), *(c for c in self.seg.consent_columns if c)]))
         return cols if self.seg.key is None else list(dict.fromkeys([self.seg.key, *cols]))
 
-    def source_columns(self) -> list[str]:
-        return self._columns()
 
     def _consent_sql(self) -> str:
         parts = []
@@ -203,7 +203,7 @@ class Planner:
         """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
         pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
         source, `onI` on the platform before the run; then the normalized columns of rows to normalize."""
-        cols = self._columns()
+        cols = self.source_columns()
         key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
         # source columns under names of ours (a source column may be called `k` or `fp`)
         alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
@@ -561,7 +561,7 @@ class Planner:
                        f"WHERE k NOT IN (SELECT k FROM touched_{tag})")  # fmt: skip
         name = inp.files.new_name("delta", R)
         plan.file, plan.as_base = name, False
-        _copy(con, inp.files, name,
+        copy_to(con, inp.files, name,
               f"SELECT {cols} FROM ({new_rows} {carried}) ORDER BY (run = {R} AND st = {SENT}) DESC, b, k")  # fmt: skip
 
     def _write_replace_base(self, plan: PairPlan, tag: str, new_rows: str, cols: str) -> None:
@@ -575,21 +575,11 @@ class Planner:
         plan.sends = int(n[0]) if n else 0
         name = inp.files.new_name("base", R)
         plan.file, plan.as_base = name, True
-        _copy(self.con, inp.files, name, f"""SELECT k, kind, fp, {', '.join(payload_column(k) for k in inp.payload_keys)}, c,
+        copy_to(self.con, inp.files, name, f"""SELECT k, kind, fp, {', '.join(payload_column(k) for k in inp.payload_keys)}, c,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN st ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN run ELSE {R} END::UINTEGER AS run,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, acc
             FROM ({state}) ORDER BY st = {SENT} DESC""")  # fmt: skip
-
-
-def _copy(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: str) -> None:
-    from connector.ledger.files import fsync_replace, sql_path
-
-    files.dir.mkdir(parents=True, exist_ok=True)
-    path = files.path(name)
-    tmp = path.with_name(path.name + ".tmp")
-    con.execute(f"COPY ({query}) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)")
-    fsync_replace(tmp, path)
 
 
 Prefixes = npt.NDArray[np.uint64]

@@ -38,6 +38,7 @@ from hashlib import sha1
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -298,6 +299,15 @@ def fsync_replace(tmp: Path, path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def copy_to(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: str) -> None:
+    """Write a query's rows as one of the pair's member files (whole or absent, like `MemberWriter`'s)."""
+    files.dir.mkdir(parents=True, exist_ok=True)
+    path = files.path(name)
+    tmp = path.with_name(path.name + ".tmp")
+    con.execute(f"COPY ({query}) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)")
+    fsync_replace(tmp, path)
 
 
 def read_columns(path: Path, schema: pa.Schema) -> str:

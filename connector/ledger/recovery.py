@@ -30,7 +30,7 @@ from connector.ledger.files import (
     SENT,
     TO_SEND,
     PairFiles,
-    fsync_replace,
+    copy_to,
     member_schema,
     read_columns,
     sql_path,
@@ -103,16 +103,12 @@ def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPoint
     send them again."""
     schema = member_schema(payload_keys)
     cols = ", ".join(f'"{f.name}"' for f in schema if f.name not in ("st", "run", "b", "acc"))
-    path = files.path(name)
-    tmp = path.with_name(path.name + ".tmp")
-    files.dir.mkdir(parents=True, exist_ok=True)
-    con.sql(f"""COPY (
+    copy_to(con, files, name, f"""
         SELECT {cols},
           (CASE WHEN pending THEN {SENT} ELSE st END)::UTINYINT AS st,
           CASE WHEN pending OR st = {MAYBE} THEN run END AS run, CASE WHEN pending THEN b END AS b, acc
-        FROM ({resolved}) WHERE NOT (kind = {OWED} AND st = {ON})
-    ) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION uncompressed, DICTIONARY_SIZE_LIMIT 1)""")
-    fsync_replace(tmp, path)
+        FROM ({resolved}) WHERE NOT (kind = {OWED} AND st = {ON})""")
+    path = files.path(name)
     return path
 
 
