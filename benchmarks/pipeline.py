@@ -55,7 +55,8 @@ class AckDestination:
         self.capabilities = Capabilities()
         self.rows = 0
 
-    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str], *,
+                        value_based: bool = False) -> AudienceRef:  # fmt: skip
         return known or AudienceRef("bench", segment, {"schema": ",".join(schema)})
 
     def add_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:

@@ -10,6 +10,12 @@ files collects its changed rows and decides, in one SQL statement over them and 
 to add, what old payloads to remove, what to send again (unacknowledged batches, expiring Google
 memberships, consent changes) and what is unchanged; the result is the pair's new cumulative delta.
 Either file numbers the batches it will be sent in: removals first, then additions.
+
+Members' values (`value = "<column>"`) are not part of the fingerprint: a member whose value moved by
+at most `value_resend_threshold` of the value last sent (and whose `_tier` is the same) is unchanged,
+and the ledger keeps the value last sent. A value the platform cannot take (missing, not a number,
+not finite, negative, too large) is counted per reason; the member is then sent without a value where
+the platform allows it (Google Ads) or not sent (a Meta value-based audience), never failing a batch.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ _CONSENT_DEFAULT = {"unspecified": 0, "granted": 1, "denied": 2}
 class PlanCounts:
     """What one (segment, destination) plan holds; also the run's reported counts. Every count of
     sends equals what goes on the wire: adds = new_members + identifier_changes + resends +
-    consent_changes, removes = left_segment + identifier_changes."""
+    consent_changes + value_changes, removes = left_segment + identifier_changes."""
 
     source_rows: int = 0
     invalid: int = 0  # rows that yield no member for this platform (no usable identifier...)
@@ -73,6 +79,8 @@ class PlanCounts:
     removes: int = 0  # members who left the segment
     consent_denied: int = 0
     consent_changes: int = 0  # same identifiers, new consent: sent again (Google)
+    value_changes: int = 0  # same identifiers, a value moved past the threshold or a new tier: sent again
+    value_reasons: Counter[str] = field(default_factory=Counter)  # values the destination cannot take
     resends: int = 0  # sent again: unacknowledged batches, failed requests, memberships near expiry
     audience_before: int = 0  # members on the platform before this run
     fallback_values: int = 0  # identifier values the SQL rules left to the Python rules
@@ -83,13 +91,15 @@ class PlanCounts:
             "invalid": self.invalid,
             "invalid_reasons": {k: v for k, v in sorted(self.invalid_reasons.items()) if v},
             "unchanged": self.unchanged,
-            "adds": self.adds + self.changes + self.resends + self.consent_changes,
+            "adds": self.adds + self.changes + self.resends + self.consent_changes + self.value_changes,
             "new_members": self.adds,
             "identifier_changes": self.changes,
             "removes": self.removes + self.changes,
             "left_segment": self.removes,
             "consent_denied": self.consent_denied,
             "consent_changes": self.consent_changes,
+            "value_changes": self.value_changes,
+            "value_reasons": {k: v for k, v in sorted(self.value_reasons.items()) if v},
             "resends": self.resends,
             "audience_before": self.audience_before,
             "fallback_values": self.fallback_values,
@@ -130,6 +140,12 @@ class PairInput:
     batch_size: int = 10_000
     expire_before: datetime | None = None  # Google: members accepted before this are sent again
     full_refresh: bool = False
+    value_mode: str = "none"  # none | optional | required (`connector.destinations.base.ValueSupport`)
+    value_max: float | None = None  # the largest value the platform takes (None: any finite number)
+
+    @property
+    def values(self) -> bool:
+        return self.value_mode != "none"
 
 
 @dataclass(slots=True)
@@ -160,6 +176,14 @@ class SegmentSpec:
     mode: str  # mirror | add_only
     consent_columns: tuple[str | None, str | None]
     consent_defaults: tuple[str, str]
+    value: str | None = None  # column of each member's value
+    tier: str | None = None  # column of each member's tier (`_tier`), when the source has one
+    value_threshold: float = 0.10  # a value is sent again when it moved by more than this share
+
+
+# why a value cannot be sent, by the code the pass computes (0: a usable value)
+VALUE_REASONS = {1: "value_missing", 2: "value_not_a_number", 3: "value_not_finite", 4: "value_negative",
+                 5: "value_too_large"}  # fmt: skip
 
 
 class Planner:
@@ -180,10 +204,43 @@ class Planner:
 
     # ------------------------------------------------------------------ the pass
 
-    def source_columns(self) -> list[str]:
-        """The source columns a plan reads: the key, the identifiers, the consent columns."""
+    def _fingerprinted(self) -> list[str]:
+        """The columns of a row's fingerprint: the key, the identifiers, the consent columns."""
         cols = list(dict.fromkeys([*self.seg.identifiers.values(), *(c for c in self.seg.consent_columns if c)]))
         return cols if self.seg.key is None else list(dict.fromkeys([self.seg.key, *cols]))
+
+    def source_columns(self) -> list[str]:
+        """The source columns a plan reads: the fingerprinted ones, then the value and tier columns."""
+        return list(dict.fromkeys([*self._fingerprinted(), *(c for c in (self.seg.value, self.seg.tier) if c)]))
+
+    def _value_sql(self) -> str:
+        """The row's value as DOUBLE (`vd`, NULL when unusable) and why it is unusable (`vbad`, 0: usable)."""
+        assert self.seg.value is not None
+        txt = f"nullif(trim({idsql.quote(self.seg.value)}), '')"
+        num = f"TRY_CAST({txt} AS DOUBLE)"
+        code = (f"(CASE WHEN {txt} IS NULL THEN 1 WHEN {num} IS NULL THEN 2 WHEN NOT isfinite({num}) THEN 3 "
+                f"WHEN {num} < 0 THEN 4 ELSE 0 END)::UTINYINT")  # fmt: skip
+        return f"CASE WHEN {code} = 0 THEN {num} END AS vd, {code} AS vbad"
+
+    @staticmethod
+    def _pair_value(plan: PairPlan, of: str = "") -> tuple[str, str]:
+        """SQL of a pair's value (NULL when the platform cannot take it) and of its reason code, from the
+        pass's `vd`, `vbad` (of relation `of`)."""
+        vd, vbad, mx = f"{of}vd", f"{of}vbad", plan.input.value_max
+        if mx is None:
+            return vd, vbad
+        return (f"CASE WHEN {vd} <= {mx!r} THEN {vd} END",
+                f"(CASE WHEN {vbad} = 0 AND {vd} > {mx!r} THEN 5 ELSE {vbad} END)::UTINYINT")  # fmt: skip
+
+    def _value_same(self, plan: PairPlan, old_v: str, old_t: str, new_v: str, new_bad: str, new_t: str) -> str:
+        """SQL: the value and tier a member has now need no re-send (its value is usable, moved by at most
+        the threshold from the value last sent, and its tier is the same)."""
+        if not plan.input.values or self.seg.value is None:
+            return "true"
+        thr = float(self.seg.value_threshold)
+        moved = f"({new_v} IS NOT NULL AND ({old_v} IS NULL OR abs({new_v} - {old_v}) > {thr!r} * abs({old_v})))"
+        tier = f"{new_t} IS NOT DISTINCT FROM {old_t}" if self.seg.tier else "true"
+        return f"({new_bad} = 0 AND NOT {moved} AND {tier})"
 
 
     def _consent_sql(self) -> str:
@@ -203,7 +260,7 @@ class Planner:
         """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
         pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
         source, `onI` on the platform before the run; then the normalized columns of rows to normalize."""
-        cols = self.source_columns()
+        cols = self._fingerprinted()
         key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
         # source columns under names of ours (a source column may be called `k` or `fp`)
         alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
@@ -211,6 +268,10 @@ class Planner:
         cons = f", {self._consent_sql()} AS cons0" if "google" in self.platforms else ""
         # no row number in the plain pass: numbering rows in a scan serializes it
         row = "__row AS r, " if dedupe else ""
+        valued = self.seg.value is not None and any(p.input.values for p in self.plans)
+        if valued:
+            cons += f", {self._value_sql()}"
+            cons += f", {idsql.quote(self.seg.tier)} AS tier" if self.seg.tier else ", NULL::VARCHAR AS tier"
         s = f"SELECT {row}true AS pres, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw}{cons} FROM {src}"
         if dedupe:
             # the first row of a key wins; the others are counted as duplicates
@@ -224,11 +285,14 @@ class Planner:
             if plan.input.expire_before is not None:
                 exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
             joins.append(
-                f"FULL JOIN (SELECT k, fp, st, {exp} AS exp FROM ({plan.input.resolved}) WHERE kind = {MEMBER}) "
+                f"FULL JOIN (SELECT k, fp, st, {exp} AS exp, v, t FROM ({plan.input.resolved}) WHERE kind = {MEMBER}) "
                 f"AS l{i} ON {prev} = l{i}.k"
             )
             prev = f"coalesce({prev}, l{i}.k)"
             same = f"l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp"
+            if valued and plan.input.values:
+                pv, pb = self._pair_value(plan, "s.")
+                same += " AND " + self._value_same(plan, f"l{i}.v", f"l{i}.t", pv, pb, "s.tier")
             flags.append(f"l{i}.k IS NOT NULL AS in{i}, coalesce({same}, false) AS same{i}, "
                          f"coalesce(l{i}.st = {ON}, false) AS on{i}, l{i}.k IS NOT NULL AND s.pres IS NULL AS left{i}")
         j = (f"SELECT s.* EXCLUDE (pres), coalesce(s.pres, false) AS pres, {prev} AS kk{''.join(', ' + f for f in flags)} "
@@ -251,6 +315,12 @@ class Planner:
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
+        if valued:
+            outs.append("tier")
+            for i, p in enumerate(self.plans):
+                if p.input.values:
+                    pv, pb = self._pair_value(p)
+                    outs += [f"{pv} AS v{i}", f"{pb} AS vb{i}"]
         outs += list(alias.values())
         ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                self.seg.default_region)  # fmt: skip
@@ -379,13 +449,42 @@ class Planner:
                 denied = member & (np.asarray(pc.fill_null(ccol, 0).to_numpy(zero_copy_only=False)) // 3 == 2)
                 c.consent_denied += int(denied.sum())
                 member &= ~denied
+            held = np.zeros(rb.num_rows, dtype=bool)
+            worth: tuple[pa.Array, pa.Array] | None = None
+            if plan.input.values and self.seg.value is not None:
+                member, held = self._check_values(plan, rb, i, member)
+                worth = whole(rb.column(f"v{i}")), whole(rb.column("tier"))
             if plan.input.resolved is None:
-                self._write_base(plan, rb, member, payload, ccol)
+                self._write_base(plan, rb, member, payload, ccol, worth)
             else:
-                self._collect(plan, rb, i, member, todo, payload, ccol)
+                self._collect(plan, rb, i, member, todo & ~held, payload, ccol, worth)
         fallback = self.ids.fallback_count(rb)
         for plan in self.plans:
             plan.counts.fallback_values += fallback
+
+    def _check_values(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: Mask) -> tuple[Mask, Mask]:
+        """Count the members whose value the platform cannot take, by reason. Where a value is required,
+        they are not sent: a new one is an invalid row, a known one is `held` as it is (its value last
+        sent stays). Returns (members to plan, members held)."""
+        c = plan.counts
+        codes = np.asarray(pc.fill_null(whole(rb.column(f"vb{i}")), 0).to_numpy(zero_copy_only=False))
+        bad = member & (codes != 0)
+        held = np.zeros(rb.num_rows, dtype=bool)
+        if not bad.any():
+            return member, held
+        known = as_bool(rb.column(f"in{i}")) if plan.input.resolved is not None else held
+        for code, reason in VALUE_REASONS.items():
+            hit = bad & (codes == code)
+            if n := int(hit.sum()):
+                c.value_reasons[reason] += n
+                if plan.input.value_mode == "required" and (m := int((hit & ~known).sum())):
+                    c.invalid += m
+                    c.invalid_reasons[reason] += m
+        if plan.input.value_mode != "required":
+            return member, held
+        held = bad & known
+        c.unchanged += int(held.sum())
+        return member & ~bad, held
 
     def _payload_arrays(self, plan: PairPlan, payload: dict[str, pa.Array], mask: pa.Array) -> list[pa.Array]:
         out = []
@@ -395,8 +494,15 @@ class Planner:
             out.append(arr.filter(mask) if arr is not None else pa.nulls(int(pc.sum(mask).as_py() or 0), typ))
         return out
 
+    @staticmethod
+    def _value_arrays(worth: tuple[pa.Array, pa.Array] | None, mask: pa.Array, n: int) -> list[pa.Array]:
+        """The `v` and `t` columns of the members in `mask` (nulls for a pair without values)."""
+        if worth is None:
+            return [pa.nulls(n, pa.float64()), pa.nulls(n, pa.string())]
+        return [worth[0].filter(mask).cast(pa.float64()), worth[1].filter(mask).cast(pa.string())]
+
     def _write_base(self, plan: PairPlan, rb: pa.RecordBatch, member: Mask, payload: dict[str, pa.Array],
-                    ccol: pa.Array | None) -> None:  # fmt: skip
+                    ccol: pa.Array | None, worth: tuple[pa.Array, pa.Array] | None = None) -> None:  # fmt: skip
         n = int(member.sum())
         if not n:
             return
@@ -412,14 +518,15 @@ class Planner:
         cols = [
             whole(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), whole(rb.column("fp")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
-            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
+            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
             pa.array(np.full(n, SENT, np.uint8)), pa.array(np.full(n, plan.input.run_id, np.uint32)),
             pa.array(b), pa.nulls(n, pa.timestamp("us", tz="UTC")),
         ]  # fmt: skip
         plan._writer.write(pa.RecordBatch.from_arrays(cols, schema=member_schema(plan.input.payload_keys)))
 
     def _collect(self, plan: PairPlan, rb: pa.RecordBatch, i: int, member: Mask, todo: Mask,
-                 payload: dict[str, pa.Array], ccol: pa.Array | None) -> None:  # fmt: skip
+                 payload: dict[str, pa.Array], ccol: pa.Array | None,
+                 worth: tuple[pa.Array, pa.Array] | None = None) -> None:  # fmt: skip
         inl = as_bool(rb.column(f"in{i}"))
         gone = inl & ((todo & ~member) | as_bool(rb.column(f"left{i}")))
         if gone.any():
@@ -428,11 +535,11 @@ class Planner:
             return
         mask = pa.array(member)
         n = int(member.sum())
-        names = ["k", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c"]
+        names = ["k", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c", "v", "t"]
         cols = [
             whole(rb.column("k")).filter(mask), whole(rb.column("fp")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
-            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()),
+            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
         ]  # fmt: skip
         plan._cand.append(pa.RecordBatch.from_arrays(cols, names=names))
 
@@ -444,7 +551,8 @@ class Planner:
         keys = [payload_column(k) for k in inp.payload_keys]
         schema = member_schema(inp.payload_keys)
         cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("fp", pa.uint64()),
-                                 *(schema.field(c) for c in keys), pa.field("c", pa.uint8())])  # fmt: skip
+                                 *(schema.field(c) for c in keys), pa.field("c", pa.uint8()),
+                                 pa.field("v", pa.float64()), pa.field("t", pa.string())])  # fmt: skip
         cand = pa.Table.from_batches([b.cast(cand_schema) for b in plan._cand], schema=cand_schema)
         gone = pa.table({"k": pa.concat_arrays(plan._gone) if plan._gone else pa.array([], pa.binary())})
         tag = f"p{id(plan)}"
@@ -463,18 +571,24 @@ class Planner:
         pay_cols = ", ".join(keys)
         o_pay = ", ".join(f"o.{c}" for c in keys)
         # each changed row against the member it was: what to do with it
+        # a value that moved by at most the threshold (same tier) is no change; a usable one is never NULL here
+        samev = self._value_same(plan, "o.v", "o.t", "n.v", "0", "n.t")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE cmp_{tag} AS
             SELECT n.*, o.k IS NOT NULL AS known, o.st AS ost, o.acc AS oat, o.pending AS opend, o.run AS orun,
-                   o.b AS ob, o.c AS oc, {', '.join(f'o.{c} AS o_{c}' for c in keys)},
-                   ({same_pay}) AS samepay, (n.c IS NOT DISTINCT FROM o.c) AS samec, {exp} AS expiring
+                   o.b AS ob, o.c AS oc, o.v AS ov, o.t AS ot, {', '.join(f'o.{c} AS o_{c}' for c in keys)},
+                   ({same_pay}) AS samepay, (n.c IS NOT DISTINCT FROM o.c) AS samec, {exp} AS expiring,
+                   coalesce({samev}, true) AS samev
             FROM cand_{tag} n LEFT JOIN (SELECT * FROM old_{tag} WHERE kind = {MEMBER}) o USING (k)""")
-        keep = f"known AND samepay AND samec AND ost IN ({ON}, {REJECTED}) AND NOT expiring"
+        # a rejected member is not sent again for its value: the platform refused its identifiers
+        keep = f"known AND samepay AND samec AND (samev OR ost = {REJECTED}) AND ost IN ({ON}, {REJECTED}) AND NOT expiring"
+        revalue = f"known AND samepay AND samec AND NOT samev AND ost = {ON} AND NOT expiring"
         counts = con.execute(f"""SELECT
             count(*) FILTER (WHERE {keep}),
             count(*) FILTER (WHERE NOT known OR (NOT samepay AND ost NOT IN ({ON}, {MAYBE}))),
             count(*) FILTER (WHERE known AND NOT samepay AND ost IN ({ON}, {MAYBE})),
-            count(*) FILTER (WHERE known AND samepay AND samec AND NOT ({keep})),
-            count(*) FILTER (WHERE known AND samepay AND NOT samec)
+            count(*) FILTER (WHERE known AND samepay AND samec AND NOT ({keep}) AND NOT ({revalue})),
+            count(*) FILTER (WHERE known AND samepay AND NOT samec),
+            count(*) FILTER (WHERE {revalue})
             FROM cmp_{tag}""").fetchall()[0]  # fmt: skip
         assert counts is not None
         c = plan.counts
@@ -484,6 +598,7 @@ class Planner:
         c.adds += 0 if mirror else int(counts[2])
         c.resends += int(counts[3])
         c.consent_changes += int(counts[4])
+        c.value_changes += int(counts[5])
         leavers = con.execute(f"""SELECT count(*) FROM (SELECT DISTINCT k FROM gone_{tag}) g
             JOIN old_{tag} o ON o.k = g.k AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})""").fetchall()[0]
         c.removes += int(leavers[0]) if (leavers and mirror) else 0
@@ -493,6 +608,7 @@ class Planner:
         # new rows of every key this run touches
         member_rows = f"""
             SELECT k, {MEMBER}::UTINYINT AS kind, fp, {pay_cols}, c,
+              CASE WHEN {keep} THEN ov ELSE v END AS v, CASE WHEN {keep} THEN ot ELSE t END AS t,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN {SENT} ELSE ost END) ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN orun END) ELSE {R} END::UINTEGER AS run,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN ob END) END::INTEGER AS b,
@@ -500,14 +616,14 @@ class Planner:
             FROM cmp_{tag}"""
         owed_new = f"""
             SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, {', '.join(f'o_{c} AS {c}' for c in keys)},
-                   oc AS c FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
+                   oc AS c, ov AS v, ot AS t FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
                    AND ost IN ({ON}, {MAYBE})
             UNION ALL
-            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c FROM old_{tag} o
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
               WHERE {'true' if mirror else 'false'} AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})
               AND o.k IN (SELECT k FROM gone_{tag})
             UNION ALL
-            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c FROM old_{tag} o
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
               WHERE o.kind = {OWED} AND o.st = {TO_SEND}"""
         touched = f"""SELECT k FROM cand_{tag} UNION SELECT k FROM old_{tag} WHERE kind = {OWED}
                       {f'UNION SELECT k FROM gone_{tag}' if mirror else ''}"""
@@ -515,7 +631,7 @@ class Planner:
         con.execute(f"CREATE OR REPLACE TEMP TABLE members_{tag} AS {member_rows}")
         # members of touched keys that are otherwise untouched (only an owed row of theirs changed)
         con.execute(f"""INSERT INTO members_{tag}
-            SELECT o.k, {MEMBER}, o.fp, {o_pay}, o.c,
+            SELECT o.k, {MEMBER}, o.fp, {o_pay}, o.c, o.v, o.t,
               CASE WHEN o.pending THEN {SENT} ELSE o.st END, CASE WHEN o.pending OR o.st = {MAYBE} THEN o.run END,
               CASE WHEN o.pending THEN o.b END, o.acc, false
             FROM old_{tag} o WHERE o.kind = {MEMBER} AND o.k IN (SELECT k FROM touched_{tag})
@@ -540,14 +656,14 @@ class Planner:
         rm_b = "0" if inp.full_refresh else f"((row_number() OVER (ORDER BY k, ph) - 1) // {size})"
         add_b = "0" if inp.full_refresh else f"({plan.remove_batches} + (row_number() OVER (ORDER BY k) - 1) // {size})"
         new_rows = f"""
-            SELECT k, kind, fp, {pay_cols}, c, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
+            SELECT k, kind, fp, {pay_cols}, c, v, t, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
                    {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS acc FROM owed_{tag}
             UNION ALL
-            SELECT k, kind, fp, {pay_cols}, c, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
+            SELECT k, kind, fp, {pay_cols}, c, v, t, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
             UNION ALL
             SELECT {cols} FROM members_{tag} WHERE NOT send
             UNION ALL
-            SELECT k, {GONE}::UTINYINT, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL
+            SELECT k, {GONE}::UTINYINT, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
             FROM touched_{tag} WHERE k NOT IN (SELECT k FROM members_{tag}) AND k NOT IN (SELECT k FROM owed_{tag})"""
         if inp.full_refresh:
             self._write_replace_base(plan, tag, new_rows, cols)
@@ -575,7 +691,8 @@ class Planner:
         plan.sends = int(n[0]) if n else 0
         name = inp.files.new_name("base", R)
         plan.file, plan.as_base = name, True
-        copy_to(self.con, inp.files, name, f"""SELECT k, kind, fp, {', '.join(payload_column(k) for k in inp.payload_keys)}, c,
+        pay = ", ".join(payload_column(k) for k in inp.payload_keys)
+        copy_to(self.con, inp.files, name, f"""SELECT k, kind, fp, {pay}, c, v, t,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN st ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN run ELSE {R} END::UINTEGER AS run,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, acc

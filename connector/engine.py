@@ -37,8 +37,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from connector.destinations import build_destination
-from connector.destinations.base import AudienceRef, BatchSession, Destination, LookalikeRef, MemberBatch
+from connector.destinations import build_destination, value_support
+from connector.destinations.base import (
+    AudienceRef,
+    BatchSession,
+    Destination,
+    LookalikeRef,
+    MemberBatch,
+    ValueSupport,
+)
 from connector.diff import PairInput, PairPlan, PlanCounts, Planner, SegmentSpec, check_guardrails
 from connector.errors import (
     ConfigError,
@@ -76,6 +83,7 @@ DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destin
 PairLock = Callable[[str, str], AbstractContextManager[object]]
 
 COMPACT_SHARE = 0.2  # a delta past this share of its base is folded into a new base
+TIER_COLUMN = "_tier"  # a member's tier, in the rows of a tiered segment: crossing a tier re-sends the value
 
 
 class Interrupted(ConnectorError):
@@ -113,6 +121,7 @@ class RunResult:
     error: str | None = None
     error_kind: str | None = None  # "config" when the run failed on a configuration mistake
     warning: str | None = None
+    notes: list[str] = field(default_factory=list)  # said once in the run's output, not a failure
     retries: int = 0
     throttle_wait_seconds: float = 0.0
     seconds: float = 0.0
@@ -143,6 +152,7 @@ class RunResult:
             "error": self.error,
             "error_kind": self.error_kind,
             "warning": self.warning,
+            "notes": list(self.notes),
         }
 
 
@@ -160,6 +170,7 @@ class _Pair:
     pointer: PairPointer = field(default_factory=PairPointer)
     audience: AudienceRef | None = None
     plan: PairPlan | None = None
+    values: ValueSupport = field(default_factory=lambda: ValueSupport("none"))
 
 
 class Engine:
@@ -336,6 +347,13 @@ class Engine:
                    opts: SyncOptions) -> None:  # fmt: skip
         pair.payload_keys = Normalizer(pair.platform, list(seg.identifiers), seg.default_region).schema()
         pair.files = PairFiles(self.files_root, segment, pair.name)
+        if seg.value is not None:
+            pair.values = value_support(pair.config)
+            if pair.values.mode == "none":
+                note = (f"value column {seg.value!r} is not sent: the Data Manager API has no per-member value "
+                        "(use tiers: a list per tier; the Google Ads API path takes lifetime value, see docs/platforms.md)")
+                log.info("%s -> %s: %s", segment, pair.name, note)
+                pair.result.notes.append(note)
         if not opts.dry_run:
             self._reconcile(segment, pair.name)
             dest = self.destination(pair.name)
@@ -366,13 +384,22 @@ class Engine:
             inputs.append(PairInput(
                 name=pair.name, platform=pair.platform, payload_keys=pair.payload_keys, files=pair.files,
                 pointer=pair.pointer, resolved=resolved, run_id=pair.run_id, batch_size=size,
-                expire_before=expire_before, full_refresh=full,
+                expire_before=expire_before, full_refresh=full, value_mode=pair.values.mode,
+                value_max=pair.values.max_value,
             ))  # fmt: skip
+        source = open_source(seg.source, self.settings.base_dir)
+        tier = None
+        if seg.value is not None and any(p.values.mode != "none" for p in pairs):
+            with reading(source):
+                tier = TIER_COLUMN if TIER_COLUMN in source.columns() else None
+        threshold = seg.value_resend_threshold
         spec = SegmentSpec(
             key=seg.key, identifiers={str(f): c for f, c in seg.identifiers.items()}, default_region=seg.default_region,
             mode=seg.mode,
             consent_columns=(seg.consent.ad_user_data_column, seg.consent.ad_personalization_column),
             consent_defaults=(seg.consent.ad_user_data, seg.consent.ad_personalization),
+            value=seg.value, tier=tier,
+            value_threshold=threshold if threshold is not None else self.settings.value_resend_threshold,
         )  # fmt: skip
         progress = self._progress
 
@@ -381,7 +408,6 @@ class Engine:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
         planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows)
-        source = open_source(seg.source, self.settings.base_dir)
         with reading(source):
             rel = source.relation(con, planner.source_columns())
             if isinstance(seg.source, CsvSource | ParquetSource):
@@ -461,16 +487,21 @@ class Engine:
         rec = self.ledger.get_audience(segment, pair.name)
         known = AudienceRef(rec.audience_id, rec.name, dict(rec.extra)) if rec else None
         name = rec.name if rec else f"connector: {segment}"
-        aud = dest.ensure_audience(name, known, pair.payload_keys)
+        aud = dest.ensure_audience(name, known, pair.payload_keys, value_based=pair.values.mode != "none")
         pair.result.audience_id = aud.audience_id
         recreated = rec is not None and aud.audience_id != rec.audience_id
         if rec is None or recreated or aud.extra != rec.extra:
             self.ledger.save_audience(segment, pair.name, pair.platform, aud.audience_id, aud.name, aud.extra,
                                       reset_lookalike=recreated)  # fmt: skip
         if recreated:
-            # the platform lost the audience: nothing the ledger says is on it holds, so every member is sent
-            log.warning("%s -> %s: the audience %s is gone from the platform; %s replaces it and every member "
-                        "is sent again", segment, pair.name, rec.audience_id if rec else "?", aud.audience_id)  # fmt: skip
+            # the platform lost the audience, or it cannot be what the segment needs: nothing the ledger says
+            # is on it holds, so every member is sent
+            why = aud.note or "is gone from the platform"
+            log.warning("%s -> %s: the audience %s %s; %s replaces it and every member is sent again", segment,
+                        pair.name, rec.audience_id if rec else "?", why, aud.audience_id)  # fmt: skip
+            if aud.note:
+                pair.result.notes.append(f"audience {rec.audience_id if rec else '?'} {aud.note}: new audience "
+                                         f"{aud.audience_id}, every member sent again")  # fmt: skip
             pointer = self.ledger.pointer(segment, pair.name)
             if pointer.version:
                 self.ledger.move_pair(segment, pair.name, pointer, None, None, None, forget=True)
@@ -493,11 +524,13 @@ class Engine:
             t = pa.Table.from_batches(pending).combine_chunks()
             payload = {k: t.column(payload_column(k)).chunk(0) for k in pair.payload_keys}
             consent = t.column("c").chunk(0)
-            batch = MemberBatch(t.column("k").chunk(0), payload, consent if consent.null_count < len(consent) else None)
+            values = t.column("v").chunk(0) if pair.values.mode != "none" else None
+            batch = MemberBatch(t.column("k").chunk(0), payload, consent if consent.null_count < len(consent) else None,
+                                values)  # fmt: skip
             return cur, int(t.column("kind")[0].as_py()), batch
 
         reader = pq.ParquetFile(path).iter_batches(batch_size=pair.plan.input.batch_size,
-                                                   columns=["k", "kind", "st", "run", "b", *keys, "c"])  # fmt: skip
+                                                   columns=["k", "kind", "st", "run", "b", *keys, "c", "v"])  # fmt: skip
         for rb in reader:
             sending = pc.and_(pc.equal(rb.column("run"), pair.run_id), pc.equal(rb.column("st"), SENT))
             if members_only:

@@ -165,7 +165,30 @@ class SegmentConfig(_Strict):
     schedule: str | None = Field(default=None, description="cron expression")
     lookalike: LookalikeConfig = Field(default_factory=LookalikeConfig)
     max_remove_share: float | None = Field(default=None, ge=0.0, le=1.0)
+    value: str | None = Field(
+        default=None, description="column holding each member's value (e.g. lifetime value): value-based audiences"
+    )
+    value_resend_threshold: float | None = Field(
+        default=None, ge=0.0, description="re-send a member's value only when it moved by more than this share"
+    )
     description: str = ""
+
+    @field_validator("value")
+    @classmethod
+    def _value_column(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("name the column that holds each member's value, e.g. value = \"lifetime_value\"")
+        return v
+
+    @model_validator(mode="after")
+    def _value_not_an_identifier(self) -> SegmentConfig:
+        if self.value is not None and self.value in self.identifiers.values():
+            field = next(f for f, c in self.identifiers.items() if c == self.value)
+            raise ValueError(f"value = {self.value!r} is also the column of identifier {field!r}: a member's value "
+                             "must be a column of its own (a number such as lifetime value)")
+        if self.value_resend_threshold is not None and self.value is None:
+            raise ValueError("value_resend_threshold is set but `value` is not: name the value column first")
+        return self
 
     @field_validator("identifiers")
     @classmethod
@@ -362,6 +385,10 @@ class ConnectorSettings(BaseSettings):
         default=None, description="jobs on PostgreSQL: `serve` enqueues, `connector worker` processes run the syncs"
     )
     max_remove_share: float = Field(default=0.20, ge=0.0, le=1.0)
+    value_resend_threshold: float = Field(
+        default=0.10, ge=0.0,
+        description="a member's value is sent again only when it moved by more than this share of the value last sent",
+    )  # fmt: skip
     log_format: Literal["text", "json"] = "text"
     webhook_secret: SecretStr | None = None
     webhook_bearer_token: SecretStr | None = None

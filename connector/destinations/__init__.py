@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from connector.destinations.base import Destination
+from connector.destinations.base import Destination, ValueSupport
 from connector.retry import RetryStats
 from connector.settings import DestinationConfig, GoogleDestinationConfig, MetaDestinationConfig
 
@@ -23,3 +23,21 @@ def build_destination(
 
         return GoogleDestination.from_config(name, config, state_dir, stats=stats)
     raise TypeError(f"unknown destination config {type(config).__name__}")
+
+
+# Google Ads `UserAttribute.lifetime_value_micros` is an int64 of micros (google-ads v26
+# common/types/offline_user_data.py): the largest value it carries is (2**63 - 1) / 10**6.
+GOOGLE_ADS_MAX_VALUE = (2**63 - 1) / 1_000_000
+
+
+def value_support(config: DestinationConfig) -> ValueSupport:
+    """What a destination does with members' values, from its configuration alone (a dry run builds no
+    destination). Meta: a value-based audience takes `LOOKALIKE_VALUE`, "an integer or floating-point
+    arbitrary non-negative number" for every member (Marketing API, value-based lookalike audiences), so a
+    member without one is not sent. Google Ads API: `lifetime_value_micros` is an optional attribute of a
+    member. Data Manager: audience members have no value field."""
+    if isinstance(config, MetaDestinationConfig):
+        return ValueSupport("required", None, "LOOKALIKE_VALUE")
+    if config.upload_api == "google_ads":
+        return ValueSupport("optional", GOOGLE_ADS_MAX_VALUE, "lifetime_value_micros")
+    return ValueSupport("none")

@@ -48,6 +48,7 @@ class Member:
     key: str
     payload: Mapping[str, str]
     consent: Consent | None = None
+    value: float | None = None  # the member's value (a value-based audience), already checked for the platform
 
 
 _CONSENT_VALUES = (None, True, False)
@@ -81,15 +82,18 @@ def hex_strings(arr: pa.Array) -> pa.Array:
 
 class MemberBatch(Sequence[Member]):
     """The members of one call, column by column as the ledger file holds them: `keys` (16-byte member
-    keys), `columns` (payload key -> strings: lowercase hex digests or clear text; null = no value) and
-    Google's `consent` codes. A destination that builds its request from columns never makes a `Member`;
-    one that needs objects (an SDK's message per person) iterates and gets them built on demand. Digests
-    arrive as bytes and become hex text only when a destination asks for `columns`."""
+    keys), `columns` (payload key -> strings: lowercase hex digests or clear text; null = no value),
+    Google's `consent` codes and each member's `values` (float64, null = sent without a value; None when
+    the segment has no `value`). A destination that builds its request from columns never makes a
+    `Member`; one that needs objects (an SDK's message per person) iterates and gets them built on
+    demand. Digests arrive as bytes and become hex text only when a destination asks for `columns`."""
 
-    def __init__(self, keys: pa.Array, payload: Mapping[str, pa.Array], consent: pa.Array | None = None) -> None:
+    def __init__(self, keys: pa.Array, payload: Mapping[str, pa.Array], consent: pa.Array | None = None,
+                 values: pa.Array | None = None) -> None:  # fmt: skip
         self.keys = keys
         self.payload = dict(payload)
         self.consent = consent
+        self.values = values
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -106,11 +110,18 @@ class MemberBatch(Sequence[Member]):
         names = list(self.columns)
         values = [self.columns[n].to_pylist() for n in names]
         codes = self.consent.to_pylist() if self.consent is not None else [None] * len(self)
+        worth = self.value_list()
         out = []
         for i, key in enumerate(self.key_hex):
             payload = {n: v[i] for n, v in zip(names, values, strict=True) if v[i] is not None}
-            out.append(Member(key, payload, decode_consent(codes[i])))
+            out.append(Member(key, payload, decode_consent(codes[i]), worth[i]))
         return out
+
+    def value_list(self) -> list[float | None]:
+        """Each member's value (None: sent without one)."""
+        if self.values is None:
+            return [None] * len(self)
+        return [float(v) if v is not None else None for v in self.values.to_pylist()]
 
     @overload
     def __getitem__(self, i: int) -> Member: ...
@@ -139,6 +150,9 @@ class AudienceRef:
     audience_id: str
     name: str
     extra: dict[str, str] = field(default_factory=dict)
+    # why a destination replaced the audience the ledger named with a new one (said in the run's output;
+    # not stored): e.g. an audience that cannot become value-based
+    note: str | None = None
 
 
 @dataclass(slots=True)
@@ -201,6 +215,17 @@ class BatchSession:
 
 
 @dataclass(frozen=True, slots=True)
+class ValueSupport:
+    """How a destination takes a member's value (`value = "<column>"`): `none` (never sent), `optional`
+    (a member whose value the platform cannot take is sent without one) or `required` (such a member is
+    not sent). `max_value`: the largest value the platform accepts (None: any finite number)."""
+
+    mode: Literal["none", "optional", "required"]
+    max_value: float | None = None
+    field: str = ""  # the platform's name for it, for messages
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     max_batch_size: int = 10_000
     supports_replace: bool = True
@@ -217,12 +242,14 @@ class Destination(Protocol):
     capabilities: Capabilities
 
     def ensure_audience(
-        self, segment: str, known: AudienceRef | None, schema: Sequence[str]
+        self, segment: str, known: AudienceRef | None, schema: Sequence[str], *, value_based: bool = False
     ) -> AudienceRef:
         """Return the audience for `segment`, creating it if `known` is None or gone.
 
         `schema` lists the payload keys this segment can fill (stable across runs); Meta keeps
         it in `AudienceRef.extra` and sends every row in it (``""`` for missing values).
+        `value_based`: members carry a value (Meta: a value-based custom audience; an audience that
+        is not cannot become one, so a new one replaces it and says why in `AudienceRef.note`).
         """
         ...
 

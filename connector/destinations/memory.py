@@ -36,6 +36,8 @@ class InMemoryAudience:
     audience_id: str
     name: str
     rows: set[frozenset[tuple[str, str]]] = field(default_factory=set)
+    value_based: bool = False
+    values: dict[frozenset[tuple[str, str]], float | None] = field(default_factory=dict)  # row -> value last sent
 
 
 class InMemoryDestination:
@@ -79,15 +81,22 @@ class InMemoryDestination:
     def members(self, audience_id: str) -> set[frozenset[tuple[str, str]]]:
         return set(self.audiences[audience_id].rows)
 
-    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str], *,
+                        value_based: bool = False) -> AudienceRef:  # fmt: skip
         if known is not None and known.audience_id in self.audiences:
+            self.audiences[known.audience_id].value_based = value_based
             return known
         for aud in self.audiences.values():
             if aud.name == segment:
+                aud.value_based = value_based
                 return AudienceRef(aud.audience_id, aud.name, {"schema": ",".join(schema)})
         aid = uuid.uuid4().hex[:12]
-        self.audiences[aid] = InMemoryAudience(aid, segment)
+        self.audiences[aid] = InMemoryAudience(aid, segment, value_based=value_based)
         return AudienceRef(aid, segment, {"schema": ",".join(schema)})
+
+    def values(self, audience_id: str) -> dict[frozenset[tuple[str, str]], float | None]:
+        """Each member's value as last sent (value-based audiences)."""
+        return dict(self.audiences[audience_id].values)
 
     def _check(self, members: Sequence[Member]) -> dict[str, str]:
         if len(members) > self.capabilities.max_batch_size:
@@ -103,8 +112,12 @@ class InMemoryDestination:
     def add_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         def do() -> BatchResult:
             rejected = self._check(members)
-            rows = self.audiences[audience.audience_id].rows
-            rows.update(payload_row(m) for m in members if m.key not in rejected)
+            aud = self.audiences[audience.audience_id]
+            for m in members:
+                if m.key not in rejected:
+                    aud.rows.add(payload_row(m))
+                    if aud.value_based:
+                        aud.values[payload_row(m)] = m.value
             return BatchResult(request_id=f"s{session.session_id}", rejected=rejected, received=len(members))
 
         return self._write("add", do)
@@ -112,20 +125,24 @@ class InMemoryDestination:
     def remove_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         def do() -> BatchResult:
             self._check(members)
-            rows = self.audiences[audience.audience_id].rows
-            rows.difference_update(payload_row(m) for m in members)
+            aud = self.audiences[audience.audience_id]
+            for m in members:
+                aud.rows.discard(payload_row(m))
+                aud.values.pop(payload_row(m), None)
             return BatchResult(request_id=f"s{session.session_id}", received=len(members))
 
         return self._write("remove", do)
 
     def replace_members(self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int) -> BatchResult:
-        new_rows: set[frozenset[tuple[str, str]]] = set()
+        new_rows: dict[frozenset[tuple[str, str]], float | None] = {}
         rejected: dict[str, str] = {}
         for batch in batches:
             out = self._write("replace", lambda b=batch: BatchResult(rejected=self._check(b)))
             rejected.update(out.rejected)
-            new_rows.update(payload_row(m) for m in batch if m.key not in out.rejected)
-        self.audiences[audience.audience_id].rows = new_rows
+            new_rows.update((payload_row(m), m.value) for m in batch if m.key not in out.rejected)
+        aud = self.audiences[audience.audience_id]
+        aud.rows = set(new_rows)
+        aud.values = new_rows if aud.value_based else {}
         return BatchResult(request_id="replace", rejected=rejected)
 
     def finish(self, audience: AudienceRef) -> None:

@@ -12,6 +12,9 @@ Columns (narrow and binary; never a raw identifier)::
     p_*    payload exactly as sent: BLOB(32) SHA-256 digests, VARCHAR for the fields a platform wants clear
     c      UTINYINT  Google consent code (3 * ad_user_data + ad_personalization; 0 unspecified, 1 granted,
                      2 denied each), NULL for Meta
+    v      DOUBLE    the member's value as last sent (`value = "<column>"`; NULL: none); a value that moved
+                     less than `value_resend_threshold` is not sent and keeps the value last sent here
+    t      VARCHAR   the member's tier (the source's `_tier` column) as last sent, NULL without tiers
     st     UTINYINT  0 to send, 1 on the platform, 2 rejected, 3 sent in batch (run, b): on the platform
                      once that batch is acknowledged (the control plane's `batches`), 4 maybe on the platform
     run    UINTEGER  the run that sent the row (add for members, removal for owed rows)
@@ -63,7 +66,8 @@ def member_schema(payload_keys: Sequence[str]) -> pa.Schema:
     fields = [pa.field("k", pa.binary()), pa.field("kind", pa.uint8()), pa.field("fp", pa.uint64())]
     fields += [pa.field(payload_column(k), pa.string() if k in CLEAR_KEYS else pa.binary()) for k in payload_keys]
     fields += [
-        pa.field("c", pa.uint8()), pa.field("st", pa.uint8()), pa.field("run", pa.uint32()),
+        pa.field("c", pa.uint8()), pa.field("v", pa.float64()), pa.field("t", pa.string()),
+        pa.field("st", pa.uint8()), pa.field("run", pa.uint32()),
         pa.field("b", pa.int32()), pa.field("acc", pa.timestamp("us", tz="UTC")),
     ]  # fmt: skip
     return pa.schema(fields)
@@ -330,7 +334,8 @@ def _duck_type(t: pa.DataType) -> str:
         return "VARCHAR"
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ"
-    return {pa.uint8(): "UTINYINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT", pa.int32(): "INTEGER"}[t]
+    return {pa.uint8(): "UTINYINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT", pa.int32(): "INTEGER",
+            pa.float64(): "DOUBLE"}[t]  # fmt: skip
 
 
 def sql_path(path: Path) -> str:

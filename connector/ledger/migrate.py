@@ -146,6 +146,8 @@ def _convert_pair(journal: Journal, root: MemberRoot, segment: str, destination:
             v = r["p"].get(pk)
             cols[payload_column(pk)].append(v if (v is None or pk in CLEAR_KEYS) else bytes.fromhex(v))
         cols["c"].append(r["c"])
+        cols["v"].append(None)  # the old ledger kept no values
+        cols["t"].append(None)
         cols["st"].append(r["st"])
         cols["run"].append(None)
         cols["b"].append(None)

@@ -6,9 +6,9 @@ Services: UserListService.MutateUserLists (CRM-based and lookalike lists), Offli
 package's own proto-plus types; errors are real `GoogleAdsFailure`s in the trailing metadata,
 so the official client raises `GoogleAdsException` as it would against Google.
 
-Enforced: developer token; required fields (customer id, a job of type CUSTOMER_MATCH_USER_LIST on
-an existing list of that customer, a job resource name, at least one operation, a UserData with at
-least one identifier, complete addresses: FieldError.REQUIRED / REQUIRED_NONEMPTY_LIST); list names
+Enforced: developer token; required fields (customer id, a job of type CUSTOMER_MATCH_USER_LIST or
+CUSTOMER_MATCH_WITH_ATTRIBUTES on an existing list of that customer, a job resource name, at least one
+operation, a UserData with at least one identifier, complete addresses: FieldError.REQUIRED / REQUIRED_NONEMPTY_LIST); list names
 and a membership life span of at most 540 days; at most 100,000 identifiers a request and 20 per
 UserData; SHA-256 as 64 lowercase hex (INVALID_SHA256_FORMAT, partial failure per operation);
 CONCURRENT_MODIFICATION when two calls hit one job at once; CONFLICTING_OPERATION when creates
@@ -18,6 +18,13 @@ work); one lookalike per seed/expansion/countries; job processing delay (RUNNING
 FAILED with nothing applied: `faults.failed_request_rate`); user lists removed
 (`UserListOperation.remove`, `delete_audience`, `faults.audience_deletion_rate` between runs);
 members older than the list's membership life span drop out. Time comes from an injectable clock.
+Customer attributes, as the UserAttribute reference and the OfflineUserDataJobError enum (google-ads
+v26) state them: a `user_attribute` "can only be used with CUSTOMER_MATCH_WITH_ATTRIBUTES job type"
+(ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST in a plain list job); attributes only with
+contact info identifiers (INCOMPATIBLE_USER_IDENTIFIER_FOR_ATTRIBUTES); `lifetime_value_bucket` 1..10,
+0 only on removals (LIFETIME_VALUE_BUCKET_NOT_IN_RANGE); `lifetime_value_micros` is an int64 (the wire
+type); attribute jobs need the same allowlisting as any Customer Match upload. A member's lifetime
+value is kept beside it (a member added again without one keeps the last).
 
 Requests are read from the raw protobuf messages (no proto-plus wrapper per identifier) and list
 members are held in a dict keyed by their sorted (key, hash) pairs, so a 10,000-row call is cheap;
@@ -61,6 +68,10 @@ MAX_IDENTIFIERS_PER_REQUEST = 100_000
 MAX_IDENTIFIERS_PER_USER = 20
 MAX_MEMBERSHIP_DAYS = 540
 CUSTOMER_MATCH_USER_LIST = 4  # OfflineUserDataJobType
+CUSTOMER_MATCH_WITH_ATTRIBUTES = 5
+JOB_TYPES = {CUSTOMER_MATCH_USER_LIST: "CUSTOMER_MATCH_USER_LIST",
+             CUSTOMER_MATCH_WITH_ATTRIBUTES: "CUSTOMER_MATCH_WITH_ATTRIBUTES"}  # fmt: skip
+CONTACT_INFO = frozenset({"hashed_email", "hashed_phone_number", "address_info"})
 CONSENT_DENIED = 3  # ConsentStatus
 JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
 _ERROR_FIELDS = {
@@ -76,6 +87,10 @@ _ERROR_FIELDS = {
     "INVALID_USER_LIST_TYPE": "offline_user_data_job_error", "INVALID_USER_LIST_ID": "offline_user_data_job_error",
     "MISSING_USER_IDENTIFIER": "offline_user_data_job_error", "INVALID_CUSTOMER_ID": "request_error",
     "RESOURCE_NOT_FOUND": "mutate_error", "INVALID_NAME": "user_list_error",
+    "INCOMPATIBLE_UPLOAD_KEY_TYPE": "offline_user_data_job_error", "JOB_ALREADY_STARTED": "offline_user_data_job_error",
+    "ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST": "offline_user_data_job_error",
+    "INCOMPATIBLE_USER_IDENTIFIER_FOR_ATTRIBUTES": "offline_user_data_job_error",
+    "LIFETIME_VALUE_BUCKET_NOT_IN_RANGE": "offline_user_data_job_error",
 }  # fmt: skip
 _GRPC_CODE = {"CONCURRENT_MODIFICATION": grpc.StatusCode.ABORTED, "INTERNAL_ERROR": grpc.StatusCode.INTERNAL,
               "TRANSIENT_ERROR": grpc.StatusCode.UNAVAILABLE, "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -168,7 +183,8 @@ class GoogleAdsEmulator(Emulator):
 
     def _state(self) -> dict[str, Any]:
         return {"next_id": self._next_id,
-                "lists": {lid: {"list": e["list"], "members": [[k, t] for k, t in e["members"].items()]}
+                "lists": {lid: {"list": e["list"], "members": [[k, t] for k, t in e["members"].items()],
+                                "values": [[k, v] for k, v in e["values"].items()]}
                           for lid, e in self.lists.items()}}  # fmt: skip
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -181,6 +197,7 @@ class GoogleAdsEmulator(Emulator):
                     self._put_members(lid, [_key(item[0])], item[1])
                 else:  # an older state file: the member's [key, value] pairs only
                     self._put_members(lid, [_key(item)], now)
+            self.lists[lid]["values"] = {_key(k): int(v) for k, v in e.get("values", [])}
 
     def _replay(self, entry: dict[str, Any]) -> None:
         op, lid = entry["op"], entry["id"]
@@ -195,16 +212,21 @@ class GoogleAdsEmulator(Emulator):
             members = self.lists[lid]["members"]
             if op == "clear":
                 members.clear()
+                self.lists[lid]["values"].clear()
             elif op == "add":
-                self._put_members(lid, [_key(f) for f in entry["rows"]], entry["t"])
+                keys = [_key(f) for f in entry["rows"]]
+                self._put_members(lid, keys, entry["t"])
+                self.lists[lid]["values"].update(
+                    (k, int(v)) for k, v in zip(keys, entry.get("v") or [None] * len(keys), strict=True) if v is not None)
             elif op == "del":
                 for f in entry["rows"]:
                     members.pop(_key(f), None)
+                    self.lists[lid]["values"].pop(_key(f), None)
 
     def _put_list(self, lid: str, doc: dict[str, Any]) -> None:
         span = doc.get("membershipLifeSpan")
         days = MAX_MEMBERSHIP_DAYS if span in (None, "", "0", 0) else int(span)
-        self.lists[lid] = {"list": doc, "members": {}, "ttl": days * 86400.0, "oldest": float("inf")}
+        self.lists[lid] = {"list": doc, "members": {}, "ttl": days * 86400.0, "oldest": float("inf"), "values": {}}
 
     def _put_members(self, lid: str, keys: list[Key], t: float) -> None:
         e = self.lists[lid]
@@ -226,6 +248,7 @@ class GoogleAdsEmulator(Emulator):
         gone = [k for k, t in members.items() if t < cutoff]
         for k in gone:
             del members[k]
+            e["values"].pop(k, None)
         e["oldest"] = min(members.values(), default=float("inf"))
         if gone:
             self._record({"op": "del", "id": lid, "rows": gone})
@@ -234,6 +257,12 @@ class GoogleAdsEmulator(Emulator):
         with self._lock:
             self._expire(list_id)
             return {frozenset(k) for k in self.lists[list_id]["members"]}
+
+    def values(self, list_id: str) -> dict[frozenset[tuple[str, str]], int]:
+        """Each member's `lifetime_value_micros`, for the members that have one."""
+        with self._lock:
+            self._expire(list_id)
+            return {frozenset(k): v for k, v in self.lists[list_id]["values"].items()}
 
     def member_count(self, list_id: str) -> int | None:
         with self._lock:
@@ -407,8 +436,9 @@ class GoogleAdsEmulator(Emulator):
         if not self.allowlisted:
             raise AdsAbort("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE",
                            "The customer is not allowlisted for Customer Match uploads through the Google Ads API.")  # fmt: skip
-        if int(req.job.type_) != CUSTOMER_MATCH_USER_LIST:
-            raise AdsAbort("INVALID_USER_LIST_TYPE", "job.type must be CUSTOMER_MATCH_USER_LIST")
+        if int(req.job.type_) not in JOB_TYPES:
+            raise AdsAbort("INVALID_USER_LIST_TYPE", "job.type must be CUSTOMER_MATCH_USER_LIST or "
+                                                     "CUSTOMER_MATCH_WITH_ATTRIBUTES")  # fmt: skip
         meta = req.job.customer_match_user_list_metadata
         if not meta.user_list:
             raise AdsAbort("REQUIRED", "job.customer_match_user_list_metadata.user_list is required")
@@ -422,7 +452,8 @@ class GoogleAdsEmulator(Emulator):
             name = f"customers/{req.customer_id}/offlineUserDataJobs/{jid}"
             consent = ojs.CreateOfflineUserDataJobRequest.pb(req).job.customer_match_user_list_metadata.consent
             self.jobs[name] = {"list": lid, "status": "PENDING", "kind": None, "ops": [], "run_at": None,
-                               "consent_denied": consent.ad_user_data == CONSENT_DENIED, "failed": False}  # fmt: skip
+                               "consent_denied": consent.ad_user_data == CONSENT_DENIED, "failed": False,
+                               "type": int(req.job.type_)}  # fmt: skip
             self._record({"op": "next_id", "id": "", "next_id": self._next_id})
         return ojs.CreateOfflineUserDataJobResponse(resource_name=name)
 
@@ -449,7 +480,7 @@ class GoogleAdsEmulator(Emulator):
                 if job["ops"]:
                     raise AdsAbort("CONFLICTING_OPERATION", "remove_all must be the first operation of a job.")
                 with self._lock:
-                    job["ops"].append(("remove_all", None))
+                    job["ops"].append(("remove_all", None, None))
                 start = 1
             kinds = set()
             total = 0
@@ -473,10 +504,13 @@ class GoogleAdsEmulator(Emulator):
                 create = ops[i].WhichOneof("operation") == "create"
                 ud = ops[i].create if create else ops[i].remove
                 key, why = self._read_user(ud, job, create)
+                micros = None
+                if why is None:
+                    micros, why = self._read_attribute(ud, job, create)
                 if why is not None:
                     errors.append(google_ads_error(why[0], why[1], index=i))
                 else:
-                    accepted.append(("create" if create else "remove", key))
+                    accepted.append(("create" if create else "remove", key, micros))
             if errors and not req.enable_partial_failure:
                 raise AdsAbort(_name(errors[0]), errors[0].message)
             with self._lock:
@@ -536,6 +570,26 @@ class GoogleAdsEmulator(Emulator):
         row.sort()
         return tuple(row), None
 
+    @staticmethod
+    def _read_attribute(ud: Any, job: dict[str, Any], create: bool) -> tuple[int | None, tuple[str, str] | None]:
+        """One UserData's lifetime value in micros (None: none), or why the platform refuses its attribute."""
+        if not ud.HasField("user_attribute"):
+            return None, None
+        if job["type"] != CUSTOMER_MATCH_WITH_ATTRIBUTES:
+            # "User attribute, can only be used with CUSTOMER_MATCH_WITH_ATTRIBUTES job type"
+            return None, ("ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST",
+                          "user attributes cannot be uploaded in a CUSTOMER_MATCH_USER_LIST job")  # fmt: skip
+        if any(ident.WhichOneof("identifier") not in CONTACT_INFO for ident in ud.user_identifiers):
+            return None, ("INCOMPATIBLE_USER_IDENTIFIER_FOR_ATTRIBUTES",
+                          "user attributes can only be provided with contact info (email, phone, address)")  # fmt: skip
+        attr = ud.user_attribute
+        if attr.HasField("lifetime_value_bucket"):
+            bucket = attr.lifetime_value_bucket
+            if not (1 <= bucket <= 10 or (bucket == 0 and not create)):
+                return None, ("LIFETIME_VALUE_BUCKET_NOT_IN_RANGE",
+                              "lifetime_value_bucket must be 1 (low) to 10 (high); 0 only on remove")  # fmt: skip
+        return (int(attr.lifetime_value_micros) if attr.HasField("lifetime_value_micros") else None), None
+
     def _run_job(self, req: ojs.RunOfflineUserDataJobRequest, _ctx: grpc.ServicerContext) -> Any:
         if not req.resource_name:
             raise AdsAbort("REQUIRED", "resource_name is required")
@@ -560,25 +614,33 @@ class GoogleAdsEmulator(Emulator):
             if job["failed"] or lid not in self.lists:
                 job["status"] = "FAILED"
                 return "FAILED"
-            members = self.lists[lid]["members"]
+            members, values = self.lists[lid]["members"], self.lists[lid]["values"]
             now = self.clock.time()
             added: list[Key] = []
+            worth: list[int | None] = []
             removed: list[Key] = []
-            for kind, key in job["ops"]:
+            for kind, key, micros in job["ops"]:
                 if kind == "remove_all":
                     if added or removed or members:
                         self._record({"op": "clear", "id": lid})
                     members.clear()
-                    added, removed = [], []
+                    values.clear()
+                    added, worth, removed = [], [], []
                 elif kind == "create":
                     added.append(key)
+                    worth.append(micros)
                 else:
                     removed.append(key)
             self._put_members(lid, added, now)
+            values.update((k, v) for k, v in zip(added, worth, strict=True) if v is not None)
             for key in removed:
                 members.pop(key, None)
+                values.pop(key, None)
             if added:
-                self._record({"op": "add", "id": lid, "t": now, "rows": added})
+                entry: dict[str, Any] = {"op": "add", "id": lid, "t": now, "rows": added}
+                if any(v is not None for v in worth):
+                    entry["v"] = worth
+                self._record(entry)
             if removed:
                 self._record({"op": "del", "id": lid, "rows": removed})
             job["ops"] = []
@@ -624,12 +686,13 @@ class GoogleAdsEmulator(Emulator):
                     row.failure_reason = ouj.OfflineUserDataJob.meta.fields["failure_reason"].enum.UNKNOWN
                 return [gas.GoogleAdsRow(offline_user_data_job=row)]
             m = re.search(r"FROM offline_user_data_job WHERE offline_user_data_job\.status = '(\w+)' "
-                          r"AND offline_user_data_job\.type = 'CUSTOMER_MATCH_USER_LIST'$", q)  # fmt: skip
+                          r"AND offline_user_data_job\.type (?:= '(\w+)'|IN \(([\w', ]+)\))$", q)  # fmt: skip
             if m:
+                types = {m.group(2)} if m.group(2) else {t.strip(" '") for t in m.group(3).split(",")}
                 out = []
                 for name, job in self.jobs.items():
                     state = self._status(job)
-                    if state != m.group(1):
+                    if state != m.group(1) or JOB_TYPES[job["type"]] not in types:
                         continue
                     cid = name.split("/")[1]
                     j = ouj.OfflineUserDataJob(resource_name=name, status=getattr(JobStatus, state))

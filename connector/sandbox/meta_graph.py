@@ -15,6 +15,14 @@ trailing-slash reads, form or JSON bodies, access token in the body, the query s
   ``Map {string: string}`` (offending value -> reason) as the reference documents it, holding at
   most ``max_invalid_samples`` entries (so the count may exceed the samples); peers have seen
   lists, so ``invalid_samples_shape = "list"`` answers with a list of the offending values;
+- value-based audiences (``is_value_based`` at creation, as the value-based lookalikes guide creates
+  them): every row carries ``LOOKALIKE_VALUE``, "an integer or floating-point arbitrary non-negative
+  number" (a string, a negative number, NaN or infinity is an invalid entry); other audiences refuse
+  the key (error 100, unknown schema key); a member's value is an attribute of the member (adding it
+  again with another value updates it), never part of who the member is; an audience never switches
+  between value-based and not, a replace included (its rows must fit what the audience is); a lookalike
+  is value-based exactly when its seed is, and asking for a value-based lookalike of a seed that is not
+  is error 100;
 - ``/usersreplace`` sessions (``operation_status`` 414 while running, 200 after, 415 when the
   90-minute window passed) with no ``/users`` call meanwhile; lookalikes (error 2654 for the same
   seed, country and ratio twice); ``tos_accepted``; ``DELETE /{audience_id}``.
@@ -31,6 +39,7 @@ operations; each call that changes something appends one journal line to the sta
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import uuid
@@ -115,16 +124,19 @@ class MetaGraphEmulator(HttpEmulator):
 
     @staticmethod
     def _meta(a: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in a.items() if k not in ("rows", "replace")}
+        return {k: v for k, v in a.items() if k not in ("rows", "replace", "values")}
 
     def _state(self) -> dict[str, Any]:
         return {"next_id": self._next_id,
-                "audiences": {aid: {**self._meta(a), "rows": list(a["rows"])} for aid, a in self.audiences.items()}}  # fmt: skip
+                "audiences": {aid: {**self._meta(a), "rows": list(a["rows"]),
+                                    "values": [[list(r), v] for r, v in a.get("values", {}).items()]}
+                              for aid, a in self.audiences.items()}}  # fmt: skip
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._next_id = int(state.get("next_id", self._next_id))
         for aid, a in state.get("audiences", {}).items():
             a["rows"] = {tuple(r) for r in a.get("rows", [])}
+            a["values"] = {tuple(r): v for r, v in a.get("values", [])}
             a["replace"] = None
             self.audiences[aid] = a
             self._next_id = max(self._next_id, int(aid))
@@ -132,19 +144,23 @@ class MetaGraphEmulator(HttpEmulator):
     def _replay(self, entry: dict[str, Any]) -> None:
         op, aid = entry["op"], entry["id"]
         if op == "audience":
-            a = self.audiences.setdefault(aid, {"rows": set(), "replace": None})
+            a = self.audiences.setdefault(aid, {"rows": set(), "replace": None, "values": {}})
             a.update(entry["audience"])
             self._next_id = max(self._next_id, int(aid))
         elif op == "drop":
             self.audiences.pop(aid, None)
         elif aid in self.audiences:
-            rows = self.audiences[aid]["rows"]
+            rows, values = self.audiences[aid]["rows"], self.audiences[aid].setdefault("values", {})
             if op == "clear":
                 rows.clear()
+                values.clear()
             elif op == "add":
                 rows.update(tuple(r) for r in entry["rows"])
+                values.update((tuple(r), v) for r, v in zip(entry["rows"], entry.get("values") or [], strict=False))
             elif op == "del":
                 rows.difference_update(tuple(r) for r in entry["rows"])
+                for r in entry["rows"]:
+                    values.pop(tuple(r), None)
 
     def _record_audience(self, a: dict[str, Any]) -> None:
         self._record({"op": "audience", "id": a["id"], "audience": self._meta(a)})
@@ -161,8 +177,16 @@ class MetaGraphEmulator(HttpEmulator):
         """Rows as (key, value) pairs without empty values: comparable across schemas."""
         with self._lock:
             a = self.audiences[audience_id]
-            schema = a.get("schema") or []
+            schema = _identifiers(a.get("schema") or [])
             return {frozenset((k, v) for k, v in zip(schema, row, strict=True) if v) for row in a["rows"]}
+
+    def values(self, audience_id: str) -> dict[frozenset[tuple[str, str]], float]:
+        """Each member's LOOKALIKE_VALUE (value-based audiences), by its (key, value) pairs as in `member_dicts`."""
+        with self._lock:
+            a = self.audiences[audience_id]
+            schema = _identifiers(a.get("schema") or [])
+            return {frozenset((k, v) for k, v in zip(schema, row, strict=True) if v): value
+                    for row, value in a.get("values", {}).items()}  # fmt: skip
 
     # ------------------------------------------------------------------ request handling
 
@@ -296,10 +320,10 @@ class MetaGraphEmulator(HttpEmulator):
             raise GraphError(100, "Invalid parameter: name is required")
         self._next_id += 1
         aid = str(self._next_id)
+        value_based = str(p.get("is_value_based", "")).lower() in ("1", "true")
         base = {"id": aid, "account_id": account, "name": name, "subtype": subtype, "rows": set(), "schema": None,
                 "replace": None, "operation_status": 200, "created": self.clock.time(),
-                "description": p.get("description", ""),
-                "is_value_based": str(p.get("is_value_based", "")).lower() in ("1", "true")}  # fmt: skip
+                "description": p.get("description", ""), "is_value_based": value_based, "values": {}}  # fmt: skip
         if subtype == "CUSTOM":
             if not self.tos_accepted:
                 raise GraphError(200, "Permissions error: Custom Audience terms not accepted", subcode=1870090,
@@ -311,6 +335,11 @@ class MetaGraphEmulator(HttpEmulator):
         elif subtype == "LOOKALIKE":
             origin = str(p.get("origin_audience_id", ""))
             seed = self._audience(origin)
+            if value_based and not seed.get("is_value_based"):
+                raise GraphError(100, "Invalid parameter: a value-based lookalike needs a value-based seed audience "
+                                      "(created with is_value_based)")  # fmt: skip
+            # a lookalike of a value-based seed is value-based (value-based lookalikes guide, step 3)
+            base["is_value_based"] = bool(seed.get("is_value_based"))
             spec = self._json_param(p, "lookalike_spec") or {}
             ratio = float(spec.get("ratio", 0))
             country = spec.get("country") or json.dumps(spec.get("location_spec"), sort_keys=True)
@@ -352,6 +381,7 @@ class MetaGraphEmulator(HttpEmulator):
             "customer_file_source": a.get("customer_file_source"),
             "origin_audience_id": a.get("origin_audience_id"),
             "lookalike_spec": a.get("lookalike_spec"),
+            "is_value_based": bool(a.get("is_value_based")),
         }  # fmt: skip
         unknown = [f for f in fields if f not in full]
         if unknown:
@@ -435,7 +465,8 @@ class MetaGraphEmulator(HttpEmulator):
             bad = bad_key = None
             for j, v in enumerate(row):
                 if j == value_at:
-                    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+                    # "an integer or floating-point arbitrary non-negative number" (value-based lookalikes guide)
+                    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                         bad, bad_key = str(v), VALUE_KEY
                         break
                     continue
@@ -465,23 +496,33 @@ class MetaGraphEmulator(HttpEmulator):
             raise GraphError(2655, "The audience is being replaced; /users calls are not allowed until it finishes")
         session = self._session(p, required=True)
         schema, good, invalid, samples = self._rows(a, p)
-        rows = a["rows"]
+        rows, values = a["rows"], a.setdefault("values", {})
+        members = _split(schema, good)
         if delete:
-            gone = [r for r in good if r in rows]
+            # a removal matches the member's identifiers, whatever value it carries
+            gone = [r for r, _ in members if r in rows]
             if self.size_too_low_threshold and len(rows) - len(gone) < self.size_too_low_threshold:
                 raise GraphError(100, "Audience Size too low: removing these users would make the audience too small",
                                  subcode=SIZE_TOO_LOW_SUBCODE)  # fmt: skip
             rows.difference_update(gone)
+            for r in gone:
+                values.pop(r, None)
             if gone:
                 self._record({"op": "del", "id": a["id"], "rows": gone})
         else:
             if a["schema"] is None:
                 a["schema"] = schema
                 self._record_audience(a)
-            new = [r for r in good if r not in rows]
-            rows.update(new)
+            # new members, and members whose value changed (the value is updated, the member stays one)
+            new = [(r, v) for r, v in members if r not in rows or (v is not None and values.get(r) != v)]
+            rows.update(r for r, _ in new)
+            if VALUE_KEY in schema:
+                values.update(new)
             if new:
-                self._record({"op": "add", "id": a["id"], "rows": new})
+                entry: dict[str, Any] = {"op": "add", "id": a["id"], "rows": [r for r, _ in new]}
+                if VALUE_KEY in schema:
+                    entry["values"] = [v for _, v in new]
+                self._record(entry)
         return {
             "audience_id": a["id"], "session_id": str(session.get("session_id")), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
@@ -497,7 +538,7 @@ class MetaGraphEmulator(HttpEmulator):
         rep = a.get("replace")
         now = self.clock.time()
         if seq == 1 and rep is None:
-            rep = a["replace"] = {"session_id": sid, "started": now, "seq": 0, "rows": set()}
+            rep = a["replace"] = {"session_id": sid, "started": now, "seq": 0, "rows": {}}
             a["operation_status"] = 414
         if rep is None or rep["session_id"] != sid:
             raise GraphError(100, "Invalid replace session: start with batch_seq 1 and one session at a time")
@@ -514,18 +555,34 @@ class MetaGraphEmulator(HttpEmulator):
         finally:
             a["schema"] = saved_schema
         rep["schema"] = schema
-        rep["rows"].update(good)
+        rep["rows"].update(_split(schema, good))
         rep["seq"] = seq
         if last:
-            a["rows"], a["schema"] = rep["rows"], schema
+            a["rows"], a["schema"] = set(rep["rows"]), schema
+            a["values"] = {r: v for r, v in rep["rows"].items() if v is not None}
             a["replace"], a["operation_status"] = None, 200
             self._record_audience(a)
             self._record({"op": "clear", "id": a["id"]})
-            self._record({"op": "add", "id": a["id"], "rows": list(a["rows"])})
+            entry: dict[str, Any] = {"op": "add", "id": a["id"], "rows": list(rep["rows"])}
+            if VALUE_KEY in schema:
+                entry["values"] = list(rep["rows"].values())
+            self._record(entry)
         return {
             "audience_id": a["id"], "session_id": str(sid), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
         }  # fmt: skip
+
+
+def _identifiers(schema: list[str]) -> list[str]:
+    return [k for k in schema if k != VALUE_KEY]
+
+
+def _split(schema: list[str], rows: list[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], Any]]:
+    """Each row as (its identifiers, its LOOKALIKE_VALUE or None): who the member is, and what it is worth."""
+    if VALUE_KEY not in schema:
+        return [(r, None) for r in rows]
+    at = schema.index(VALUE_KEY)
+    return [(r[:at] + r[at + 1:], r[at]) for r in rows]
 
 
 def _only(params: dict[str, Any], allowed: frozenset[str], where: str) -> None:

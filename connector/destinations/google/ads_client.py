@@ -6,6 +6,12 @@ rules: one UserData per person (at most 20 identifiers), add-operation requests 
 with at most 10,000 identifiers each, never creates and removes in one job, one running job per
 list, partial failures mapped back to members, the job run without blocking on its long-running
 operation and its status read later with GAQL.
+
+Members with a value (lifetime value) are added in jobs of type CUSTOMER_MATCH_WITH_ATTRIBUTES, each
+UserData with `user_attribute.lifetime_value_micros`: "User attribute, can only be used with
+CUSTOMER_MATCH_WITH_ATTRIBUTES job type" (UserAttribute reference); a plain list job refuses it
+(ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST). Removals need no attributes: they go in
+plain CUSTOMER_MATCH_USER_LIST jobs.
 """
 
 from __future__ import annotations
@@ -45,10 +51,19 @@ def _first_error_name(exc: GoogleAdsException) -> str:
     return "UNKNOWN"
 
 
+JOB_TYPES = ("CUSTOMER_MATCH_USER_LIST", "CUSTOMER_MATCH_WITH_ATTRIBUTES")
+
+
+def value_micros(value: float) -> int:
+    """A value (currency units) as `lifetime_value_micros`, an int64 of millionths."""
+    return round(value * 1_000_000)
+
+
 @dataclass
 class _OpenJob:
     resource_name: str
     remove: bool
+    attributes: bool = False
     identifiers: int = 0
     ran: bool = False
     members: list[str] = field(default_factory=list)
@@ -174,7 +189,7 @@ class GoogleAdsApi:
 
     # ------------------------------------------------------------------ offline user data jobs
 
-    def _user_data(self, m: Member) -> Any:
+    def _user_data(self, m: Member, attributes: bool = False) -> Any:
         ud = self._type("UserData")
         p = m.payload
         for key, attr in (("email", "hashed_email"), ("phone", "hashed_phone_number")):
@@ -190,6 +205,9 @@ class GoogleAdsApi:
             ud.user_identifiers.append(ident)
         if len(ud.user_identifiers) > MAX_IDENTIFIERS_PER_USER:
             raise ValueError("a UserData holds at most 20 identifiers")
+        if attributes and m.value is not None:
+            # lifetime value as an attribute of the person; a member without one is sent without it
+            ud.user_attribute.lifetime_value_micros = value_micros(m.value)
         if m.consent is not None:
             status = self._enum("ConsentStatusEnum")
 
@@ -200,27 +218,29 @@ class GoogleAdsApi:
             ud.consent.ad_personalization = conv(m.consent.ad_personalization)
         return ud
 
-    def _create_job(self, list_id: str) -> str:
+    def _create_job(self, list_id: str, attributes: bool = False) -> str:
         job = self._type("OfflineUserDataJob")
-        job.type_ = self._enum("OfflineUserDataJobTypeEnum").CUSTOMER_MATCH_USER_LIST
+        job.type_ = getattr(self._enum("OfflineUserDataJobTypeEnum"), JOB_TYPES[attributes])
         job.customer_match_user_list_metadata.user_list = f"customers/{self.customer_id}/userLists/{list_id}"
         svc = self._svc("OfflineUserDataJobService")
         resp = self._call("create offline user data job", lambda: svc.create_offline_user_data_job(
             customer_id=self.customer_id, job=job, timeout=self._timeout))  # fmt: skip
         return str(resp.resource_name)
 
-    def stage(self, list_id: str, members: Sequence[Member], remove: bool) -> BatchResult:
-        """Add the members to the list's open job (created as needed); the job runs in `run_staged`."""
+    def stage(self, list_id: str, members: Sequence[Member], remove: bool, attributes: bool = False) -> BatchResult:
+        """Add the members to the list's open job (created as needed); the job runs in `run_staged`.
+        `attributes`: added members carry their value (a CUSTOMER_MATCH_WITH_ATTRIBUTES job)."""
+        attributes = attributes and not remove
         job = self._open.get(list_id)
-        if job is not None and job.remove != remove:
-            # never creates and removes in one job: run this one and start another
+        if job is not None and (job.remove != remove or job.attributes != attributes):
+            # never creates and removes in one job, nor two job types: run this one and start another
             self.run_staged(list_id)
             job = None
         if job is None:
             self._wait_for_running(list_id)
-            job = _OpenJob(self._create_job(list_id), remove)
+            job = _OpenJob(self._create_job(list_id, attributes), remove, attributes)
             self._open[list_id] = job
-        uds = [self._user_data(m) for m in members]
+        uds = [self._user_data(m, attributes) for m in members]
         rejected: dict[str, str] = {}
         # requests one after another (parallel calls to one job give CONCURRENT_MODIFICATION)
         start = 0
@@ -263,11 +283,11 @@ class GoogleAdsApi:
         job.identifiers += sum(len(ud.user_identifiers) for ud in uds)
         return rejected
 
-    def replace(self, list_id: str, batches: Any, total: int) -> BatchResult:
+    def replace(self, list_id: str, batches: Any, total: int, attributes: bool = False) -> BatchResult:
         """One job: `remove_all` first, then every member (Google's recipe for a full replace), run."""
         self.run_staged(list_id)
         self._wait_for_running(list_id)
-        job = _OpenJob(self._create_job(list_id), remove=False)
+        job = _OpenJob(self._create_job(list_id, attributes), remove=False, attributes=attributes)
         op = self._type("OfflineUserDataJobOperation")
         op.remove_all = True
         svc = self._svc("OfflineUserDataJobService")
@@ -276,7 +296,7 @@ class GoogleAdsApi:
         self._open[list_id] = job
         rejected: dict[str, str] = {}
         for batch in batches:
-            rejected.update(self.stage(list_id, batch, remove=False).rejected)
+            rejected.update(self.stage(list_id, batch, remove=False, attributes=attributes).rejected)
         self.run_staged(list_id)
         deadline = time.monotonic() + self._wait_running
         while (outcome := self.job_outcome(job.resource_name)).state == "pending":
@@ -319,7 +339,8 @@ class GoogleAdsApi:
         query = (
             "SELECT offline_user_data_job.resource_name, offline_user_data_job.status, "
             "offline_user_data_job.customer_match_user_list_metadata.user_list FROM offline_user_data_job "
-            "WHERE offline_user_data_job.status = 'PENDING' AND offline_user_data_job.type = 'CUSTOMER_MATCH_USER_LIST'"
+            "WHERE offline_user_data_job.status = 'PENDING' AND offline_user_data_job.type IN "
+            "('CUSTOMER_MATCH_USER_LIST', 'CUSTOMER_MATCH_WITH_ATTRIBUTES')"
         )
         mine = f"customers/{self.customer_id}/userLists/{list_id}"
         open_names = {j.resource_name for j in self._open.values()}

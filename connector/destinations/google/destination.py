@@ -170,7 +170,8 @@ class GoogleDestination:
 
     # ------------------------------------------------------------------ audiences
 
-    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str], *,
+                        value_based: bool = False) -> AudienceRef:  # fmt: skip
         if self._use_ads:
             assert self.ads is not None
             lid = self.ads.ensure_crm_list(segment, known.audience_id if known else None, self.config.membership_days)
@@ -178,7 +179,11 @@ class GoogleDestination:
             if resumed:
                 log.warning("Google Ads list %s: ran %d job(s) an interrupted run had filled but not run", lid,
                             len(resumed))  # fmt: skip
-            return AudienceRef(lid, segment, {"schema": ",".join(schema), "upload_api": "google_ads"})
+            extra = {"schema": ",".join(schema), "upload_api": "google_ads"}
+            if value_based:
+                # members carry lifetime value: added in jobs of type CUSTOMER_MATCH_WITH_ATTRIBUTES
+                extra["attributes"] = "lifetime_value"
+            return AudienceRef(lid, segment, extra)
         if known is not None:
             if self._dm.get_list(known.audience_id) is not None:
                 return known
@@ -202,7 +207,7 @@ class GoogleDestination:
             raise ValueError(f"a Data Manager request holds at most {MAX_MEMBERS} members, got {len(members)}")
         if self._use_ads:
             assert self.ads is not None
-            return self.ads.stage(audience.audience_id, members, remove=False)
+            return self.ads.stage(audience.audience_id, members, remove=False, attributes=_attributes(audience))
         rid = self._dm.ingest(audience.audience_id, members)
         return BatchResult(request_id=rid, pending=True, received=len(members))
 
@@ -218,7 +223,7 @@ class GoogleDestination:
     def replace_members(self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int) -> BatchResult:
         if self._use_ads:
             assert self.ads is not None
-            return self.ads.replace(audience.audience_id, batches, total)
+            return self.ads.replace(audience.audience_id, batches, total, attributes=_attributes(audience))
         # the platform's clock decides what "before T" means; a small margin covers clock skew
         started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
         request_ids = [self._dm.ingest(audience.audience_id, batch) for batch in batches if batch]
@@ -297,3 +302,8 @@ class GoogleDestination:
         countries = ",".join(str(c) for c in spec.get("country_codes", []) or [])  # type: ignore[attr-defined]
         name = f"Lookalike ({level.lower()}{', ' + countries if countries else ''}) of {audience.name}"
         return self.ads.ensure_lookalike(audience.audience_id, name, spec, known, seed_size)
+
+
+def _attributes(audience: AudienceRef) -> bool:
+    """Whether the list's members carry attributes (lifetime value), Google Ads API path."""
+    return bool(audience.extra.get("attributes"))

@@ -37,7 +37,7 @@ log = logging.getLogger("connector.meta")
 F = CustomAudience.Field
 AUDIENCE_FIELDS = (
     F.id, F.name, F.subtype, F.approximate_count_lower_bound, F.approximate_count_upper_bound,
-    F.operation_status, F.delivery_status, F.lookalike_spec, F.origin_audience_id,
+    F.operation_status, F.delivery_status, F.lookalike_spec, F.origin_audience_id, F.is_value_based,
 )  # fmt: skip
 SUBTYPE_CUSTOM = CustomAudience.Subtype.custom
 SUBTYPE_LOOKALIKE = CustomAudience.Subtype.lookalike
@@ -188,11 +188,15 @@ class GraphClient:
                 return None  # deleted in the UI, or never existed
             raise
 
-    def create_custom_audience(self, name: str, description: str, customer_file_source: str) -> str:
+    def create_custom_audience(self, name: str, description: str, customer_file_source: str,
+                               value_based: bool = False) -> str:  # fmt: skip
+        data = {F.name: name, F.subtype: SUBTYPE_CUSTOM, F.description: description,
+                F.customer_file_source: customer_file_source}  # fmt: skip
+        if value_based:
+            # a value-based custom audience, as the value-based lookalikes guide creates it (is_value_based=1)
+            data[F.is_value_based] = "1"
         body = self.call(
-            "POST", f"/act_{self.ad_account_id}/customaudiences", "create audience",
-            data={F.name: name, F.subtype: SUBTYPE_CUSTOM, F.description: description,
-                  F.customer_file_source: customer_file_source},
+            "POST", f"/act_{self.ad_account_id}/customaudiences", "create audience", data=data,
             retry=False,  # a retried create could duplicate the audience; the caller looks it up first
         )  # fmt: skip
         return str(body["id"])
@@ -208,7 +212,7 @@ class GraphClient:
 
     # -------------------------------------------------------------- members
 
-    def upload(self, audience_id: str, endpoint: str, schema: list[str], rows: list[list[str]],
+    def upload(self, audience_id: str, endpoint: str, schema: list[str], rows: list[list[str | int | float]],
                session: Mapping[str, Any], delete: bool = False) -> dict[str, Any]:  # fmt: skip
         data = {
             "payload": json.dumps({"schema": schema, "data": rows}, separators=(",", ":")),

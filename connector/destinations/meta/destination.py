@@ -37,6 +37,10 @@ from connector.settings import MetaDestinationConfig
 log = logging.getLogger("connector.meta")
 
 MAX_ROWS = 10_000
+# Value-based custom audiences take each member's value in this schema key, unhashed: "an integer or
+# floating-point arbitrary non-negative number" (Marketing API guide "Value-Based Lookalikes", step 2)
+VALUE_KEY = "LOOKALIKE_VALUE"
+VALUE_SUFFIX = " (value-based)"  # names a value-based audience apart from the plain one it may replace
 SANDBOX_TOKEN = "sandbox-token"  # noqa: S105 - the emulator's fixed token, not a secret
 REPLACE_POLL_SECONDS = 2.0
 
@@ -86,18 +90,28 @@ class MetaDestination:
 
     # ------------------------------------------------------------------ audiences
 
-    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str]) -> AudienceRef:
+    def ensure_audience(self, segment: str, known: AudienceRef | None, schema: Sequence[str], *,
+                        value_based: bool = False) -> AudienceRef:  # fmt: skip
+        keys = [*schema, VALUE_KEY] if value_based else list(schema)
+        note = None
         if known is not None:
             found = self.client.get_audience(known.audience_id)
-            if found is not None:
+            if found is not None and bool(found.get("is_value_based")) == value_based:
                 if not known.extra.get("schema"):
-                    known.extra["schema"] = ",".join(schema)
+                    known.extra["schema"] = ",".join(keys)
                 return known
-            log.warning("Meta audience %s of %s no longer exists; creating a new one", known.audience_id, segment)
-        extra = {"schema": ",".join(schema)}
-        existing = self._find_by_name(segment)
+            if found is None:
+                log.warning("Meta audience %s of %s no longer exists; creating a new one", known.audience_id, segment)
+            else:
+                # Meta: an audience is value-based from its creation or never (a replace cannot switch it either)
+                note = ("is not value-based and cannot become so" if value_based else
+                        "is value-based and cannot stop being so")  # fmt: skip
+                log.warning("Meta audience %s of %s %s; creating a new one", known.audience_id, segment, note)
+        segment = segment.removesuffix(VALUE_SUFFIX) + (VALUE_SUFFIX if value_based else "")
+        extra = {"schema": ",".join(keys)}
+        existing = self._find_by_name(segment, value_based)
         if existing:
-            return AudienceRef(existing, segment, extra)
+            return AudienceRef(existing, segment, extra, note)
         if not self.client.tos_accepted():
             raise TermsNotAcceptedError(
                 f"Meta: the Custom Audience terms are not accepted for ad account act_{self.config.ad_account_id}; "
@@ -106,22 +120,24 @@ class MetaDestination:
         for attempt in range(self._policy.max_attempts):
             try:
                 aid = self.client.create_custom_audience(
-                    segment, "Managed by connector: members are synced from a segment", self.config.customer_file_source
+                    segment, "Managed by connector: members are synced from a segment", self.config.customer_file_source,
+                    value_based,
                 )
-                return AudienceRef(aid, segment, extra)
+                return AudienceRef(aid, segment, extra, note)
             except RetriableError:
                 # the create may have happened before the connection dropped: look before retrying
-                existing = self._find_by_name(segment)
+                existing = self._find_by_name(segment, value_based)
                 if existing:
-                    return AudienceRef(existing, segment, extra)
+                    return AudienceRef(existing, segment, extra, note)
                 if attempt + 1 >= self._policy.max_attempts:
                     raise
                 self._sleep(min(self._policy.backoff_max_seconds, 0.5 * 2**attempt))
         raise AssertionError("unreachable")
 
-    def _find_by_name(self, name: str) -> str | None:
-        for a in self.client.list_audiences(("id", "name", "subtype")):
-            if a.get("name") == name and a.get("subtype", "CUSTOM") == "CUSTOM":
+    def _find_by_name(self, name: str, value_based: bool = False) -> str | None:
+        for a in self.client.list_audiences(("id", "name", "subtype", "is_value_based")):
+            if (a.get("name") == name and a.get("subtype", "CUSTOM") == "CUSTOM"
+                    and bool(a.get("is_value_based")) == value_based):  # fmt: skip
                 return str(a["id"])
         return None
 
@@ -131,11 +147,19 @@ class MetaDestination:
     def _schema(audience: AudienceRef) -> list[str]:
         return [k for k in audience.extra.get("schema", "").split(",") if k]
 
-    def _rows(self, schema: list[str], members: Sequence[Member]) -> list[list[str]]:
-        # "" for values a member lacks: the schema stays the same for every row and call
+    def _rows(self, schema: list[str], members: Sequence[Member], removal: bool = False) -> list[list[str | int | float]]:
+        # "" for identifiers a member lacks: the schema stays the same for every row and call
+        ids = [k for k in schema if k != VALUE_KEY]
         if isinstance(members, MemberBatch):
-            return members.rows(schema)  # column by column, no object per member
-        return [[m.payload.get(k, "") for k in schema] for m in members]
+            rows: list[list[str | int | float]] = [list(r) for r in members.rows(ids)]  # column-wise, no Member
+        else:
+            rows = [[m.payload.get(k, "") for k in ids] for m in members]
+        if VALUE_KEY in schema:
+            at = schema.index(VALUE_KEY)
+            worth = members.value_list() if isinstance(members, MemberBatch) else [m.value for m in members]
+            for row, v in zip(rows, worth, strict=True):
+                row.insert(at, _number(v, removal))
+        return rows
 
     @staticmethod
     def _map_samples(schema: list[str], members: Sequence[Member], samples: Any) -> dict[str, str]:
@@ -160,7 +184,8 @@ class MetaDestination:
         if len(members) > MAX_ROWS:
             raise ValueError(f"a Meta upload holds at most {MAX_ROWS} rows, got {len(members)}")
         schema = self._schema(audience)
-        body = self.client.upload(audience.audience_id, endpoint, schema, self._rows(schema, members), session, delete)
+        body = self.client.upload(audience.audience_id, endpoint, schema, self._rows(schema, members, delete), session,
+                                  delete)  # fmt: skip
         rejected = self._map_samples(schema, members, body.get("invalid_entry_samples"))
         invalid = int(body.get("num_invalid_entries") or 0)
         if invalid and len(rejected) < invalid:
@@ -284,4 +309,18 @@ class MetaDestination:
             if found is None:
                 raise
             lid = found
-        return LookalikeRef(lid, "populating", {"spec": str(lal_spec), "seed_size": str(seed)})
+        # a lookalike of a value-based seed is a value-based lookalike: Meta weighs the seed's members by their
+        # LOOKALIKE_VALUE (value-based lookalikes guide); the lookalike_spec is the same as for any lookalike
+        details = {"spec": str(lal_spec), "seed_size": str(seed)}
+        if info.get("is_value_based"):
+            details["value_based"] = "true"
+        return LookalikeRef(lid, "populating", details)
+
+
+def _number(value: float | None, removal: bool) -> str | int | float:
+    """A member's LOOKALIKE_VALUE as a JSON number. A member without one is never added to a value-based
+    audience (the engine holds it back); a removal matches on the identifiers, so its value is only there
+    to keep the audience's schema."""
+    if value is None:
+        return 0 if removal else ""
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
