@@ -285,6 +285,13 @@ def sync(
             if r.counts.invalid_reasons:
                 reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(r.counts.invalid_reasons.items()))
                 out.print(f"  {pair}: identifier problems: {reasons}", highlight=False)
+            if r.counts.value_reasons:
+                reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(r.counts.value_reasons.items()))
+                what = "not sent" if r.platform == "meta" else "sent without a value"
+                out.print(f"  {pair}: value problems ({what}, or kept at the value last sent): {reasons}",
+                          highlight=False)  # fmt: skip
+            for note in r.notes:
+                out.print(f"  [yellow]note[/yellow] {pair}: {note}", highlight=False)
             if r.counts.consent_denied:
                 out.print(f"  {pair}: {r.counts.consent_denied:,} members not sent (ad_user_data consent denied)",
                           highlight=False)  # fmt: skip

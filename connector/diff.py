@@ -320,7 +320,7 @@ class Planner:
             for i, p in enumerate(self.plans):
                 if p.input.values:
                     pv, pb = self._pair_value(p)
-                    outs += [f"{pv} AS v{i}", f"{pb} AS vb{i}"]
+                    outs += [f"{pv} AS worth{i}", f"{pb} AS worthless{i}"]
         outs += list(alias.values())
         ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                self.seg.default_region)  # fmt: skip
@@ -453,7 +453,7 @@ class Planner:
             worth: tuple[pa.Array, pa.Array] | None = None
             if plan.input.values and self.seg.value is not None:
                 member, held = self._check_values(plan, rb, i, member)
-                worth = whole(rb.column(f"v{i}")), whole(rb.column("tier"))
+                worth = whole(rb.column(f"worth{i}")), whole(rb.column("tier"))
             if plan.input.resolved is None:
                 self._write_base(plan, rb, member, payload, ccol, worth)
             else:
@@ -467,7 +467,7 @@ class Planner:
         they are not sent: a new one is an invalid row, a known one is `held` as it is (its value last
         sent stays). Returns (members to plan, members held)."""
         c = plan.counts
-        codes = np.asarray(pc.fill_null(whole(rb.column(f"vb{i}")), 0).to_numpy(zero_copy_only=False))
+        codes = np.asarray(pc.fill_null(whole(rb.column(f"worthless{i}")), 0).to_numpy(zero_copy_only=False))
         bad = member & (codes != 0)
         held = np.zeros(rb.num_rows, dtype=bool)
         if not bad.any():

@@ -378,3 +378,37 @@ def test_missing_secret_exits_2_naming_the_env_variable(csv_case: Case) -> None:
     assert code == 2, out
     assert "CONNECTOR_DESTINATIONS__META__ACCESS_TOKEN" in out
     csv_case.assert_intact(lambda: csv_case.write_config())
+
+
+# ----------------------------------------------------------------------------- member values
+
+
+def test_hostile_values_are_counted_per_reason_and_never_sink_the_batch(tmp_path: Path) -> None:
+    """A value-based Meta audience needs a non-negative number per member: rows whose value is negative,
+    not a number, not finite or missing are not sent, counted per reason; the rest of the batch goes."""
+    case = Case(tmp_path, '{ type = "csv", path = "m.csv" }')
+    case.write_config(extra_seg='value = "ltv"')
+    header = [*FIELDS, "ltv"]
+    good = [[*r, str(10 + i)] for i, r in enumerate(rows())]
+    bad = [r[:] for r in good]
+    for i, v in enumerate(["-1", "NaN", "a lot", "", "1e999", "Infinity", "12,5"]):
+        bad[i][3] = v
+    write_csv(tmp_path / "m.csv", bad, header=header)
+    code, out, doc = case.sync()
+    assert code == 0, out
+    assert doc is not None
+    (run,) = doc["runs"]  # type: ignore[index]
+    assert run["value_reasons"] == {"value_negative": 1, "value_not_a_number": 2, "value_missing": 1,
+                                    "value_not_finite": 3}  # fmt: skip
+    assert run["invalid"] == 7 and run["adds"] == N - 7 and case.audience_size() == N - 7
+    assert "a lot" not in out and "12,5" not in out  # counted, never echoed
+    shown = CliRunner().invoke(app, ["sync", "--config", str(case.cfg)])  # the same run, as text
+    assert shown.exit_code == 0, shown.stdout
+    assert "value problems (not sent, or kept at the value last sent)" in shown.stdout
+    assert "value_not_finite=3" in shown.stdout
+    write_csv(tmp_path / "m.csv", good, header=header)  # repaired: the 7 are sent, with their values
+    code, out, doc = case.sync()
+    assert code == 0 and doc is not None
+    (run,) = doc["runs"]  # type: ignore[index]
+    assert (run["adds"], run["unchanged"], run["value_reasons"]) == (7, N - 7, {}), run
+    assert case.audience_size() == N

@@ -503,10 +503,11 @@ class GoogleAdsEmulator(Emulator):
             for i in range(start, len(ops)):
                 create = ops[i].WhichOneof("operation") == "create"
                 ud = ops[i].create if create else ops[i].remove
-                key, why = self._read_user(ud, job, create)
-                micros = None
+                # the attribute's own refusal first: it names what is wrong for an attribute job
+                micros, why = self._read_attribute(ud, job, create)
+                key: Key = ()
                 if why is None:
-                    micros, why = self._read_attribute(ud, job, create)
+                    key, why = self._read_user(ud, job, create)
                 if why is not None:
                     errors.append(google_ads_error(why[0], why[1], index=i))
                 else:

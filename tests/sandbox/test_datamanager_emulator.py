@@ -329,3 +329,13 @@ def test_request_statuses_survive_a_restart_for_30_days(tmp_path: Path) -> None:
         clock.advance(days=31)
     with DataManagerEmulator(state_file=state, clock=clock) as e, httpx.Client(base_url=e.url) as http:
         refused(http.get("/v1/requestStatus:retrieve", params={"requestId": rid}), 404)
+
+
+def test_audience_members_carry_no_value(http: httpx.Client, emu: DataManagerEmulator) -> None:
+    """Data Manager audience members have no per-member value: `UserProperties.customer_value_bucket` belongs
+    to conversion events (google-ads-datamanager 0.9.4 descriptors), so a member sending one is refused."""
+    lid = new_list(http)
+    valued = {**person(1), "userProperties": {"customerValueBucket": "HIGH"}}
+    err = refused(ingest(http, lid, [valued]))
+    assert 'Unknown name "userProperties"' in err["message"] and violation(err) == "audience_members[0]"
+    assert emu.members(lid) == set()

@@ -28,6 +28,7 @@ from connector.sandbox.tls import localhost_certificate
 CUSTOMER = "1234567890"
 CONTACT_INFO = 2  # CustomerMatchUploadKeyType
 CUSTOMER_MATCH_USER_LIST = 4  # OfflineUserDataJobType
+CUSTOMER_MATCH_WITH_ATTRIBUTES = 5
 
 
 class Ads:
@@ -56,9 +57,9 @@ class Ads:
         out = self.call("UserListService", "MutateUserLists", req, uls.MutateUserListsResponse)
         return str(out.results[0].resource_name)
 
-    def job(self, list_name: str) -> str:
+    def job(self, list_name: str, job_type: int = CUSTOMER_MATCH_USER_LIST) -> str:
         req = ojs.CreateOfflineUserDataJobRequest(customer_id=CUSTOMER)
-        req.job.type_ = CUSTOMER_MATCH_USER_LIST
+        req.job.type_ = job_type
         req.job.customer_match_user_list_metadata.user_list = list_name
         return str(self.call("OfflineUserDataJobService", "CreateOfflineUserDataJob", req,
                              ojs.CreateOfflineUserDataJobResponse).resource_name)  # fmt: skip
@@ -250,3 +251,68 @@ def test_lists_deleted_between_runs_and_state_across_restarts(tmp_path: Path) ->
         assert Ads(e).create_list("other") != name  # ids are not reused after a restart
     with GoogleAdsEmulator(state_file=state, faults=FaultKnobs(audience_deletion_rate=1.0)) as e:
         assert e.lists == {} and e.faults.injected == {"audience_deleted": 2}
+
+
+# ---------------------------------------------------------------------------- customer attributes
+
+
+def failures(resp: Any) -> dict[int, str]:
+    if not resp.partial_failure_error.details:
+        return {}
+    failure = errs.GoogleAdsFailure.deserialize(resp.partial_failure_error.details[0].value)
+    return {e.location.field_path_elements[0].index: error_name(e) for e in failure.errors}
+
+
+def test_lifetime_value_only_in_attribute_jobs_with_contact_info(ads: Ads, emu: GoogleAdsEmulator) -> None:
+    """UserAttribute "can only be used with CUSTOMER_MATCH_WITH_ATTRIBUTES job type"; attributes only with
+    contact info identifiers; a bucket is 1..10 (0 only on remove) - the google-ads v26 reference."""
+    name = ads.create_list("ltv")
+    plain = ads.job(name)
+    valued = cod.UserAttribute(lifetime_value_micros=12_500_000)
+    assert failures(ads.add(plain, [user(1, user_attribute=valued), user(2)])) == {
+        0: "ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST"}
+    ads.run(plain)
+    job = ads.job(name, CUSTOMER_MATCH_WITH_ATTRIBUTES)
+    crm_id = cod.UserData(user_identifiers=[cod.UserIdentifier(third_party_user_id="crm-7")], user_attribute=valued)
+    resp = ads.add(job, [user(3, user_attribute=valued), crm_id, user(4, user_attribute=cod.UserAttribute(lifetime_value_bucket=11)),
+                         user(5), user(6, user_attribute=cod.UserAttribute(lifetime_value_bucket=10))])
+    assert failures(resp) == {1: "INCOMPATIBLE_USER_IDENTIFIER_FOR_ATTRIBUTES", 2: "LIFETIME_VALUE_BUCKET_NOT_IN_RANGE"}
+    ads.run(job)
+    lid = lid_of(name)
+    assert emu.members(lid) == {key(2), key(3), key(5), key(6)}  # a member without an attribute is still one
+    assert emu.values(lid) == {key(3): 12_500_000}
+    # added again with a new value: the value follows; without one: the last stays; removed: gone with it
+    again = ads.job(name, CUSTOMER_MATCH_WITH_ATTRIBUTES)
+    ads.add(again, [user(3, user_attribute=cod.UserAttribute(lifetime_value_micros=99_000_000)),
+                    user(5, user_attribute=cod.UserAttribute(lifetime_value_micros=0))])
+    ads.run(again)
+    assert emu.values(lid) == {key(3): 99_000_000, key(5): 0}
+    gone = ads.job(name)
+    ads.add(gone, [user(3)], remove=True)
+    ads.run(gone)
+    assert emu.values(lid) == {key(5): 0}
+
+
+def test_attribute_jobs_need_the_allowlisting_of_any_customer_match_upload(clock: FakeClock) -> None:
+    with GoogleAdsEmulator(clock=clock, allowlisted=False) as e:
+        ads = Ads(e)
+        name = ads.create_list("ltv")
+        req = ojs.CreateOfflineUserDataJobRequest(customer_id=CUSTOMER)
+        req.job.type_ = CUSTOMER_MATCH_WITH_ATTRIBUTES
+        req.job.customer_match_user_list_metadata.user_list = name
+        assert ads.refused("OfflineUserDataJobService", "CreateOfflineUserDataJob", req,
+                           ojs.CreateOfflineUserDataJobResponse) == "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE"  # fmt: skip
+        ads.channel.close()
+
+
+def test_lifetime_values_survive_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "ads.json"
+    with GoogleAdsEmulator(state_file=state) as e:
+        ads = Ads(e)
+        name = ads.create_list("ltv")
+        job = ads.job(name, CUSTOMER_MATCH_WITH_ATTRIBUTES)
+        ads.add(job, [user(i, user_attribute=cod.UserAttribute(lifetime_value_micros=i * 1_000_000)) for i in range(1, 4)])
+        ads.run(job)
+        ads.channel.close()
+    with GoogleAdsEmulator(state_file=state) as e:
+        assert e.values(lid_of(name)) == {key(i): i * 1_000_000 for i in range(1, 4)}

@@ -281,3 +281,68 @@ def test_a_torn_journal_line_is_ignored_and_cut_off(tmp_path: Path) -> None:
         again._flush()  # a second crash: the new line must not sit behind the torn one
     with MetaGraphEmulator(expected_token=TOKEN, state_file=state) as third:
         assert third.members(aid) == {tuple(row(1)), tuple(row(2))}
+
+
+# ---------------------------------------------------------------------------- value-based audiences
+
+
+def value_audience(http: httpx.Client, name: str = "ltv") -> str:
+    r = http.post("/act_42/customaudiences", data={"name": name, "subtype": "CUSTOM", "is_value_based": "1",
+                                                   "customer_file_source": "USER_PROVIDED_ONLY"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def test_value_based_audiences_take_a_non_negative_number_per_member(http: httpx.Client, emu: MetaGraphEmulator) -> None:
+    """Value-based lookalikes guide: created with is_value_based, populated with LOOKALIKE_VALUE, "an integer
+    or floating-point arbitrary non-negative number"; a plain audience does not know the key."""
+    plain, valued = new_audience(http), value_audience(http)
+    assert http.get(f"/{valued}/", params={"fields": "is_value_based"}).json()["is_value_based"] is True
+    assert http.get(f"/{plain}/", params={"fields": "is_value_based"}).json()["is_value_based"] is False
+    schema = ("EMAIL", "LOOKALIKE_VALUE")
+    assert graph_error(upload(http, plain, [[row(1)[0], 5]], schema))["code"] == 100
+    assert graph_error(upload(http, valued, [[row(1)[0]]], ("EMAIL",)))["code"] == 100  # the value is required
+    bad = [[row(2)[0], -1], [row(3)[0], "12.5"], [row(4)[0], None], [row(5)[0], True]]
+    r = upload(http, valued, [[row(1)[0], 44.5], [row(6)[0], 0], *bad], schema)
+    body = r.json()
+    assert (body["num_received"], body["num_invalid_entries"]) == (6, 4), body
+    # NaN and infinity are not numbers Meta takes (JSON has neither; Python's json module writes them)
+    r = http.post(f"/{valued}/users", data={"payload": '{"schema": ["EMAIL", "LOOKALIKE_VALUE"], "data": '
+                                            f'[["{row(7)[0]}", NaN], ["{row(8)[0]}", Infinity]]}}',
+                                            "session": json.dumps(SESSION)})  # fmt: skip
+    assert r.json()["num_invalid_entries"] == 2
+    email = lambda i: frozenset({("EMAIL", row(i)[0])})  # noqa: E731
+    assert emu.values(valued) == {email(1): 44.5, email(6): 0}
+    # the value is the member's, not who the member is: a new value updates it, a removal ignores it
+    upload(http, valued, [[row(1)[0], 140]], schema)
+    assert emu.member_dicts(valued) == {email(1), email(6)} and emu.values(valued)[email(1)] == 140
+    upload(http, valued, [[row(1)[0], 3]], schema, method="DELETE")
+    assert emu.member_dicts(valued) == {email(6)} and emu.values(valued) == {email(6): 0}
+
+
+def test_value_based_lookalikes_come_from_value_based_seeds(http: httpx.Client, emu: MetaGraphEmulator) -> None:
+    plain, valued = new_audience(http), value_audience(http)
+    upload(http, plain, [row(i) for i in range(120)])
+    upload(http, valued, [[row(i)[0], float(i)] for i in range(120)], ("EMAIL", "LOOKALIKE_VALUE"))
+    spec = json.dumps({"type": "custom_ratio", "ratio": 0.01, "country": "US"})
+    r = http.post("/act_42/customaudiences", data={"name": "lal", "subtype": "LOOKALIKE", "origin_audience_id": plain,
+                                                   "lookalike_spec": spec, "is_value_based": "1"})  # fmt: skip
+    assert graph_error(r)["code"] == 100 and "value-based seed" in graph_error(r)["message"]
+    lal = http.post("/act_42/customaudiences", data={"name": "lal", "subtype": "LOOKALIKE", "origin_audience_id": valued,
+                                                     "lookalike_spec": spec}).json()["id"]  # fmt: skip
+    assert http.get(f"/{lal}/", params={"fields": "is_value_based,origin_audience_id"}).json()["is_value_based"] is True
+    other = http.post("/act_42/customaudiences", data={"name": "lal2", "subtype": "LOOKALIKE",
+                                                       "origin_audience_id": plain, "lookalike_spec": spec}).json()["id"]  # fmt: skip
+    assert http.get(f"/{other}/", params={"fields": "is_value_based"}).json()["is_value_based"] is False
+
+
+def test_values_survive_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "meta.json"
+    with MetaGraphEmulator(state_file=state, expected_token=TOKEN) as e, \
+            httpx.Client(base_url=f"{e.url}/v26.0", headers=AUTH, timeout=30) as http:  # fmt: skip
+        aid = value_audience(http)
+        upload(http, aid, [[row(i)[0], i * 1.5] for i in range(3)], ("EMAIL", "LOOKALIKE_VALUE"))
+        upload(http, aid, [[row(0)[0], 9]], ("EMAIL", "LOOKALIKE_VALUE"))
+    with MetaGraphEmulator(state_file=state, expected_token=TOKEN) as e:
+        assert e.values(aid) == {frozenset({("EMAIL", row(0)[0])}): 9, frozenset({("EMAIL", row(1)[0])}): 1.5,
+                                 frozenset({("EMAIL", row(2)[0])}): 3.0}  # fmt: skip
