@@ -102,3 +102,24 @@ def test_google_destination_reads_the_service_account_file_beside_the_config(tmp
     with pytest.raises(ConfigError) as err:
         build_destination("g", s.destinations["g"], s.state_path)
     assert f"{tmp_path / 'sa.json'} not found" in str(err.value)
+
+
+@pytest.mark.parametrize(("segment", "top", "error"), [
+    ('value = "ltv"', "", None),
+    ('value = "ltv"\nvalue_resend_threshold = 0.25', "", None),
+    ('value = "   "', "", "segments.vip.value: name the column that holds each member's value"),
+    ('value = "email"', "", "value = 'email' is also the column of identifier 'email'"),
+    ("value_resend_threshold = 0.2", "", "value_resend_threshold is set but `value` is not"),
+    ('value = "ltv"\nvalue_resend_threshold = -0.1', "", "segments.vip.value_resend_threshold"),
+    ('value = "ltv"', "value_resend_threshold = -1\n", "value_resend_threshold"),
+])  # fmt: skip
+def test_value_settings_are_checked(tmp_path: Path, segment: str, top: str, error: str | None) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(top + BASE + segment + "\n")
+    if error is None:
+        s = load_settings(cfg)
+        assert s.segments["vip"].value == "ltv" and s.value_resend_threshold == 0.10
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cfg)
+    assert error in str(exc.value)

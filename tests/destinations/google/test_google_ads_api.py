@@ -139,3 +139,23 @@ def test_a_list_removed_in_google_ads_is_replaced_by_a_new_empty_one(emu: Google
     assert a.user_list_status(lid).state == "missing"
     again = a.ensure_crm_list("ads-removed", lid, 30)
     assert again != lid and emu.members(again) == set()
+
+
+def test_values_go_as_lifetime_value_in_attribute_jobs_and_removals_in_plain_ones(emu: GoogleAdsEmulator) -> None:
+    a = api(emu)
+    lid = a.ensure_crm_list("ads-ltv", None, 30)
+    people = [Member(f"k{i}", member(i).payload, value=v) for i, v in enumerate([12.5, None, 0.000001, 1e12])]
+    out = a.stage(lid, people, remove=False, attributes=True)
+    assert out.rejected == {}
+    a.run_staged(lid)
+    assert emu.jobs[out.request_id or ""]["type"] == 5  # CUSTOMER_MATCH_WITH_ATTRIBUTES
+    key = lambda i: frozenset(member(i).payload.items())  # noqa: E731
+    assert emu.values(lid) == {key(0): 12_500_000, key(2): 1, key(3): 10**18}  # micros; k1 sent without a value
+    assert len(emu.members(lid)) == 4
+    gone = a.stage(lid, people[:1], remove=True, attributes=True)  # removals never carry attributes
+    a.run_staged(lid)
+    assert emu.jobs[gone.request_id or ""]["type"] == 4 and emu.values(lid) == {key(2): 1, key(3): 10**18}
+    # a value in a plain list job is refused by the platform: the connector never sends one there
+    plain = a.stage(lid, [Member("k9", member(9).payload, value=5.0)], remove=False)
+    a.run_staged(lid)
+    assert plain.rejected == {} and emu.values(lid).get(key(9)) is None and key(9) in emu.members(lid)

@@ -177,3 +177,36 @@ def test_an_audience_deleted_in_ads_manager_is_replaced_by_a_new_empty_one(emu: 
     emu.delete_audience(a.audience_id)
     b = dest.ensure_audience("vip", a, ["EMAIL", "PHONE", "FN"])
     assert b.audience_id != a.audience_id and emu.members(b.audience_id) == set()
+
+
+def valued(i: int, value: float | None) -> Member:
+    return Member(f"k{i}", {"EMAIL": sha256_hex(f"u{i}@x.com")}, value=value)
+
+
+def test_value_based_audiences_send_lookalike_value_and_never_switch(emu: MetaGraphEmulator) -> None:
+    dest = make(emu)
+    plain = dest.ensure_audience("vip", None, ["EMAIL"])
+    vb = dest.ensure_audience("vip", plain, ["EMAIL"], value_based=True)
+    # the plain audience cannot become value-based: a new one, named apart, and the reason for the run's output
+    assert vb.audience_id != plain.audience_id and vb.name == "vip (value-based)"
+    assert vb.note == "is not value-based and cannot become so" and vb.extra["schema"] == "EMAIL,LOOKALIKE_VALUE"
+    assert emu.audiences[vb.audience_id]["is_value_based"] and not emu.audiences[plain.audience_id]["is_value_based"]
+    assert dest.ensure_audience("vip (value-based)", vb, ["EMAIL"], value_based=True).audience_id == vb.audience_id
+    assert dest.ensure_audience("vip", None, ["EMAIL"], value_based=True).audience_id == vb.audience_id  # by name
+    dest.add_members(vb, [valued(1, 44.5), valued(2, 140.0), valued(3, 0.0)], SESSION)
+    key = lambda i: frozenset({("EMAIL", sha256_hex(f"u{i}@x.com"))})  # noqa: E731
+    assert emu.values(vb.audience_id) == {key(1): 44.5, key(2): 140, key(3): 0}
+    # a removal keeps the audience's schema; its value does not matter (and a member without one gets 0)
+    dest.remove_members(vb, [valued(1, None), valued(2, 7.0)], SESSION)
+    assert emu.values(vb.audience_id) == {key(3): 0}
+    back = dest.ensure_audience("vip (value-based)", vb, ["EMAIL"], value_based=False)
+    assert back.audience_id == plain.audience_id and back.note == "is value-based and cannot stop being so"
+
+
+def test_the_lookalike_of_a_value_based_audience_is_value_based(emu: MetaGraphEmulator) -> None:
+    dest = make(emu)
+    vb = dest.ensure_audience("vip", None, ["EMAIL"], value_based=True)
+    dest.add_members(vb, [valued(i, float(i)) for i in range(5)], SESSION)
+    ref = dest.ensure_lookalike(vb, {"country": "US", "ratio": 0.01, "min_seed_size": 3}, None, 5)
+    assert ref is not None and ref.details["value_based"] == "true"
+    assert emu.audiences[ref.lookalike_id]["is_value_based"]
