@@ -218,9 +218,9 @@ lookalike.google = {{ expansion_level = "NARROW", country_codes = ["US"], min_se
     return cfg
 
 
-def run(cfg: Path) -> dict[str, RunResult]:
+def run(cfg: Path, **opts: Any) -> dict[str, RunResult]:
     with Engine(load_settings(cfg)) as engine:
-        return {r.destination: r for r in engine.sync(None, SyncOptions())}
+        return {r.destination: r for r in engine.sync(None, SyncOptions(**opts))}
 
 
 def meta_state(tmp: Path) -> dict[str, Any]:
@@ -288,3 +288,9 @@ def test_end_to_end_value_based_meta_audience_and_lookalike_and_google_ads_attri
     assert (micros[email(20)], micros[email(21)], micros[email(22)], micros[email(5)]) == (200e6, 300e6, 0, 50e6)
     third = run(cfg)
     assert third["meta"].write_calls == 0 and third["gads"].write_calls == 0
+    # a full refresh replaces each audience with the members and the values last decided
+    full = run(cfg, full_refresh=True)
+    assert full["meta"].status == "success" and full["gads"].status == "success", (full["meta"].error, full["gads"].error)
+    assert meta_values(meta_state(e2e)[meta.audience_id]) == values
+    assert google_values(e2e, gads.audience_id or "") == micros
+    assert run(cfg)["meta"].write_calls == 0
