@@ -58,7 +58,8 @@ class ColumnNormalizer:
         cleaned = []
         for f, c in steps.items():
             cleaned += [
-                f"CASE WHEN NOT {c.fallback} THEN {c.clean} END AS c_{f}",
+                f"{c.clean} AS c_{f}",
+                f"{c.given} AS g_{f}",
                 f"{c.fallback} AS fb_{f}",
                 f"CASE WHEN {c.fallback} THEN {c.value} END AS raw_{f}",
                 f"{c.present} AS pr_{f}",
@@ -68,14 +69,15 @@ class ColumnNormalizer:
         # a Google email outside Gmail is Meta's: hashed once, in a second step that reuses Meta's digest
         shared = "email" in self.identifiers and {"meta", "google"} <= set(self.platforms)
         digests = [
-            f"{idsql.digest(f, p, f'c_{f}')} AS d_{p}_{f}"
+            f"{idsql.digest(f, p, f'c_{f}', f'g_{f}')} AS d_{p}_{f}"
             for f in self.identifiers
             for p in self.platforms
             if not (shared and f == "email" and p == "google")
         ]
         q = f"SELECT *, {', '.join(digests)} FROM ({q})"
         if shared:
-            q = f"SELECT *, {idsql.digest('email', 'google', 'c_email', shared='d_meta_email')} AS d_google_email FROM ({q})"
+            google = idsql.digest("email", "google", "c_email", "g_email", shared="d_meta_email")
+            q = f"SELECT *, {google} AS d_google_email FROM ({q})"
         return q
 
     def fallback_count(self, rb: pa.RecordBatch) -> int:

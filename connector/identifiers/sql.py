@@ -65,13 +65,14 @@ def fingerprint(cols: list[str]) -> str:
 class Cleaned:
     """One identifier column cleaned once for every platform, as projections to stack (`levels`, innermost
     first: each a list of (name, expression) over the level below; no expression is computed twice). The
-    last level names `clean`: a marked VARCHAR ('h' + hex for a value given already hashed, else a field
-    letter + the cleaned value; NULL when absent or invalid), `present`: a value was given, and `fallback`:
+    last level names `clean`: the cleaned value, NULL when absent, invalid or given already hashed;
+    `given`: a value given already hashed (lowercase hex); `present`: a value was given; and `fallback`:
     the Python rules must take the value instead. Only rows where `gate` holds are cleaned."""
 
     levels: list[list[tuple[str, str]]]
     value: str  # the raw value (of gated rows)
     clean: str
+    given: str
     present: str
     fallback: str
 
@@ -95,19 +96,20 @@ def clean_email(col: str, gate: str, tag: str) -> Cleaned:
             [(t, f"trim({v})"), (ok, printable(v))],
             [(e, f"lower({t})"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
             [
-                (f"{n}_clean", f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || {e} WHEN {valid} THEN 'e' || {e} END"),
+                (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {e} END"),
+                (f"{n}_given", f"CASE WHEN {ok} AND {h} THEN {e} END"),
                 (f"{n}_present", f"coalesce({ok} AND {t} <> '', false)"),
                 (f"{n}_fallback", f"coalesce(NOT {ok}, false)"),
             ],
         ],
-        value=v, clean=f"{n}_clean", present=f"{n}_present", fallback=f"{n}_fallback",
+        value=v, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
     )  # fmt: skip
 
 
 def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
     """Phones SQL can vouch for: plain NANP shapes (`+1` and ten digits; in a US or CA segment also ten
     digits, or eleven from `1`) that phonenumbers' US metadata calls valid, as `normalize_phone` takes
-    them without phonenumbers. Everything else is the Python rules'."""
+    them without phonenumbers. Everything else is the Python rules'. `clean` is the ten digits after +1."""
     n = f"_{tag}"
     v, t, ok, c, h, ten, valid = (f"{n}_{x}" for x in ("v", "t", "ok", "c", "h", "ten", "valid"))
     national = "1?" if region.upper() in _NANP_REGIONS else "\\+1"
@@ -125,30 +127,29 @@ def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
             [(ten, f"CASE WHEN regexp_full_match({c}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({c}, 10) END")],
             [(valid, is_valid)],
             [
-                (f"{n}_clean",
-                 f"CASE WHEN NOT {ok} THEN NULL WHEN {h} THEN 'h' || lower({t}) WHEN {valid} THEN 'p' || {ten} END"),
+                (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {ten} END"),
+                (f"{n}_given", f"CASE WHEN {ok} AND {h} THEN lower({t}) END"),
                 (f"{n}_present", f"coalesce({t} <> '', false)"),
                 (f"{n}_fallback", f"coalesce(NOT {ok} OR ({t} <> '' AND NOT {h} AND NOT {valid}), false)"),
             ],
         ],
-        value=v, clean=f"{n}_clean", present=f"{n}_present", fallback=f"{n}_fallback",
+        value=v, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
     )  # fmt: skip
 
 
-def digest(field: str, platform: str, clean: str, shared: str | None = None) -> str:
-    """The payload digest (BLOB) of a cleaned column for a platform. `shared`: a column holding the
-    same field's digest for the other platform, reused where both forms are equal."""
-    rest = f"substr({clean}, 2)"
-    given = f"left({clean}, 1) = 'h'"
+def digest(field: str, platform: str, clean: str, given: str, shared: str | None = None) -> str:
+    """The payload digest (BLOB) of a cleaned column for a platform: the given hash, else the SHA-256 of
+    the platform's form. `shared`: a column holding the same field's digest for the other platform,
+    reused where both forms are equal."""
     if field == "phone":
         form = "'+1' || " if platform == "google" else "'1' || "
-        return f"CASE WHEN {given} THEN unhex({rest}) ELSE unhex(sha256({form}{rest})) END"
-    base = shared or f"CASE WHEN {given} THEN unhex({rest}) ELSE unhex(sha256({rest})) END"
+        return f"CASE WHEN {given} IS NOT NULL THEN unhex({given}) ELSE unhex(sha256({form}{clean})) END"
+    base = shared or f"CASE WHEN {given} IS NOT NULL THEN unhex({given}) ELSE unhex(sha256({clean})) END"
     if platform != "google":
         return base
-    dom = f"split_part({rest}, '@', 2)"
-    local = f"replace(split_part(split_part({rest}, '@', 1), '+', 1), '.', '')"
+    dom = f"split_part({clean}, '@', 2)"
+    local = f"replace(split_part(split_part({clean}, '@', 1), '+', 1), '.', '')"
     return (
-        f"CASE WHEN left({clean}, 1) = 'e' AND {dom} IN {_GMAIL} "
+        f"CASE WHEN {dom} IN {_GMAIL} "
         f"THEN CASE WHEN {local} <> '' THEN unhex(sha256({local} || '@' || {dom})) END ELSE {base} END"
     )
