@@ -300,7 +300,7 @@ class QueuedJob:
     job_id: int
     segment: str
     destinations: list[str] | None  # None: all the segment's destinations
-    trigger: str  # webhook, manual, schedule
+    trigger: str  # webhook or schedule
     state: Literal["queued", "running", "retrying"]  # retrying: a try failed, the next waits for its backoff
     attempt: int
     max_attempts: int

@@ -6,7 +6,6 @@ emulator accepts any token; the stub proves the client asked for one and sent no
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import Harness, person
+from test_files_s3 import converges_from_any_working_copy
 
 from connector.ledger.files import MemberStore, PairFiles, member_schema
 
@@ -100,18 +99,4 @@ def test_a_file_written_to_gcs_is_read_back_and_collected(gcs: Gcs, tmp_path: Pa
 
 
 def test_sync_with_ledger_files_on_gcs_converges_from_any_working_copy(gcs: Gcs, tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    toml = h.dir / "connector.toml"
-    toml.write_text(f'ledger_files = "{gcs.url("ledger", "engine")}"\n' + toml.read_text())
-    rows = [person(i) for i in range(30)]
-    assert h.sync(rows)["meta"].status == "success"
-    assert gcs.objects("ledger", "engine") and not (tmp_path / "state" / "members").exists()
-    for round_ in range(2):  # the second run writes a delta over a base it had to fetch
-        shutil.rmtree(tmp_path / "state" / "cache")  # as if the next run were on another machine
-        rows = rows[5:] + [person(i) for i in range(100 + 10 * round_, 104 + 10 * round_)]
-        res = h.sync(rows)
-        assert res["meta"].status == "success", res["meta"].error
-        assert (res["meta"].counts.adds, res["meta"].counts.removes) == (4, 5)
-    assert len(h.audience("meta")) == len(rows) and len(h.audience("google")) == len(rows)
-    assert h.sync(rows)["meta"].write_calls == 0
-    assert 2 <= len(gcs.objects("ledger", "engine")) <= 4  # only the files the pointers name
+    converges_from_any_working_copy(tmp_path, gcs.url("ledger", "engine"), lambda: gcs.objects("ledger", "engine"))
