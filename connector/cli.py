@@ -310,12 +310,14 @@ def sync(
 
 @app.command()
 def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
-    """Per segment and destination: audience, members in the ledger, last success, lookalike."""
+    """Per segment and destination: audience, members in the ledger, last success, lookalike; with [workers],
+    the job queue (syncs queued, running, or waiting for a retry)."""
     settings = _load(config, json_out)
     with _reported(json_out):
         pairs = _status(settings)
+        jobs = _job_queue(settings)
     if json_out:
-        _emit_json({"pairs": pairs})
+        _emit_json({"pairs": pairs, **({"jobs": jobs} if jobs is not None else {})})
         return
     rows = []
     for p in pairs:
@@ -329,6 +331,7 @@ def status(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
             p["last_success"] or "never", _lookalike(p),
         ])  # fmt: skip
     show_table(out, "status", STATUS_COLUMNS, rows)
+    _show_jobs(jobs)
 
 
 STATUS_COLUMNS: list[Column] = [
@@ -373,6 +376,45 @@ def _status(settings: ConnectorSettings) -> list[dict[str, Any]]:
     return pairs
 
 
+def _job_queue(settings: ConnectorSettings) -> list[dict[str, Any]] | None:
+    """With [workers]: the sync jobs queued, running or waiting for a retry (procrastinate's job table)."""
+    if settings.workers is None:
+        return None
+    try:
+        from connector.jobs import read_queue
+    except ImportError as exc:
+        raise ConfigError(f"reading the job queue needs the workers extra: pip install 'connector[workers]' "
+                          f"({exc.name} is missing)") from None  # fmt: skip
+    ledger = Journal(settings.ledger_sqlalchemy_url())
+    try:
+        return [j.as_dict() for j in read_queue(settings, ledger)]
+    finally:
+        ledger.close()
+
+
+JOB_COLUMNS: list[Column] = [
+    ("job", "number"), ("segment", "text"), ("destinations", "text"), ("trigger", "text"), ("state", "text"),
+    ("attempt", "text"), ("queued at", "text"), ("due / started", "text"), ("worker", "text"),
+]  # fmt: skip
+
+
+def _show_jobs(jobs: list[dict[str, Any]] | None) -> None:
+    if jobs is None:
+        return
+    if not jobs:
+        out.print("job queue: empty (no sync queued or running)", highlight=False)
+        return
+    color = {"queued": "cyan", "running": "green", "retrying": "yellow"}
+    rows = [
+        [str(j["job_id"]), escape(j["segment"]), escape(", ".join(j["destinations"]) if j["destinations"] else "all"),
+         j["trigger"], f"[{color[j['state']]}]{j['state']}[/{color[j['state']]}]", f"{j['attempt']}/{j['max_attempts']}",
+         (j["queued_at"] or "-")[:19], (j["started_at"] or j["due_at"] or "-")[:19],
+         escape(j["worker"] or (f"worker id {j['worker_id']}" if j["worker_id"] is not None else "-"))]
+        for j in jobs
+    ]  # fmt: skip
+    show_table(out, "job queue (UTC)", JOB_COLUMNS, rows)
+
+
 def _next_run(schedule: str | None, tz: str) -> str | None:
     if not schedule:
         return None
@@ -390,7 +432,7 @@ def runs(
     json_out: JsonOpt = False,
     limit: Annotated[int, typer.Option("--limit", "-n", help="how many recent runs")] = 20,
 ) -> None:
-    """Recent runs: trigger, pair, timing, status, counts, error."""
+    """Recent runs: trigger, pair, timing, status, counts, error; with [workers], the job queue."""
     settings = _load(config, json_out)
     with _reported(json_out):
         ledger = Journal(settings.ledger_sqlalchemy_url())
@@ -398,6 +440,7 @@ def runs(
             records = ledger.list_runs(limit)
         finally:
             ledger.close()
+        jobs = _job_queue(settings)
     docs: list[dict[str, Any]] = [
         {
             "id": r.id, "trigger": r.trigger, "segment": r.segment, "destination": r.destination,
@@ -407,7 +450,7 @@ def runs(
         for r in records
     ]
     if json_out:
-        _emit_json({"runs": docs})
+        _emit_json({"runs": docs, **({"jobs": jobs} if jobs is not None else {})})
         return
     rows = [
         [str(d["id"]), d["trigger"], escape(d["segment"]), escape(d["destination"]), d["started_at"][:19],
@@ -419,6 +462,7 @@ def runs(
                              ("started", "text"), ("status", "text"), ("adds", "number"), ("removes", "number"),
                              ("error", "text")]  # fmt: skip
     show_table(out, "recent runs", columns, rows, key=1)
+    _show_jobs(jobs)
 
 
 @app.command()

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from procrastinate import App, BaseRetryStrategy, JobContext, PsycopgConnector, RetryDecision, builtin_tasks
 from procrastinate.exceptions import AlreadyEnqueued, ProcrastinateException, UniqueViolation
@@ -77,6 +80,14 @@ class SyncRetry(BaseRetryStrategy):
         if isinstance(exception, ConfigError) or job.attempts + 1 >= self.max_attempts:
             return None
         return RetryDecision(retry_in={"seconds": max(1, round(self.backoff * 2**job.attempts))})
+
+
+def poll_seconds(settings: ConnectorSettings) -> float:
+    """How often an idle worker looks for jobs that have become due. procrastinate notifies the workers when a
+    job is queued, but a webhook's job is only due `webhook_debounce_seconds` later (a retry after its
+    backoff): then only polling finds it. Half the debounce, between 0.5 and 5 seconds (procrastinate's
+    default, 5 s, made an idle queue start a webhook's sync about 5 s after it arrived)."""
+    return min(5.0, max(0.5, settings.webhook_debounce_seconds / 2))
 
 
 def _quiet_procrastinate() -> None:
@@ -213,10 +224,94 @@ class JobQueue:
         for rid in run_ids.values():
             self.journal.finish_run(rid, "coalesced", {}, why)
 
-    def pending(self) -> list[str]:
+    def _sync_jobs(self, status: Status) -> list[Job]:
+        """Sync jobs (webhook or schedule) of our queue in `status`, oldest first."""
         assert self.settings.workers is not None
-        jobs = self.app.job_manager.list_jobs(queue=self.settings.workers.queue, status=Status.TODO.value)
-        return sorted({str(j.task_kwargs["segment"]) for j in jobs if j.task_kwargs.get("segment")})
+        jobs = self.app.job_manager.list_jobs(queue=self.settings.workers.queue, status=status.value)
+        return [j for j in jobs if j.task_name in (SYNC_TASK, SCHEDULED_TASK) and j.task_kwargs.get("segment")]
+
+    def pending(self) -> list[str]:
+        return sorted({str(j.task_kwargs["segment"]) for j in self._sync_jobs(Status.TODO)})
+
+    def jobs(self) -> list[QueuedJob]:
+        """The run queue as `status` and `runs` show it: sync jobs waiting, waiting for a retry, or running,
+        from procrastinate's job table (oldest first)."""
+        cfg = self.settings.workers
+        assert cfg is not None
+        db = self.app.connector.get_sync_connector()
+        found = sorted(self._sync_jobs(Status.TODO) + self._sync_jobs(Status.DOING), key=lambda j: j.id or 0)
+        if not found:
+            return []
+        # when each job was queued and last started: procrastinate's event log (its manager has no reader)
+        events = {int(r["job_id"]): r for r in db.execute_query_all(query=_JOB_EVENTS, ids=[j.id for j in found])}
+        holders = Coordinator(self.journal).holders()
+        out = []
+        for j in found:
+            assert j.id is not None
+            segment = str(j.task_kwargs["segment"])
+            running = j.status == Status.DOING.value
+            dests = j.task_kwargs.get("destinations")
+            # the process syncing it: the journal's pair leases name it (host:pid), procrastinate only an id
+            leases = sorted({":".join(h.split(":")[:2]) for (seg, _), (h, _) in holders.items() if seg == segment})
+            ev = events.get(j.id, {})
+            out.append(QueuedJob(
+                job_id=j.id, segment=segment, destinations=[str(d) for d in dests] if isinstance(dests, list) else None,
+                trigger="schedule" if j.task_name == SCHEDULED_TASK else str(j.task_kwargs.get("trigger") or "webhook"),
+                state="running" if running else "retrying" if j.attempts else "queued", attempt=j.attempts + 1,
+                max_attempts=cfg.max_attempts,
+                queued_at=aware(ev.get("queued_at")), due_at=None if running else aware(j.scheduled_at),
+                started_at=aware(ev.get("started_at")) if running else None, worker_id=j.worker_id if running else None,
+                worker=(", ".join(leases) or None) if running else None,
+            ))  # fmt: skip
+        return out
+
+
+def read_queue(settings: ConnectorSettings, journal: Journal) -> list[QueuedJob]:
+    """`JobQueue.jobs` for a one-off reader (`connector status`, `connector runs`)."""
+    import psycopg
+
+    assert settings.workers is not None
+    try:
+        # first a connection of our own: it fails at once (procrastinate's pool would wait 30 s for one), and
+        # tells whether any process created the queue's tables yet (reading creates nothing)
+        with psycopg.connect(conninfo(settings.workers), connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+        if row is None or row[0] is None:
+            return []
+        queue = JobQueue(settings, journal)
+        with queue.app.open():
+            return queue.jobs()
+    except (ProcrastinateException, psycopg.Error, OSError) as exc:
+        # the message may name the server; the URL is a secret
+        raise ConnectorError(f"could not read the job queue at [workers] url ({type(exc).__name__}): is PostgreSQL "
+                             "reachable?") from None  # fmt: skip
+
+
+_JOB_EVENTS = """
+SELECT job_id, min(at) FILTER (WHERE type = 'deferred') AS queued_at, max(at) FILTER (WHERE type = 'started') AS started_at
+  FROM procrastinate_events WHERE job_id = ANY(%(ids)s) GROUP BY job_id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """One sync job of the run queue. `attempt` is the try running or next to run (1 = the first)."""
+
+    job_id: int
+    segment: str
+    destinations: list[str] | None  # None: all the segment's destinations
+    trigger: str  # webhook or schedule
+    state: Literal["queued", "running", "retrying"]  # retrying: a try failed, the next waits for its backoff
+    attempt: int
+    max_attempts: int
+    queued_at: datetime | None  # when the first trigger queued it
+    due_at: datetime | None  # not started before (the debounce, or a retry's backoff); None while running
+    started_at: datetime | None  # when its running try started
+    worker_id: int | None  # procrastinate's id of the worker running it
+    worker: str | None  # host:pid of the process syncing its pairs (the journal's leases)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(self).items()}
 
 
 def _json(kwargs: dict[str, Any]) -> dict[str, JSONValue]:
@@ -299,6 +394,7 @@ class Worker:
                 queues=[self.cfg.queue], name=self.name or "connector-worker", concurrency=1, wait=True,
                 install_signal_handlers=False, update_heartbeat_interval=self.cfg.heartbeat_seconds,
                 stalled_worker_timeout=self.cfg.stalled_after_seconds, delete_jobs="never",
+                fetch_job_polling_interval=poll_seconds(self.settings),
             ))  # fmt: skip
 
             def stopping() -> None:
@@ -325,8 +421,9 @@ class Worker:
             log.warning("the ledger is SQLite: workers on other machines cannot share it (set ledger_url)")
         if self.settings.ledger_files is None or "://" not in self.settings.ledger_files:
             log.warning("ledger_files is a local folder: workers on other machines need shared storage (s3://...)")
-        log.info("worker %s: queue %r, %d scheduled segment(s)", self.name or "", self.cfg.queue,
-                 sum(1 for s in self.settings.segments.values() if s.schedule))  # fmt: skip
+        # host:pid is how `connector status` names the worker syncing a segment
+        log.info("worker %s (%s:%d): queue %r, %d scheduled segment(s)", self.name or "", socket.gethostname(),
+                 os.getpid(), self.cfg.queue, sum(1 for s in self.settings.segments.values() if s.schedule))  # fmt: skip
         try:
             asyncio.run(self.run_async())
         finally:
@@ -370,4 +467,6 @@ def run_worker(settings: ConnectorSettings, name: str | None = None) -> None:
     Worker(settings, name=name).run()
 
 
-__all__ = ["SCHEDULED_TASK", "SYNC_TASK", "JobQueue", "Worker", "build_app", "run_worker", "segment_lock"]
+__all__ = [
+    "SCHEDULED_TASK", "SYNC_TASK", "JobQueue", "QueuedJob", "Worker", "build_app", "read_queue", "run_worker", "segment_lock",
+]  # fmt: skip

@@ -367,6 +367,15 @@ def test_status_table_never_cuts_audience_ids(harness: Harness, monkeypatch: pyt
     assert code == 0 and "1,200" in out and "…" not in out
 
 
+def test_without_workers_status_and_runs_show_no_job_queue(harness: Harness) -> None:
+    cfg = str(harness.dir / "connector.toml")
+    for command in ("status", "runs"):
+        code, js, _ = invoke(command, "--config", cfg, "--json")
+        assert code == 0 and "jobs" not in json.loads(js), js  # the embedded mode's queue is not a job table
+        code, out, _ = invoke(command, "--config", cfg)
+        assert code == 0 and "job queue" not in out, out
+
+
 def test_a_failed_segment_error_is_printed_once(harness: Harness) -> None:
     harness.csv.write_text("customer_id,mail\nC1,a@example.com\n")
     code, _, err = invoke("sync", "--config", str(harness.dir / "connector.toml"))

@@ -136,6 +136,125 @@ def test_a_schedule_is_a_periodic_task_with_the_segment_locks(tmp_path: Path, pg
     assert periodic["nightly"].configure_kwargs["queueing_lock"] == segment_lock("nightly")
 
 
+# ---------------------------------------------------------------------- status and runs show the queue
+
+
+def _queue_config(tmp: Path, queue_url: str, segments: tuple[str, ...] = ("a", "b", "c")) -> Path:
+    lines = ['state_dir = "state"', "webhook_debounce_seconds = 0", "[workers]", f'url = "{queue_url}"',
+             "[destinations.meta]", 'type = "meta"', 'ad_account_id = "1"', "sandbox = true",
+             "[destinations.meta2]", 'type = "meta"', 'ad_account_id = "2"', "sandbox = true"]  # fmt: skip
+    for name in segments:
+        lines += [f"[segments.{name}]", f'source = {{ type = "csv", path = "{name}.csv" }}', 'key = "customer_id"',
+                  'identifiers = { email = "email" }', 'destinations = ["meta", "meta2"]']  # fmt: skip
+    cfg = tmp / "connector.toml"
+    cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return cfg
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from connector.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.stdout + res.stderr
+
+
+@needs_pg
+def test_status_and_runs_show_queued_running_and_retrying_jobs(tmp_path: Path, pg_database: str) -> None:
+    import asyncio
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from connector.jobs import JobQueue, build_app
+    from connector.locks import Coordinator
+    from connector.settings import load_settings
+
+    cfg = _queue_config(tmp_path, pg_database)
+    settings = load_settings(cfg)
+    journal = Journal(settings.ledger_sqlalchemy_url())
+    queue = JobQueue(settings, journal)
+    queue.open()
+    before = datetime.now(UTC)
+    try:
+        for segment, dests in (("a", None), ("b", None), ("c", ["meta2"])):
+            assert queue.enqueue(segment, dests, "webhook")[0]
+    finally:
+        queue.close()
+
+    async def a_worker_takes_two_and_one_fails() -> tuple[int, str, str]:
+        # what a worker does through procrastinate's manager: register, take the due jobs, retry a failed one
+        app = build_app(settings)
+        async with app.open_async():
+            manager = app.job_manager
+            wid = await manager.register_worker()
+            running = await manager.fetch_job(queues=["connector"], worker_id=wid)
+            failed = await manager.fetch_job(queues=["connector"], worker_id=wid)
+            assert running is not None and failed is not None and failed.id is not None
+            await manager.retry_job_by_id_async(failed.id, retry_at=datetime.now(UTC) + timedelta(hours=1))
+            return wid, str(running.task_kwargs["segment"]), str(failed.task_kwargs["segment"])
+
+    worker_id, running, retrying = asyncio.run(a_worker_takes_two_and_one_fails())
+    assert {running, retrying} == {"a", "b"}
+    # the process syncing the running job holds its pairs' leases in the journal
+    assert Coordinator(journal, holder="box-7:4242:1a2b3c4d:-").try_acquire(running, "meta") is None
+    journal.close()
+
+    code, out = _cli("status", "--config", str(cfg), "--json")
+    assert code == 0, out
+    jobs = {j["segment"]: j for j in json.loads(out)["jobs"]}
+    assert set(jobs) == {"a", "b", "c"}
+    run, retry, queued = jobs[running], jobs[retrying], jobs["c"]
+    assert (run["state"], run["attempt"], run["worker_id"], run["worker"]) == ("running", 1, worker_id, "box-7:4242")
+    assert run["started_at"] is not None and run["due_at"] is None
+    assert (retry["state"], retry["attempt"], retry["max_attempts"], retry["worker"]) == ("retrying", 2, 5, None)
+    assert datetime.fromisoformat(retry["due_at"]) > before + timedelta(minutes=59)
+    assert (queued["state"], queued["attempt"], queued["destinations"], queued["trigger"]) == ("queued", 1, ["meta2"], "webhook")
+    for j in jobs.values():
+        assert before - timedelta(seconds=5) <= datetime.fromisoformat(j["queued_at"]) <= datetime.now(UTC)
+    assert jobs["a"]["destinations"] is None
+
+    code, out = _cli("runs", "--config", str(cfg), "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    assert [j["segment"] for j in doc["jobs"]] == ["a", "b", "c"]
+    assert sorted(r["status"] for r in doc["runs"]) == ["queued"] * 5  # the runs the webhooks queued
+
+    for command in ("status", "runs"):
+        code, out = _cli(command, "--config", str(cfg))
+        assert code == 0, out
+        assert "job queue" in out and "box-7:4242" in out and "retrying" in out and "2/5" in out, out
+        assert "meta2" in out and "all" in out
+
+
+@needs_pg
+def test_status_reads_a_queue_no_process_has_created_yet_without_creating_it(tmp_path: Path, pg_database: str) -> None:
+    import json
+
+    import psycopg
+
+    cfg = _queue_config(tmp_path, pg_database, ("a",))
+    code, out = _cli("status", "--config", str(cfg), "--json")
+    assert code == 0, out
+    assert json.loads(out)["jobs"] == []
+    code, out = _cli("runs", "--config", str(cfg))
+    assert code == 0 and "job queue: empty" in out, out
+    with psycopg.connect(_plain(pg_database)) as conn:
+        row = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+    assert row is not None and row[0] is None
+
+
+def test_an_unreachable_queue_is_an_error_without_its_url(tmp_path: Path) -> None:
+    import json
+
+    cfg = _queue_config(tmp_path, "postgresql://bob:pw-in-url-5150@127.0.0.1:9/queue")  # nothing listens on port 9
+    code, out = _cli("status", "--config", str(cfg), "--json")
+    assert code == 1, out
+    doc = json.loads(out)
+    assert "could not read the job queue" in doc["error"]
+    assert "pw-in-url-5150" not in out and "bob" not in out
+
+
 # ---------------------------------------------------------------------- the deployment
 
 
