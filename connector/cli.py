@@ -486,7 +486,7 @@ def serve(
 @app.command()
 def worker(
     config: ConfigOpt = None,
-    name: Annotated[str | None, typer.Option("--name", help="worker name in its log lines (status names a worker by host:pid)")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="worker name in its log lines")] = None,
     log_format: Annotated[str | None, typer.Option("--log-format", help="text or json")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
