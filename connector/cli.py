@@ -144,8 +144,11 @@ def validate(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
         out.print(f"[green]ok[/green] {settings.config_path}: {len(settings.segments)} segment(s), "
                   f"{len(settings.destinations)} destination(s)", highlight=False)  # fmt: skip
         for name, seg in settings.segments.items():
-            out.print(f"  segment {name}: {seg.source.type} -> {', '.join(seg.destinations)} ({seg.mode})",
-                      highlight=False)  # fmt: skip
+            source = f"sources.{seg.source}" if isinstance(seg.source, str) else seg.source.type
+            picks = f" where {seg.where}" if seg.where else ""
+            picks += f" tier {seg.tier.name} by {seg.tiers.by}" if seg.tier and seg.tiers else ""
+            out.print(f"  segment {name}: {source}{picks} -> {', '.join(seg.destinations)} ({seg.mode})",
+                      highlight=False, markup=False)  # fmt: skip
     if found:
         raise typer.Exit(2)
 

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import pairwise
@@ -57,17 +57,14 @@ from connector.ledger.recovery import compact, current_sql, register_journal, re
 from connector.logs import log_context
 from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
+from connector.segments import SegmentSources
 from connector.settings import (
     ConnectorSettings,
-    CsvSource,
     DestinationConfig,
     GoogleDestinationConfig,
     MetaDestinationConfig,
-    ParquetSource,
     SegmentConfig,
 )
-from connector.sources import open_source
-from connector.sources.base import reading
 
 log = logging.getLogger("connector.engine")
 
@@ -117,6 +114,8 @@ class RunResult:
     throttle_wait_seconds: float = 0.0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # wall-clock seconds by phase
+    clv: dict[str, Any] | None = None  # the predicted-value fit of the segment's source (`ClvSummary.as_dict`)
+    tier: dict[str, Any] | None = None  # a tier segment: its tier, members, rows ranked, rows without a value
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +142,8 @@ class RunResult:
             "error": self.error,
             "error_kind": self.error_kind,
             "warning": self.warning,
+            "clv": self.clv,
+            "tier": self.tier,
         }
 
 
@@ -188,6 +189,7 @@ class Engine:
         self._destinations: dict[str, Destination] = {}
         self.stats: dict[str, RetryStats] = {}
         self.files_root = member_root(settings)
+        self._sources: SegmentSources | None = None
         if self.ledger.legacy_schema is not None:
             from connector.ledger.migrate import migrate_legacy
 
@@ -230,29 +232,45 @@ class Engine:
     # ------------------------------------------------------------------ public
 
     def sync(self, segments: Sequence[str] | None = None, options: SyncOptions | None = None) -> list[RunResult]:
+        """Sync the segments (default: all; a tiered segment's name stands for its tiers). Each source
+        is read once for all of them."""
         opts = options or SyncOptions()
-        names = list(segments) if segments else list(self.settings.segments)
-        unknown = [n for n in names if n not in self.settings.segments]
+        known = set(self.settings.segments) | {s.tier.segment for s in self.settings.segments.values() if s.tier}
+        unknown = [n for n in segments or [] if n not in known]
         if unknown:
             raise ConfigError(
                 f"unknown segment(s): {', '.join(unknown)} (configured: {', '.join(self.settings.segments) or 'none'})"
             )
         results: list[RunResult] = []
-        for name in names:
-            results.extend(self.sync_segment(name, opts))
+        with self._reading():
+            for name in self.settings.segment_names(segments):
+                results.extend(self.sync_segment(name, opts))
         return results
+
+    @contextmanager
+    def _reading(self) -> Iterator[SegmentSources]:
+        """The sources of this sync call: read at most once, dropped when the call ends."""
+        if self._sources is not None:
+            yield self._sources
+            return
+        self._sources = SegmentSources(self.settings, self._duckdb())
+        try:
+            yield self._sources
+        finally:
+            self._sources.close()
+            self._sources = None
 
     def sync_segment(self, name: str, opts: SyncOptions) -> list[RunResult]:
         seg = self.settings.segments[name]
         dest_names = [d for d in seg.destinations if opts.destinations is None or d in opts.destinations]
         if not dest_names:
             return []
-        with ExitStack() as locks:
+        with ExitStack() as locks, self._reading() as sources:
             if self._pair_lock is not None:
                 # sorted: two processes locking the same pairs never deadlock
                 for d in sorted(dest_names):
                     locks.enter_context(self._pair_lock(name, d))
-            con = self._duckdb()
+            con = sources.db.cursor()  # the segment's own temporary tables, the sync's source tables
             try:
                 return self._sync_locked(con, name, seg, dest_names, opts)
             finally:
@@ -381,16 +399,13 @@ class Engine:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
         planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows)
-        source = open_source(seg.source, self.settings.base_dir)
-        with reading(source):
-            rel = source.relation(con, planner.source_columns())
-            if isinstance(seg.source, CsvSource | ParquetSource):
-                rel.create_view("src", replace=True)
-            else:  # a one-shot stream (query results, pages): kept, since a plan may read it twice
-                rel.create("src")
-            plans = planner.run("src")
-            con.execute("DROP VIEW IF EXISTS src") if isinstance(seg.source, CsvSource | ParquetSource) else con.execute(
-                "DROP TABLE IF EXISTS src")
+        assert self._sources is not None
+        with self._sources.rows(con, segment, seg, planner.source_columns()) as rows:
+            for pair in pairs:
+                pair.result.clv = rows.clv.as_dict() if rows.clv else None
+                pair.result.tier = rows.tier
+                pair.result.phases["source"] = rows.seconds
+            plans = planner.run(rows.name)
         for pair, plan in zip(pairs, plans, strict=True):
             pair.plan = plan
             pair.result.counts = plan.counts
