@@ -79,15 +79,6 @@ class ClvSummary:
             "fit_seconds": round(self.fit_seconds, 3),
         }
 
-    def line(self) -> str:
-        """One line for the run output."""
-        mean = "-" if self.mean_value is None else f"{self.mean_value:,.2f}"
-        skipped = sum(self.skipped_orders.values())
-        return (f"predicted value ({self.horizon_days} days) on {self.source} from {self.orders_source}: "
-                f"{self.customers:,} customers, {self.repeat_share:.0%} repeat, mean {mean}, "
-                f"{self.matched_customers:,} matched, {self.orders:,} orders"
-                f"{f' ({skipped:,} skipped)' if skipped else ''}, fit {self.fit_seconds:.1f} s")  # fmt: skip
-
 
 def order_columns(spec: ClvConfig) -> list[str]:
     return list(dict.fromkeys([spec.customer, spec.time, spec.amount]))
@@ -152,6 +143,8 @@ def predict(con: duckdb.DuckDBPyConnection, orders: str, spec: ClvConfig, *, sou
 
 
 def _models(where: str) -> tuple[Any, Any]:
+    # arviz logs which of its optional packages are missing: noise in a sync's output
+    logging.getLogger("arviz.preview").setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # arviz and pytensor announce their own plans on import
