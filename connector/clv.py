@@ -161,7 +161,10 @@ def _fit_and_predict(models: tuple[Any, Any], rfm: pa.Table, spec: ClvConfig, wh
     import numpy as np
 
     beta_geo, gamma_gamma = models
-    data = rfm.to_pandas()
+    # the models index customers by `customer_id` (coordinates, sorted when combined): positions, not the
+    # keys, keep that cheap at a million customers and map the values back without depending on a sort
+    positions = np.arange(rfm.num_rows)
+    data = rfm.drop_columns(["customer_id"]).to_pandas().assign(customer_id=positions)
     repeat = data[data["frequency"] > 0]
     try:
         with warnings.catch_warnings():
@@ -180,7 +183,7 @@ def _fit_and_predict(models: tuple[Any, Any], rfm: pa.Table, spec: ClvConfig, wh
     except Exception as exc:  # noqa: BLE001 - the library's errors are many; the segment stops with the reason
         first = str(exc).strip().split("\n", 1)[0][:200]
         raise SourceError(f"{where}: the fit failed ({type(exc).__name__}: {first})") from None
-    values = np.asarray(clv).reshape(-1)
+    values = np.asarray(clv.sel(customer_id=positions)).reshape(-1)
     if values.shape[0] != rfm.num_rows or not np.all(np.isfinite(values)):
         raise SourceError(f"{where}: the fit gave {int(np.sum(~np.isfinite(values)))} non-finite predictions; "
                           "check the orders' amounts and times")  # fmt: skip

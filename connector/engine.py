@@ -227,7 +227,10 @@ class Engine:
             "memory_limit": self.settings.memory_limit,
             "temp_directory": str(tmp),
         }
-        return duckdb.connect(config=config)
+        con = duckdb.connect(config=config)
+        # DuckDB draws a progress bar on stdout for a query past 2 s: stdout is the --json document's
+        con.execute("SET enable_progress_bar = false")
+        return con
 
     # ------------------------------------------------------------------ public
 
