@@ -37,7 +37,7 @@ from typing import Any
 import duckdb
 
 from connector.clv import ClvSummary, order_columns, predict
-from connector.errors import ConfigError, ConnectorError
+from connector.errors import ConfigError, ConnectorError, SourceError
 from connector.settings import (
     TIER_COLUMN,
     ConnectorSettings,
@@ -180,11 +180,12 @@ class SegmentSources:
     # ------------------------------------------------------------------ reading a source once
 
     def table(self, source: SourceConfig | str, label: str) -> SourceTable:
-        """The source read into a table (once per sync: by name, or by its settings when inline)."""
+        """The source read into a table, once per sync: a named source by its name, a segment's own by
+        the segment (`label`: the tiers of one segment share it)."""
         if isinstance(source, str):
             cache, label, config = source, f"sources.{source}", self.settings.sources[source]
         else:
-            cache, config = "inline:" + source.model_dump_json(), source
+            cache, config = label, source
         if cache not in self._tables:
             self._tables[cache] = self._read(config, label)
         return self._tables[cache]
@@ -193,12 +194,16 @@ class SegmentSources:
         name = f"sources.{self._name('t')}"
         src = open_source(config, self.settings.base_dir)
         header = src.columns()
+        dupes = sorted({c for c in header if header.count(c) > 1})
+        if dupes:
+            raise SourceError(f"{label}: column(s) {', '.join(map(repr, dupes))} appear more than once; a source read "
+                              "whole needs unique column names")  # fmt: skip
         if config.clv is not None and config.clv.column in header:
             raise ConfigError(f"{label}.clv.column: the source already has a column {config.clv.column!r}; "
                               "set clv.column to another name")  # fmt: skip
         with reading(src):
             rel = src.relation(self.db, header)
-            rel.create(f"{name}_raw") if config.clv is not None else rel.create(name)
+            rel.create(f"{name}_raw" if config.clv is not None else name)
         tab = SourceTable(label, name, derived_columns(config, header))
         if config.clv is not None:
             tab.clv_column = config.clv.column
@@ -225,7 +230,7 @@ class SegmentSources:
                 self.db.register(values, predicted)
             except ConnectorError as exc:
                 tab.clv_error = exc
-                log.error("%s", exc)
+                log.warning("%s (only the segments that read %s stop)", exc, tab.clv_column)
         cols = ", ".join(f"s.{ident(c)}" for c in header)
         if values is None:
             value = "NULL::VARCHAR"

@@ -237,3 +237,21 @@ def test_cli_sync_takes_a_tiered_segments_name(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stdout
     runs = json.loads(res.stdout)["runs"]
     assert [(r["segment"], r["tier"]["members"]) for r in runs] == [("v_top", 2), ("v_rest", 2)]
+
+
+def test_an_inline_source_with_tiers_is_read_once_for_its_tiers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    real = CsvFileSource.relation
+    monkeypatch.setattr(CsvFileSource, "relation", lambda self, con, cols: reads.append(self.path.name) or real(self, con, cols))
+    shop = Shop(tmp_path, '\n[segments.v]\nsource = { type = "csv", path = "customers.csv" }\nkey = "customer_id"\n'
+                          'identifiers = { email = "email" }\ndestinations = ["meta"]\ntiers = { by = "n", top = 0.5 }\n')  # fmt: skip
+    shop.write(customers(4, n=lambda i: i))
+    assert {r.status for r in shop.sync().values()} == {"success"}
+    assert reads == ["customers.csv"] and shop.members("v_top") == {2, 3}
+
+
+def test_a_named_source_with_a_column_twice_fails_its_segments_saying_so(tmp_path: Path) -> None:
+    shop = Shop(tmp_path, segment("s", where="n > 0"))
+    (tmp_path / "customers.csv").write_text("customer_id,email,n,n\nC1,user1@example.com,1,2\n")
+    res = shop.sync()["s"]
+    assert res.status == "failed" and "sources.customers: column(s) 'n' appear more than once" in (res.error or "")
