@@ -144,8 +144,11 @@ def validate(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
         out.print(f"[green]ok[/green] {settings.config_path}: {len(settings.segments)} segment(s), "
                   f"{len(settings.destinations)} destination(s)", highlight=False)  # fmt: skip
         for name, seg in settings.segments.items():
-            out.print(f"  segment {name}: {seg.source.type} -> {', '.join(seg.destinations)} ({seg.mode})",
-                      highlight=False)  # fmt: skip
+            source = f"sources.{seg.source}" if isinstance(seg.source, str) else seg.source.type
+            picks = f" where {seg.where}" if seg.where else ""
+            picks += f" tier {seg.tier.name} by {seg.tiers.by}" if seg.tier and seg.tiers else ""
+            out.print(f"  segment {name}: {source}{picks} -> {', '.join(seg.destinations)} ({seg.mode})",
+                      highlight=False, markup=False)  # fmt: skip
     if found:
         raise typer.Exit(2)
 
@@ -204,6 +207,15 @@ def show_results(console: Console, results: list[RunResult], dry_run: bool) -> N
     show_table(console, "plan (dry run: nothing sent)" if dry_run else "sync results", RESULT_COLUMNS, rows)
 
 
+def _clv_line(clv: dict[str, Any]) -> str:
+    skipped = sum(clv["skipped_orders"].values())
+    mean = "-" if clv["mean_value"] is None else f"{clv['mean_value']:,.2f}"
+    return (f"predicted value ({clv['horizon_days']} days) on {clv['source']} from {clv['orders_source']}: "
+            f"{clv['customers']:,} customers, {clv['repeat_share']:.0%} repeat, mean {mean}, "
+            f"{clv['matched_customers']:,} rows matched, {clv['orders']:,} orders"
+            f"{f' ({skipped:,} skipped)' if skipped else ''}, fit {clv['fit_seconds']:.1f} s")  # fmt: skip
+
+
 class _ShownAtTheEnd(logging.Filter):
     """The engine logs a failed run's error; `sync` prints it once under the results instead."""
 
@@ -214,13 +226,14 @@ class _ShownAtTheEnd(logging.Filter):
 def _check_selection(settings: ConnectorSettings, segments: list[str] | None, destinations: list[str] | None,
                      json_out: bool) -> None:  # fmt: skip
     """Unknown segments, and destinations that are not the chosen segments' own, are usage errors."""
-    unknown = [s for s in segments or [] if s not in settings.segments]
+    tiered = {s.tier.segment for s in settings.segments.values() if s.tier}
+    unknown = [s for s in segments or [] if s not in settings.segments and s not in tiered]
     if unknown:
-        known = ", ".join(settings.segments) or "none"
+        known = ", ".join([*settings.segments, *sorted(tiered)]) or "none"
         _fail(f"unknown segment(s): {', '.join(unknown)} (configured: {known})", kind="usage", code=2, json_out=json_out)
     if not destinations:
         return
-    chosen = segments or list(settings.segments)
+    chosen = settings.segment_names(segments)
     for seg in chosen:
         own = settings.segments[seg].destinations
         if segments and not any(d in own for d in destinations):
@@ -280,6 +293,8 @@ def sync(
             out.print("[yellow]note:[/yellow] sandbox destinations: members went to the bundled emulators, "
                       "not to a real ad account")  # fmt: skip
         show_results(out, results, dry_run)
+        for line in dict.fromkeys(f"  {_clv_line(r.clv)}" for r in results if r.clv):
+            out.print(line, highlight=False, markup=False)
         for r in results:
             pair = f"{r.segment} -> {r.destination}"
             if r.counts.invalid_reasons:
@@ -295,6 +310,10 @@ def sync(
             if r.counts.consent_denied:
                 out.print(f"  {pair}: {r.counts.consent_denied:,} members not sent (ad_user_data consent denied)",
                           highlight=False)  # fmt: skip
+            if r.tier and r.destination == next(x.destination for x in results if x.segment == r.segment):
+                out.print(f"  {r.segment}: tier {r.tier['name']} by {r.tier['by']}: {r.tier['members']:,} of "
+                          f"{r.tier['of_rows']:,} rows ({r.tier['rows_without_value']:,} without a value, in the last tier)",
+                          highlight=False, markup=False)  # fmt: skip
             if r.lookalike_id or r.lookalike_state:
                 out.print(f"  {pair}: lookalike {r.lookalike_id or '-'} ({r.lookalike_state})", highlight=False)
             if r.warning:

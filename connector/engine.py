@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import pairwise
@@ -64,17 +64,15 @@ from connector.ledger.recovery import compact, current_sql, register_journal, re
 from connector.logs import log_context
 from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
+from connector.segments import SegmentSources, source_header
 from connector.settings import (
+    TIER_COLUMN,
     ConnectorSettings,
-    CsvSource,
     DestinationConfig,
     GoogleDestinationConfig,
     MetaDestinationConfig,
-    ParquetSource,
     SegmentConfig,
 )
-from connector.sources import open_source
-from connector.sources.base import reading
 
 log = logging.getLogger("connector.engine")
 
@@ -83,7 +81,6 @@ DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destin
 PairLock = Callable[[str, str], AbstractContextManager[object]]
 
 COMPACT_SHARE = 0.2  # a delta past this share of its base is folded into a new base
-TIER_COLUMN = "_tier"  # a member's tier, in the rows of a tiered segment: crossing a tier re-sends the value
 
 
 class Interrupted(ConnectorError):
@@ -126,6 +123,8 @@ class RunResult:
     throttle_wait_seconds: float = 0.0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # wall-clock seconds by phase
+    clv: dict[str, Any] | None = None  # the predicted-value fit of the segment's source (`ClvSummary.as_dict`)
+    tier: dict[str, Any] | None = None  # a tier segment: its tier, members, rows ranked, rows without a value
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +152,8 @@ class RunResult:
             "error_kind": self.error_kind,
             "warning": self.warning,
             "notes": list(self.notes),
+            "clv": self.clv,
+            "tier": self.tier,
         }
 
 
@@ -199,6 +200,7 @@ class Engine:
         self._destinations: dict[str, Destination] = {}
         self.stats: dict[str, RetryStats] = {}
         self.files_root = member_root(settings)
+        self._sources: SegmentSources | None = None
         if self.ledger.legacy_schema is not None:
             from connector.ledger.migrate import migrate_legacy
 
@@ -236,34 +238,53 @@ class Engine:
             "memory_limit": self.settings.memory_limit,
             "temp_directory": str(tmp),
         }
-        return duckdb.connect(config=config)
+        con = duckdb.connect(config=config)
+        # DuckDB draws a progress bar on stdout for a query past 2 s: stdout is the --json document's
+        con.execute("SET enable_progress_bar = false")
+        return con
 
     # ------------------------------------------------------------------ public
 
     def sync(self, segments: Sequence[str] | None = None, options: SyncOptions | None = None) -> list[RunResult]:
+        """Sync the segments (default: all; a tiered segment's name stands for its tiers). Each source
+        is read once for all of them."""
         opts = options or SyncOptions()
-        names = list(segments) if segments else list(self.settings.segments)
-        unknown = [n for n in names if n not in self.settings.segments]
+        known = set(self.settings.segments) | {s.tier.segment for s in self.settings.segments.values() if s.tier}
+        unknown = [n for n in segments or [] if n not in known]
         if unknown:
             raise ConfigError(
                 f"unknown segment(s): {', '.join(unknown)} (configured: {', '.join(self.settings.segments) or 'none'})"
             )
         results: list[RunResult] = []
-        for name in names:
-            results.extend(self.sync_segment(name, opts))
+        with self._reading():
+            for name in self.settings.segment_names(segments):
+                results.extend(self.sync_segment(name, opts))
         return results
+
+    @contextmanager
+    def _reading(self) -> Iterator[SegmentSources]:
+        """The sources of this sync call: read at most once, dropped when the call ends."""
+        if self._sources is not None:
+            yield self._sources
+            return
+        self._sources = SegmentSources(self.settings, self._duckdb())
+        try:
+            yield self._sources
+        finally:
+            self._sources.close()
+            self._sources = None
 
     def sync_segment(self, name: str, opts: SyncOptions) -> list[RunResult]:
         seg = self.settings.segments[name]
         dest_names = [d for d in seg.destinations if opts.destinations is None or d in opts.destinations]
         if not dest_names:
             return []
-        with ExitStack() as locks:
+        with ExitStack() as locks, self._reading() as sources:
             if self._pair_lock is not None:
                 # sorted: two processes locking the same pairs never deadlock
                 for d in sorted(dest_names):
                     locks.enter_context(self._pair_lock(name, d))
-            con = self._duckdb()
+            con = sources.db.cursor()  # the segment's own temporary tables, the sync's source tables
             try:
                 return self._sync_locked(con, name, seg, dest_names, opts)
             finally:
@@ -387,11 +408,11 @@ class Engine:
                 expire_before=expire_before, full_refresh=full, value_mode=pair.values.mode,
                 value_max=pair.values.max_value,
             ))  # fmt: skip
-        source = open_source(seg.source, self.settings.base_dir)
         tier = None
         if seg.value is not None and any(p.values.mode != "none" for p in pairs):
-            with reading(source):
-                tier = TIER_COLUMN if TIER_COLUMN in source.columns() else None
+            # a tier's rows carry their tier; any other source may have the column of its own
+            config = self.settings.sources[seg.source] if isinstance(seg.source, str) else seg.source
+            tier = TIER_COLUMN if seg.tiers or TIER_COLUMN in source_header(self.settings, config) else None
         threshold = seg.value_resend_threshold
         spec = SegmentSpec(
             key=seg.key, identifiers={str(f): c for f, c in seg.identifiers.items()}, default_region=seg.default_region,
@@ -408,15 +429,15 @@ class Engine:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
         planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows)
-        with reading(source):
-            rel = source.relation(con, planner.source_columns())
-            if isinstance(seg.source, CsvSource | ParquetSource):
-                rel.create_view("src", replace=True)
-            else:  # a one-shot stream (query results, pages): kept, since a plan may read it twice
-                rel.create("src")
-            plans = planner.run("src")
-            con.execute("DROP VIEW IF EXISTS src") if isinstance(seg.source, CsvSource | ParquetSource) else con.execute(
-                "DROP TABLE IF EXISTS src")
+        assert self._sources is not None
+        # a tier's `_tier` is the ranking's, not a source column
+        columns = [c for c in planner.source_columns() if not (seg.tiers and c == TIER_COLUMN)]
+        with self._sources.rows(con, segment, seg, columns) as rows:
+            for pair in pairs:
+                pair.result.clv = rows.clv.as_dict() if rows.clv else None
+                pair.result.tier = rows.tier
+                pair.result.phases["source"] = rows.seconds
+            plans = planner.run(rows.name)
         for pair, plan in zip(pairs, plans, strict=True):
             pair.plan = plan
             pair.result.counts = plan.counts

@@ -2,8 +2,10 @@
 
 - credentials complete for the path each destination takes (sandboxes need none);
 - every file the config names exists (and a service account file looks like one);
-- each segment's source is reachable and has the mapped columns: only headers are read (a CSV
-  header, a Parquet schema, the SQL query's columns with ``LIMIT 0``, the first page of an HTTP source);
+- each source (named or a segment's own) is reachable and has the mapped columns: only headers are read
+  (a CSV header, a Parquet schema, the SQL query's columns with ``LIMIT 0``, the first page of an HTTP
+  source); a segment's `where` parses as one SQL predicate over those columns and `tiers.by` is one of
+  them; a source's `clv` finds its key, the orders' columns and pymc-marketing;
 - settings that do nothing together (a lookalike for a platform the segment does not sync to).
 
 Settings that cannot work together at all (``membership_days <= resend_before_expiry_days``) are
@@ -15,18 +17,24 @@ URLs with credentials and row contents never appear in one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from connector.clv import order_columns
 from connector.errors import ConnectorError
+from connector.segments import definition_problems, derived_columns
 from connector.settings import (
+    ClvConfig,
     ConnectorSettings,
     DestinationConfig,
     GoogleDestinationConfig,
     MetaDestinationConfig,
     SegmentConfig,
+    SourceConfig,
 )
+from connector.sources import open_source
 
 GOING_TO_PRODUCTION = "README 'Going to production'"
 
@@ -43,10 +51,18 @@ def problems(settings: ConnectorSettings, *, sources: bool = True) -> list[str]:
         found.append(f"state_dir: {settings.state_path} is a file, not a directory")
     for name, dest in settings.destinations.items():
         found += destination_problems(settings, name, dest)
+    headers: dict[str, list[str] | None] = {}
+    if sources:
+        for name, src in settings.sources.items():
+            found += named_source_problems(settings, name, src, headers)
     for name, seg in settings.segments.items():
+        if seg.tier is not None:
+            if seg.tiers is None or seg.tier.name != seg.tiers.names[0]:
+                continue  # the tiers of one segment share its settings: checked once, under its own name
+            name = seg.tier.segment
         found += segment_problems(settings, name, seg)
         if sources:
-            found += source_problems(settings, name, seg)
+            found += source_problems(settings, name, seg, headers)
     return found
 
 
@@ -131,17 +147,71 @@ def mapped_columns(seg: SegmentConfig) -> list[str]:
     return list(dict.fromkeys([*seg.identifiers.values(), *consent, *([seg.key] if seg.key else [])]))
 
 
-def source_problems(settings: ConnectorSettings, name: str, seg: SegmentConfig) -> list[str]:
-    """The source is reachable and has the mapped columns: its header, schema, the query's columns or the
-    first page's fields, never its rows."""
-    from connector.sources import open_source
-
+def source_problems(settings: ConnectorSettings, name: str, seg: SegmentConfig,
+                    headers: dict[str, list[str] | None] | None = None) -> list[str]:  # fmt: skip
+    """The source is reachable and has the mapped columns, and `where` and `tiers` read columns it has:
+    its header, schema, the query's columns or the first page's fields, never its rows. A named source's
+    own problems are `named_source_problems`'s."""
     where = f"segments.{name}.source"
+    headers = {} if headers is None else headers
+    if isinstance(seg.source, str):
+        columns = _header(settings, seg.source, headers)
+        if columns is None:
+            return []  # reported under sources.NAME
+        what = f"sources.{seg.source}"
+    else:
+        try:
+            source = open_source(seg.source, settings.base_dir)
+            columns = derived_columns(seg.source, source.columns())
+        except ConnectorError as exc:
+            return [f"{where}: {exc}"]
+        what = source.description
+        if seg.source.clv is not None:
+            found = _clv_problems(settings, where, seg.source.clv, columns[:-1], headers)
+            if found:
+                return found
+    return [*_columns(where, what, mapped_columns(seg), columns), *definition_problems(f"segments.{name}", seg, columns)]
+
+
+def named_source_problems(settings: ConnectorSettings, name: str, source: SourceConfig,
+                          headers: dict[str, list[str] | None]) -> list[str]:  # fmt: skip
+    """A [sources.NAME] table is reachable; its `clv` names columns that exist and can be fitted here."""
+    where = f"sources.{name}"
     try:
-        source = open_source(seg.source, settings.base_dir)
-        return _columns(where, source.description, mapped_columns(seg), source.columns())
+        header = open_source(source, settings.base_dir).columns()
     except ConnectorError as exc:
+        headers[name] = None
         return [f"{where}: {exc}"]
+    headers[name] = derived_columns(source, header)
+    if source.clv is None:
+        return []
+    return _clv_problems(settings, where, source.clv, header, headers)
+
+
+def _header(settings: ConnectorSettings, name: str, headers: dict[str, list[str] | None]) -> list[str] | None:
+    if name not in headers:
+        named_source_problems(settings, name, settings.sources[name], headers)
+    return headers[name]
+
+
+def _clv_problems(settings: ConnectorSettings, where: str, spec: ClvConfig, header: Sequence[str],
+                  headers: dict[str, list[str] | None]) -> list[str]:  # fmt: skip
+    found = []
+    if importlib.util.find_spec("pymc_marketing") is None:
+        found.append(f"{where}.clv: predicted values need pymc-marketing: pip install 'connector[clv]'")
+    if spec.key_column not in header:
+        found.append(f"{where}.clv.key: the source has no column {spec.key_column!r} to match the orders' customers; "
+                     f"available columns: {', '.join(header) or 'none'}")  # fmt: skip
+    if spec.column in header:
+        found.append(f"{where}.clv.column: the source already has a column {spec.column!r}; name the predicted value "
+                     "another way")  # fmt: skip
+    orders = _header(settings, spec.orders, headers)
+    missing = [c for c in order_columns(spec) if orders is not None and c not in orders]
+    if missing:
+        found.append(f"{where}.clv: the orders (sources.{spec.orders}) have no column(s) {', '.join(map(repr, missing))} "
+                     "(set clv.customer, clv.time, clv.amount); available columns: "
+                     f"{', '.join(orders or []) or 'none'}")  # fmt: skip
+    return found
 
 
 def _columns(where: str, what: str, wanted: Sequence[str], available: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -67,26 +68,47 @@ def check_endpoint(value: str | None) -> str | None:
 # ----------------------------------------------------------------------------- sources
 
 
-class CsvSource(_Strict):
+class ClvConfig(_Strict):
+    """Predicted customer lifetime value, derived from a named source of orders (`connector.clv`)."""
+
+    orders: str = Field(description="name of the [sources.NAME] table holding the orders")
+    customer: str = Field(default="customer_id", description="orders column: the customer who ordered")
+    time: str = Field(default="ordered_at", description="orders column: when (ISO date or timestamp)")
+    amount: str = Field(default="amount", description="orders column: the order's value")
+    key: str | None = Field(default=None, description="this source's column matching `customer`; default: the same name")
+    horizon_days: int = Field(default=365, ge=1, le=3650, description="predict the value of this many days ahead")
+    column: str = Field(default="clv", min_length=1, description="name of the added column")
+    min_repeat_customers: int = Field(default=20, ge=1, description="fewer customers with a repeat order: no fit")
+
+    @property
+    def key_column(self) -> str:
+        return self.key or self.customer
+
+
+class _SourceBase(_Strict):
+    clv: ClvConfig | None = Field(default=None, description="add a predicted-value column fitted on orders")
+
+
+class CsvSource(_SourceBase):
     type: Literal["csv"]
     path: Path
     delimiter: str = ","
     encoding: str = "utf-8"
 
 
-class ParquetSource(_Strict):
+class ParquetSource(_SourceBase):
     type: Literal["parquet"]
     path: Path
 
 
-class SqlSource(_Strict):
+class SqlSource(_SourceBase):
     type: Literal["sql"]
     url: SecretStr = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
     query: str
     batch_size: int = Field(default=50_000, ge=1)
 
 
-class HttpSource(_Strict):
+class HttpSource(_SourceBase):
     type: Literal["http"]
     url: str
     records_path: str = Field(default="data", description="dotted path of the member list")
@@ -113,6 +135,61 @@ SourceConfig = Annotated[
 ]
 
 # ----------------------------------------------------------------------------- segments
+
+TIER_COLUMN = "_tier"  # each member row of a tier segment carries its tier's name in this column
+REST_TIER = "rest"
+_TIER_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+class TiersConfig(_Strict):
+    """Value tiers: ``{ by = "clv", high = 0.10, medium = 0.30 }`` ranks the source's rows by `by`
+    (descending) and cuts them at cumulative shares: the top 10% are `high`, the next 20% `medium`, the
+    others `rest` (or the tier given the share 1.0). Written in TOML, every key but `by` and `ascending`
+    is a tier; `shares` is the parsed form."""
+
+    by: str = Field(min_length=1, description="the column to rank by (numbers; NULL and non-numbers rank last)")
+    ascending: bool = Field(default=False, description="rank the smallest values first")
+    shares: dict[str, float] = Field(description="tier -> cumulative share of the ranked rows, ascending")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiers_as_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "shares" in data:
+            return data
+        named = {k: v for k, v in data.items() if k not in ("by", "ascending")}
+        return {**{k: v for k, v in data.items() if k in ("by", "ascending")}, "shares": named}
+
+    @field_validator("shares")
+    @classmethod
+    def _cuts(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError('name at least one tier with its cumulative share, e.g. { by = "clv", high = 0.10 }')
+        for name, share in v.items():
+            if not _TIER_NAME.fullmatch(name):
+                raise ValueError(f"tier name {name!r}: use letters, digits and _ (it becomes part of a segment name)")
+            if not 0 < share <= 1:
+                raise ValueError(f"tier {name!r}: share {share} must be above 0 and at most 1 (0.10 = the top 10%)")
+        ordered = sorted(v.items(), key=lambda kv: kv[1])
+        if len({s for _, s in ordered}) != len(ordered):
+            raise ValueError("two tiers have the same cumulative share; each tier's share must be larger than the previous one's")
+        if ordered[-1][1] < 1 and REST_TIER in v:
+            raise ValueError(f"tier {REST_TIER!r} is the implicit last tier (the rest); give it the share 1.0 or another name")
+        if ordered[-1][1] < 1:
+            ordered.append((REST_TIER, 1.0))
+        return dict(ordered)
+
+    @property
+    def names(self) -> list[str]:
+        """Tier names from the top down; the last takes every row left (and the rows without a value)."""
+        return list(self.shares)
+
+
+class TierOf(_Strict):
+    """Set on the segments a tiered segment expands into: which segment and which of its tiers."""
+
+    segment: str
+    name: str
+
 
 
 class ConsentConfig(_Strict):
@@ -151,7 +228,10 @@ class LookalikeConfig(_Strict):
 
 
 class SegmentConfig(_Strict):
-    source: SourceConfig
+    source: SourceConfig | str = Field(description="a source table, or the name of a [sources.NAME] table")
+    where: str | None = Field(default=None, min_length=1, description="SQL predicate over the source's columns")
+    tiers: TiersConfig | None = None
+    tier: TierOf | None = Field(default=None, description="set by the expansion of `tiers`, not in a config")
     key: str | None = Field(
         default=None, description="column that identifies a member; default: hash of identifiers"
     )
@@ -188,6 +268,12 @@ class SegmentConfig(_Strict):
                              "must be a column of its own (a number such as lifetime value)")
         if self.value_resend_threshold is not None and self.value is None:
             raise ValueError("value_resend_threshold is set but `value` is not: name the value column first")
+        return self
+
+    @model_validator(mode="after")
+    def _tier_set_by_expansion(self) -> SegmentConfig:
+        if self.tier is not None and (self.tiers is None or self.tier.name not in self.tiers.shares):
+            raise ValueError("`tier` is set when a segment with `tiers` is expanded; configure `tiers` instead")
         return self
 
     @field_validator("identifiers")
@@ -402,6 +488,9 @@ class ConnectorSettings(BaseSettings):
         description="DuckDB's memory limit (it spills to state_dir/tmp beyond it), e.g. '2GB'",
     )  # fmt: skip
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    sources: dict[str, SourceConfig] = Field(
+        default_factory=dict, description="named sources, read once per sync for every segment naming them"
+    )
     segments: dict[str, SegmentConfig] = Field(default_factory=dict)
     config_path: Path | None = Field(default=None, exclude=True)
 
@@ -427,16 +516,56 @@ class ConnectorSettings(BaseSettings):
             return data
         return resolve_paths(data, Path(data["config_path"]).parent)
 
+    @field_validator("segments")
+    @classmethod
+    def _expand_tiers(cls, v: dict[str, SegmentConfig]) -> dict[str, SegmentConfig]:
+        """A segment with `tiers` becomes one segment per tier, `NAME_TIER`, each its own audience."""
+        out: dict[str, SegmentConfig] = {}
+        for name, seg in v.items():
+            if seg.tiers is None or seg.tier is not None:
+                out[name] = seg
+                continue
+            for tier in seg.tiers.names:
+                expanded = f"{name}_{tier}"
+                if expanded in v or expanded in out:
+                    raise ValueError(f"segments.{name}.tiers makes the segment {expanded!r}, which is also configured; "
+                                     "rename one of them")  # fmt: skip
+                out[expanded] = seg.model_copy(update={"tier": TierOf(segment=name, name=tier)})
+        return out
+
+    def segment_names(self, selection: Sequence[str] | None = None) -> list[str]:
+        """Segment names to sync: all, or the given ones, a tiered segment's name standing for its tiers."""
+        if not selection:
+            return list(self.segments)
+        names: list[str] = []
+        for s in selection:
+            names += [s] if s in self.segments else [n for n, seg in self.segments.items() if seg.tier and seg.tier.segment == s]
+        return list(dict.fromkeys(names))
+
     @model_validator(mode="after")
     def _references(self) -> ConnectorSettings:
         for name, seg in self.segments.items():
+            where = seg.tier.segment if seg.tier else name
+            for used in _source_names(seg.source):
+                if used not in self.sources:
+                    known = ", ".join(sorted(self.sources)) or "none defined"
+                    raise ValueError(f"segments.{where}.source names {used!r}, which is not a [sources.*] table (known: {known})")
             for dest in seg.destinations:
                 if dest not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none defined"
                     raise ValueError(
-                        f"segments.{name}.destinations names {dest!r}, which is not a "
+                        f"segments.{where}.destinations names {dest!r}, which is not a "
                         f"[destinations.*] table (known: {known})"
                     )
+        for name, src in self.sources.items():
+            if src.clv is not None:
+                if src.clv.orders not in self.sources:
+                    known = ", ".join(sorted(self.sources))
+                    raise ValueError(f"sources.{name}.clv.orders names {src.clv.orders!r}, which is not a [sources.*] table "
+                                     f"(known: {known})")  # fmt: skip
+                if self.sources[src.clv.orders].clv is not None or src.clv.orders == name:
+                    raise ValueError(f"sources.{name}.clv.orders: {src.clv.orders!r} must be a plain table of orders "
+                                     "(without clv)")
         for name, d in self.destinations.items():
             if isinstance(d, GoogleDestinationConfig) and d.membership_days <= d.resend_before_expiry_days:
                 # every member would always be "close to expiry": each run would re-send the whole list
@@ -476,6 +605,13 @@ class ConnectorSettings(BaseSettings):
         return f"sqlite:///{self.state_path / 'ledger.db'}"
 
 
+def _source_names(source: SourceConfig | str) -> list[str]:
+    """The [sources.*] tables a segment's source reads: the named one, or the orders of an inline source's clv."""
+    if isinstance(source, str):
+        return [source]
+    return [source.clv.orders] if source.clv is not None else []
+
+
 def _absolute(value: Any, base: Path) -> Any:
     if not isinstance(value, str | Path):
         return value
@@ -497,6 +633,8 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = {**data, "state_dir": _absolute(data.get("state_dir", Path(".connector")), base)}
     if isinstance(data.get("destinations"), dict):
         data["destinations"] = {name: _with_path(d, "service_account_file", base) for name, d in data["destinations"].items()}
+    if isinstance(data.get("sources"), dict):
+        data["sources"] = {name: _with_path(src, "path", base) for name, src in data["sources"].items()}
     if isinstance(data.get("segments"), dict):
         segments = {}
         for name, seg in data["segments"].items():

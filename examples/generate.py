@@ -2,8 +2,11 @@
 
     python examples/generate.py
 
-Writes examples/vip_buyers.csv, examples/shoe_fans.parquet and examples/shop.db (SQLite with a
-`customers` table used by the at_risk segment). The data is synthetic: messy on purpose (mixed
+Writes examples/vip_buyers.csv, examples/shoe_fans.parquet, examples/shop.db (SQLite with a
+`customers` table used by the at_risk segment and the `customers` named source) and examples/orders.csv
+(two years of orders of those customers, for the predicted-value tiers; drawn the way the BG/NBD and
+Gamma-Gamma models assume: each customer buys at their own rate until they drop out, each order's value
+around their own mean; a few rows are broken on purpose). The data is synthetic: messy on purpose (mixed
 case and spacing in emails, Gmail dots and +tags, phones in national and international formats,
 a few broken values) so that normalization and the invalid-row report have something to show.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import random
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,6 +68,37 @@ def person(rng: random.Random, i: int) -> dict[str, str]:
     }
 
 
+ORDERS_END = datetime(2026, 10, 31, 23, 0, tzinfo=UTC)  # the last day of the example's order history
+ORDER_DAYS = 730
+
+
+def orders(rng: random.Random, customers: list[str]) -> list[dict[str, str]]:
+    """Nine customers in ten: a first order in the two years, then orders at a personal rate (Gamma) with a chance
+    of dropping out after each (Beta), each worth around a personal mean (Gamma-Gamma)."""
+    start = ORDERS_END - timedelta(days=ORDER_DAYS)
+    rows: list[tuple[datetime, str, float]] = []
+    for cid in customers:
+        if rng.random() < 0.1:
+            continue  # signed up, never ordered: no predicted value, so in the last tier
+        rate = rng.gammavariate(0.9, 1 / 25)  # orders a day while active: one every ~4 weeks on average
+        dropout = rng.betavariate(1.2, 4.0)
+        mean_value = rng.gammavariate(4.0, 1 / 4.0) * rng.choice([35, 60, 90, 160])
+        t = rng.uniform(0, ORDER_DAYS)
+        while t <= ORDER_DAYS:
+            rows.append((start + timedelta(days=t), cid, round(max(2.0, rng.gammavariate(6.0, mean_value / 6.0)), 2)))
+            if rng.random() < dropout:
+                break
+            t += rng.expovariate(rate)
+    rows.sort()
+    out = [{"order_id": f"O{100000 + i}", "customer_id": cid, "ordered_at": when.strftime("%Y-%m-%dT%H:%M:%S"),
+            "amount": f"{amount:.2f}"} for i, (when, cid, amount) in enumerate(rows)]  # fmt: skip
+    # what real exports hold too: a refund, a missing amount, an unreadable time (skipped and counted)
+    out[5]["amount"] = "-" + out[5]["amount"]
+    out[17]["amount"] = ""
+    out[29]["ordered_at"] = "yesterday"
+    return out
+
+
 def main() -> None:
     rng = random.Random(SEED)
     people = [person(rng, i) for i in range(1, 1201)]
@@ -87,7 +122,14 @@ def main() -> None:
     )
     con.commit()
     con.close()
-    print(f"wrote {len(vip)} VIP buyers, {len(shoes)} shoe fans, {len(people)} customers in shop.db")
+    # a generator of its own: the files above stay as they were
+    history = orders(random.Random(SEED + 1), [p["customer_id"] for p in people])
+    with (HERE / "orders.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    print(f"wrote {len(vip)} VIP buyers, {len(shoes)} shoe fans, {len(people)} customers in shop.db, "
+          f"{len(history)} orders")
 
 
 if __name__ == "__main__":

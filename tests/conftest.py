@@ -4,6 +4,7 @@ in-memory destinations that survive across engine instances (like a real platfor
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
+from connector.identifiers.hashing import sha256_hex
 from connector.settings import ConnectorSettings, load_settings
 
 IDENTIFIERS = (
@@ -119,6 +121,68 @@ destinations = ["meta", "google"]
         d = self.destinations[dest]
         assert len(d.audiences) == 1, d.audiences
         return d.members(next(iter(d.audiences)))
+
+
+# ----------------------------------------------------------------------------- a shop with named sources
+
+SHOP_HEAD = """
+state_dir = "state"
+
+[destinations.meta]
+type = "meta"
+ad_account_id = "act_1"
+sandbox = true
+
+[sources.customers]
+type = "csv"
+path = "customers.csv"
+"""
+
+
+def segment(name: str, where: str | None = None, tiers: str | None = None) -> str:
+    """A segment over the customers; `tiers` is TOML (an inline table)."""
+    extra = (f"where = {json.dumps(where)}\n" if where else "") + (f"tiers = {tiers}\n" if tiers else "")
+    return (f'\n[segments.{name}]\nsource = "customers"\nkey = "customer_id"\nidentifiers = {{ email = "email" }}\n'
+            f'destinations = ["meta"]\n{extra}')
+
+
+class Shop:
+    """A config with a named customer source (a CSV) and an in-memory Meta destination."""
+
+    def __init__(self, tmp: Path, config: str) -> None:
+        self.dir = tmp
+        self.meta = InMemoryDestination("meta", "meta")
+        (tmp / "connector.toml").write_text(SHOP_HEAD + config, encoding="utf-8")
+
+    def write(self, rows: list[dict[str, Any]], name: str = "customers.csv") -> None:
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["customer_id", "email"]
+        with (self.dir / name).open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    @property
+    def settings(self) -> ConnectorSettings:
+        return load_settings(self.dir / "connector.toml")
+
+    def sync(self, segments: list[str] | None = None) -> dict[str, RunResult]:
+        def factory(name: str, _cfg: Any, _state: Path, stats: Any) -> InMemoryDestination:
+            self.meta.stats = stats
+            return self.meta
+
+        with Engine(self.settings, destination_factory=factory) as engine:
+            return {r.segment: r for r in engine.sync(segments, SyncOptions(force=True))}
+
+    def members(self, segment: str) -> set[int]:
+        """The customers (numbers) in the segment's audience, found back from their hashed emails."""
+        (aud,) = [a for a in self.meta.audiences.values() if a.name == f"connector: {segment}"]
+        emails = {sha256_hex(f"user{i}@example.com"): i for i in range(1000)}
+        return {emails[v] for row in aud.rows for k, v in row if k == "EMAIL"}
+
+
+def customers(count: int, **columns: Callable[[int], Any]) -> list[dict[str, Any]]:
+    return [{"customer_id": f"C{i:03d}", "email": f"user{i}@example.com", **{k: f(i) for k, f in columns.items()}}
+            for i in range(count)]
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def test_documentation_holds_no_commit_hashes_dates_or_session_diaries() -> None
 
 def test_quick_start_keeps_its_two_commands() -> None:
     quick = section("Quick start")
-    assert "python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/connector sync --config config.example.toml" in quick
+    assert "python3 -m venv .venv && .venv/bin/pip install -q -e '.[clv]' && .venv/bin/connector sync --config config.example.toml" in quick
     assert "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest -q" in quick
 
 

@@ -294,3 +294,106 @@ def test_end_to_end_value_based_meta_audience_and_lookalike_and_google_ads_attri
     assert meta_values(meta_state(e2e)[meta.audience_id]) == values
     assert google_values(e2e, gads.audience_id or "") == micros
     assert run(cfg)["meta"].write_calls == 0
+
+
+# ----------------------------------------------------------------------------- orders -> tiers -> platforms
+
+
+def test_orders_to_value_tiers_on_both_platforms_end_to_end(tmp_path: Path) -> None:
+    """The issue's whole path on the emulators: predicted value from an orders table, three value tiers,
+    value-based Meta audiences (and the top tier's value-based lookalike), a Google Data Manager list per
+    tier; then new orders for five customers and a refit that moves every prediction a little: only the
+    members whose value moved past the threshold (or who changed tier) are sent again."""
+    from test_clv import history, write_orders
+
+    n = 1000
+    write(tmp_path / "customers.csv", [{"id": f"C{i:03d}", "email": f"user{i}@example.com"} for i in range(n)],
+          ["id", "email"])  # fmt: skip
+    orders = [{**o, "customer_id": "C" + o["customer_id"][1:].zfill(3)} for o in history(n)]
+    write_orders(tmp_path / "orders.csv", orders)
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text("""
+state_dir = "state"
+[destinations.meta]
+type = "meta"
+ad_account_id = "act_5"
+sandbox = true
+[destinations.gdm]
+type = "google"
+sandbox = true
+upload_api = "datamanager"
+customer_id = "1234567890"
+customer_match_terms = "accepted"
+[sources.customers]
+type = "csv"
+path = "customers.csv"
+clv = { orders = "orders", customer = "customer_id", key = "id", time = "ordered_at", amount = "amount" }
+[sources.orders]
+type = "csv"
+path = "orders.csv"
+[segments.value]
+source = "customers"
+tiers = { by = "clv", high = 0.10, medium = 0.30 }
+key = "id"
+identifiers = { email = "email" }
+value = "clv"
+destinations = ["meta", "gdm"]
+lookalike.meta = { country = "US", ratio = 0.01 }
+""")
+    tiers = ("high", "medium", "rest")
+
+    def meta_tiers() -> dict[str, dict[str, float]]:
+        """tier -> {email digest: value} of each value-based Meta audience."""
+        out = {}
+        for a in meta_state(tmp_path).values():
+            for t in tiers:
+                if a.get("subtype", "CUSTOM") == "CUSTOM" and a["name"] == f"connector: value_{t} (value-based)":
+                    assert a["is_value_based"] and "LOOKALIKE_VALUE" in a["schema"]
+                    out[t] = meta_values(a)
+        return out
+
+    first = {(r.segment, r.destination): r for r in engine_sync(cfg)}
+    assert {r.status for r in first.values()} == {"success"}, [(r.error, r.warning) for r in first.values()]
+    summary = first[("value_high", "meta")].clv
+    assert summary is not None and summary["customers"] > 0 and summary["mean_value"] > 0
+    before = meta_tiers()
+    with_orders = summary["customers"]  # customers without orders have no predicted value: not on Meta
+    assert len(before["high"]) == 100 and len(before["medium"]) == 200 and len(before["rest"]) == with_orders - 300
+    assert min(before["high"].values()) >= max(before["medium"].values()) >= max(before["rest"].values())
+    # the top tier's lookalike is value-based (seeded by a value-based audience)
+    look = meta_state(tmp_path)[first[("value_high", "meta")].lookalike_id or ""]
+    assert look["subtype"] == "LOOKALIKE" and look["is_value_based"]
+    # Google Data Manager: no per-member value; a list per tier, every member (ordering or not) on one
+    google = {t: first[(f"value_{t}", "gdm")] for t in tiers}
+    assert [google[t].counts.adds for t in tiers] == [100, 200, n - 300]
+    assert all("no per-member value" in " ".join(google[t].notes) for t in tiers)
+
+    # five customers order big and often: they climb; the refit nudges everyone else
+    climbers = [f"C{i:03d}" for i in range(990, 995)]
+    orders += [{"customer_id": c, "ordered_at": f"2026-06-{d:02d}T12:00:00", "amount": "900"}
+               for c in climbers for d in range(1, 29, 3)]  # fmt: skip
+    write_orders(tmp_path / "orders.csv", orders)
+    second = {(r.segment, r.destination): r for r in engine_sync(cfg)}
+    assert {r.status for r in second.values()} == {"success"}, [(r.error, r.warning) for r in second.values()]
+    after = meta_tiers()
+    for c in climbers:
+        assert email(int(c[1:])) in after["high"]
+    # on each tier's audience: a member who stayed is sent again exactly when its value moved past 10%
+    sent_again = resent = 0
+    for t in tiers:
+        stayed = set(before[t]) & set(after[t])
+        moved = {m for m in stayed if abs(after[t][m] - before[t][m]) > 0.10 * abs(before[t][m])}
+        kept = stayed - moved
+        assert all(after[t][m] == before[t][m] for m in kept)  # the value last sent stays
+        c = second[(f"value_{t}", "meta")].counts
+        assert c.value_changes == len(moved), (t, c.value_changes, len(moved))
+        assert c.adds == len(set(after[t]) - set(before[t])) and c.removes == len(set(before[t]) - set(after[t]))
+        sent_again += c.value_changes + c.adds
+        resent += len(moved)
+    assert resent > 0 and sent_again < with_orders // 4  # drift is not a change: most members are not sent again
+    assert all(second[(f"value_{t}", "gdm")].counts.value_changes == 0 for t in tiers)
+
+
+def engine_sync(cfg: Path) -> list[RunResult]:
+    with Engine(load_settings(cfg)) as engine:
+        return engine.sync(None, SyncOptions(force=True))
