@@ -54,6 +54,7 @@ from connector.ledger.files import (
     payload_column,
 )
 from connector.ledger.journal import PairPointer
+from connector.ledger.recovery import ACCEPTED, CONFIRMED, PLANNED, STATES, resolved_sql, state_class
 
 log = logging.getLogger("connector.diff")
 
@@ -135,7 +136,8 @@ class PairInput:
     payload_keys: tuple[str, ...]
     files: PairFiles
     pointer: PairPointer
-    resolved: str | None  # SQL of its current rows, states settled (None: no member files yet)
+    current: str | None  # SQL of its rows as its files hold them (None: no member files yet)
+    journal: tuple[str, str]  # its acknowledged batches and rejections (`register_journal`'s relations)
     run_id: int
     batch_size: int = 10_000
     expire_before: datetime | None = None  # Google: members accepted before this are sent again
@@ -147,6 +149,11 @@ class PairInput:
     def values(self) -> bool:
         return self.value_mode != "none"
 
+    @property
+    def resolved(self) -> str | None:
+        """SQL of its current rows, states settled."""
+        return None if self.current is None else resolved_sql(self.current, *self.journal)
+
 
 @dataclass(slots=True)
 class PairPlan:
@@ -157,6 +164,11 @@ class PairPlan:
     remove_batches: int = 0
     add_batches: int = 0
     sends: int = 0  # rows to send
+    states: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(len(STATES), np.int64))  # members before
+    # members by STATES whose rows the file leaves as they were, and the member rows it writes anew (k, kind, st,
+    # run, b, acc): the pair's counts after sending, without reading all of it again (None: not known)
+    kept_states: list[int] | None = None
+    rewritten: pa.Table | None = None
     # delta planning: changed rows and keys gone from the segment, collected by the pass
     _cand: list[pa.RecordBatch] = field(default_factory=list)
     _gone: list[pa.Array] = field(default_factory=list)
@@ -199,6 +211,8 @@ class Planner:
         self.ids = ColumnNormalizer(seg.identifiers, self.platforms, seg.default_region)
         self.duplicates = 0
         self.source_rows = 0
+        self._repeated = False  # the pass counted a row to plan more than once (a key there twice)
+        self._differences: dict[int, str] = {}  # pair -> its members where they differ from the first pair's
         self._on_rows = on_rows
         self._batch_rows = batch_rows
 
@@ -259,7 +273,10 @@ class Planner:
     def _pass_sql(self, src: str, dedupe: bool, filtered: bool = False) -> str:
         """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
         pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
-        source, `onI` on the platform before the run; then the normalized columns of rows to normalize."""
+        source, `clsI` its state before the run (an index in STATES); then the normalized columns of rows to
+        normalize. `n`: how many rows an output row stands for. `filtered`: the rows there is nothing to do
+        with (unchanged for every pair, or without a key) are not output one by one but counted, a row for
+        each combination of their flags, in the same pass (a key there twice shows as a row counted twice)."""
         cols = self._fingerprinted()
         key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
         # source columns under names of ours (a source column may be called `k` or `fp`)
@@ -268,7 +285,7 @@ class Planner:
         cons = f", {self._consent_sql()} AS cons0" if "google" in self.platforms else ""
         # no row number in the plain pass: numbering rows in a scan serializes it
         row = "__row AS r, " if dedupe else ""
-        valued = self.seg.value is not None and any(p.input.values for p in self.plans)
+        valued = self._valued()
         if valued:
             cons += f", {self._value_sql()}"
             cons += f", {idsql.quote(self.seg.tier)} AS tier" if self.seg.tier else ", NULL::VARCHAR AS tier"
@@ -278,67 +295,121 @@ class Planner:
             s = f"SELECT * EXCLUDE (r) FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
         joins, flags = [], []
         prev = "s.k"
+        first = self._first_pair()
+        if first is not None:
+            joins.append(f"FULL JOIN ({self._members_sql(self.plans[first])}) AS l ON s.k = l.k")
+            prev = "coalesce(s.k, l.k)"
         for i, plan in enumerate(self.plans):
-            if plan.input.resolved is None:
+            if plan.input.current is None:
                 continue
-            exp = "false"
-            if plan.input.expire_before is not None:
-                exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
-            joins.append(
-                f"FULL JOIN (SELECT k, fp, st, {exp} AS exp, v, t FROM ({plan.input.resolved}) WHERE kind = {MEMBER}) "
-                f"AS l{i} ON {prev} = l{i}.k"
-            )
-            prev = f"coalesce({prev}, l{i}.k)"
-            same = f"l{i}.fp = s.fp AND l{i}.st IN ({ON}, {REJECTED}) AND NOT l{i}.exp"
+            # the first ledgered pair's members, and each other pair's where they differ from those
+            m = {c: f"l.{c}" for c in self._member_columns()} | {"known": "l.k IS NOT NULL"}
+            if i != first:
+                joins.append(f"FULL JOIN {self._differences[i]} AS d{i} ON {prev} = d{i}.k")
+                prev = f"coalesce({prev}, d{i}.k)"
+                m = {c: f"(CASE WHEN d{i}.k IS NULL THEN {v} ELSE d{i}.{c} END)" for c, v in m.items()}
+            same = f"{m['fp']} = s.fp AND {m['cls']} <> {PLANNED} AND NOT {m['exp']}"  # on the platform, or rejected
             if valued and plan.input.values:
                 pv, pb = self._pair_value(plan, "s.")
-                same += " AND " + self._value_same(plan, f"l{i}.v", f"l{i}.t", pv, pb, "s.tier")
-            flags.append(f"l{i}.k IS NOT NULL AS in{i}, coalesce({same}, false) AS same{i}, "
-                         f"coalesce(l{i}.st = {ON}, false) AS on{i}, l{i}.k IS NOT NULL AND s.pres IS NULL AS left{i}")
+                same += " AND " + self._value_same(plan, m["v"], m["t"], pv, pb, "s.tier")
+            flags.append(f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
+                         f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}")
         j = (f"SELECT s.* EXCLUDE (pres), coalesce(s.pres, false) AS pres, {prev} AS kk{''.join(', ' + f for f in flags)} "
              f"FROM ({s}) AS s {' '.join(joins)}")
         todo = []
         for i, plan in enumerate(self.plans):
-            same = f"same{i}" if plan.input.resolved is not None else "false"
+            same = f"same{i}" if plan.input.current is not None else "false"
             todo.append(f"(pres AND k IS NOT NULL AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
-        if filtered:
-            # only the rows to plan go on (to normalization, and out of DuckDB): changed, new, key-less, departed
-            keep = " OR ".join([anytodo, "(pres AND k IS NULL)",
-                                *(f"left{i}" for i, p in enumerate(self.plans) if p.input.resolved is not None)])  # fmt: skip
-            t = f"SELECT * FROM ({t}) WHERE {keep}"
         outs = ["pres", "kk AS k", "fp", "pres AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
         for i, p in enumerate(self.plans):
-            if p.input.resolved is not None:
-                outs += [f"in{i}", f"same{i}", f"on{i}", f"left{i}"]
+            if p.input.current is not None:
+                outs += [f"in{i}", f"same{i}", f"cls{i}", f"left{i}"]
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
+        own = ["k", "fp", *alias.values()]  # a row's own columns (the others are flags)
         if valued:
             outs.append("tier")
+            own.append("tier")
             for i, p in enumerate(self.plans):
                 if p.input.values:
                     pv, pb = self._pair_value(p)
                     outs += [f"{pv} AS worth{i}", f"{pb} AS worthless{i}"]
-        outs += list(alias.values())
+                    own += [f"worth{i}", f"worthless{i}"]
+        rows = f"SELECT {', '.join(outs)}, {', '.join(alias.values())} FROM ({t})"
+        if filtered:
+            # only the rows to plan go on one by one (to normalization, and out of DuckDB): changed, new, departed
+            keep = " OR ".join(["anytodo", *(f"left{i}" for i, p in enumerate(self.plans) if p.input.current is not None)])
+            masked = ", ".join(f"CASE WHEN {keep} THEN {c} END AS {c}" for c in own)
+            rows = f"SELECT * REPLACE ({masked}), count(*) AS n FROM ({rows}) GROUP BY ALL"
+        else:
+            rows = f"SELECT *, 1 AS n FROM ({rows})"
         ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                self.seg.default_region)  # fmt: skip
-        normalized = ids.select(f"SELECT {', '.join(outs)} FROM ({t})", "anytodo")
+        normalized = ids.select(rows, "anytodo")
         return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
+
+    def _valued(self) -> bool:
+        """Whether the pass compares members' values (the segment has them and a pair sends them)."""
+        return self.seg.value is not None and any(p.input.values for p in self.plans)
+
+    def _first_pair(self) -> int | None:
+        """The ledgered pair the pass joins whole (one that sends values, when one does), or None."""
+        ledgered = [i for i, p in enumerate(self.plans) if p.input.current is not None]
+        valued = [i for i in ledgered if self.plans[i].input.values] if self._valued() else []
+        return next(iter(valued or ledgered), None)
+
+    def _member_columns(self) -> tuple[str, ...]:
+        """What the pass compares of a member beside its key: fingerprint, state, expiring, value and tier."""
+        return ("fp", "cls", "exp", "v", "t") if self._valued() else ("fp", "cls", "exp")
+
+    def _members_sql(self, plan: PairPlan) -> str:
+        """A pair's members as the pass compares rows with them (`_member_columns`)."""
+        exp = "false"
+        if plan.input.expire_before is not None:
+            exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
+        vt = ", v, t" if self._valued() else ""
+        return f"SELECT k, fp, {state_class()} AS cls, {exp} AS exp{vt} FROM ({plan.input.resolved}) WHERE kind = {MEMBER}"
+
+    def _compare_pairs(self) -> None:
+        """For each ledgered pair but the first, the members where it differs from the first (a member one
+        of them lacks, another fingerprint, state or value): the pairs of a segment mostly hold the same
+        members in the same states, so the pass joins the source with one pair's members and these few
+        rows, one large hash table where a join with each pair would hold one per pair (and spill beyond
+        memory_limit). A pair that sends no values is compared without them (it never reads them)."""
+        first = self._first_pair()
+        self._differences = {}
+        for i, plan in enumerate(self.plans):
+            if plan.input.current is None or i == first:
+                continue
+            assert first is not None
+            cols = self._member_columns() if plan.input.values else ("fp", "cls", "exp")
+            differ = " OR ".join(f"a.{c} IS DISTINCT FROM b.{c}" for c in cols)
+            name = f"differences{i}_{id(self)}"
+            self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
+                SELECT coalesce(a.k, b.k) AS k, b.k IS NOT NULL AS known, {', '.join(f'b.{c}' for c in self._member_columns())}
+                FROM ({self._members_sql(self.plans[first])}) AS a FULL JOIN ({self._members_sql(plan)}) AS b ON a.k = b.k
+                WHERE a.k IS NULL OR b.k IS NULL OR {differ}""")
+            self._differences[i] = name
 
     def run(self, src: str) -> list[PairPlan]:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
         source (the first row of each key wins)."""
+        self._compare_pairs()
         if not self._pass(src, dedupe=False):
+            rows = self.source_rows  # the first pass counted every row
             self.plans = [PairPlan(p.input) for p in self.plans]
             self._pass(src, dedupe=True)
+            self.duplicates = rows - self.source_rows
+            self.source_rows = rows
         for plan in self.plans:
             plan.counts.source_rows = self.source_rows
             if self.duplicates:
                 plan.counts.invalid += self.duplicates
                 plan.counts.invalid_reasons["duplicate_key"] += self.duplicates
-            if plan.input.resolved is not None:
+            if plan.input.current is not None:
                 self._plan_delta(plan)
         return self.plans
 
@@ -346,85 +417,83 @@ class Planner:
         """One pass; False when it found duplicate keys it was not told to drop.
 
         Without member files (a first run) every row streams from the source into each pair's new base.
-        With them, only the rows to normalize and the members who left come out of DuckDB: the unchanged
-        rows are what is left of the source's row count once those are taken away."""
-        ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.resolved is not None]
+        With them, only the rows to normalize and the members who left come out of DuckDB one by one; the
+        others come out counted (see `_pass_sql`)."""
+        ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.current is not None]
         filtered = bool(ledgered) and len(ledgered) == len(self.plans) and not dedupe
         sql = self._pass_sql(src, dedupe, filtered)
         self.source_rows = 0
+        self._repeated = False
         for plan in self.plans:
-            if plan.input.resolved is None and not self.dry_run:
+            if plan.input.current is None and not self.dry_run:
                 name = plan.input.files.new_name("base", plan.input.run_id)
                 plan.file, plan.as_base = name, True
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
         new_keys: list[Prefixes] = []  # first 8 bytes of each new key (duplicate check)
-        known: dict[int, int] = {}
         try:
-            for i, plan in ledgered:
-                n, on = self.con.execute(f"SELECT count(*), count(*) FILTER (WHERE st = {ON}) FROM "
-                                         f"({plan.input.resolved}) WHERE kind = {MEMBER}").fetchall()[0]  # fmt: skip
-                known[i], plan.counts.audience_before = int(n), int(on)
             for rb in prefetched(self.con.sql(sql).to_arrow_reader(self._batch_rows)):
                 self._batch(rb, new_keys)
                 if self._on_rows and not filtered:
                     self._on_rows(self.source_rows)
-            if filtered:
-                # every source row that did not come out was unchanged for every pair
-                total = int(self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0])
-                for plan in self.plans:
-                    plan.counts.unchanged += total - self.source_rows
-                self.source_rows = total
-                if self._on_rows:
-                    self._on_rows(total)
+            if self._on_rows and filtered:
+                self._on_rows(self.source_rows)
             for plan in self.plans:
                 plan.counts.unchanged += plan._same_seen
+                plan.counts.audience_before = int(plan.states[CONFIRMED] + plan.states[ACCEPTED])
+            dups = not dedupe and self._duplicates(ledgered, new_keys)
         except BaseException:
-            for plan in self.plans:
-                if plan._writer is not None:
-                    plan._writer.abort()
-                    plan._writer = None
+            self._close_writers(abort=True)
             raise
-        dups = False
+        self._close_writers(abort=dups)
+        return not dups
+
+    def _duplicates(self, ledgered: list[tuple[int, PairPlan]], new_keys: list[Prefixes]) -> bool:
+        """Whether the pass may have seen a key twice: a row counted twice, a new key twice, or more source
+        rows matched to a pair's members than it has members."""
+        if self._repeated or _has_duplicates(new_keys):
+            return True
         for i, plan in ledgered:
-            # source rows that matched one of the pair's members, a key counted twice if it is there twice
+            members = self.con.execute(f"SELECT count(*) FROM ({plan.input.current}) WHERE kind = {MEMBER}").fetchall()
             matched = self.source_rows - plan._nokey - plan._new_for.get(i, 0)
-            dups |= matched > known[i] - plan._left
-        if dedupe:
-            rows = int(self.con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0])
-            self.duplicates = rows - self.source_rows
-            self.source_rows = rows
-        elif dups or _has_duplicates(new_keys):
-            return False
+            if matched > int(members[0][0]) - plan._left:
+                return True
+        return False
+
+    def _close_writers(self, *, abort: bool) -> None:
         for plan in self.plans:
             if plan._writer is not None:
-                plan._writer.close()
+                plan._writer.abort() if abort else plan._writer.close()
                 plan._writer = None
-        return True
 
     def _batch(self, rb: pa.RecordBatch, new_keys: list[Prefixes]) -> None:
-        """One batch of the pass: every source row, or (with member files) the rows to plan."""
+        """One batch of the pass: every source row, or (with member files) the rows to plan and the counts
+        of the others."""
+        w = np.asarray(rb.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)  # rows each row stands for
         nokey = as_bool(rb.column("nokey"))
         anytodo = as_bool(rb.column("anytodo"))
         pres = as_bool(rb.column("pres"))
-        self.source_rows += int(pres.sum())
+        self.source_rows += int(w[pres].sum())
         keyed = pres & ~nokey
+        self._repeated |= bool((w[anytodo] > 1).any())
         known_any = np.zeros(rb.num_rows, dtype=bool)
-        n_nokey = int(nokey.sum())
+        n_nokey = int(w[nokey].sum())
         for i, plan in enumerate(self.plans):
             plan._nokey += n_nokey
             if n_nokey:
                 plan.counts.invalid += n_nokey
                 plan.counts.invalid_reasons["key_missing"] += n_nokey
-            if plan.input.resolved is not None:
+            if plan.input.current is not None:
                 inl = as_bool(rb.column(f"in{i}"))
                 known_any |= inl
-                plan._left += int(as_bool(rb.column(f"left{i}")).sum())
-                plan._same_seen += int(as_bool(rb.column(f"same{i}")).sum())
-                plan._new_for[i] = plan._new_for.get(i, 0) + int((keyed & ~inl).sum())
+                plan._left += int(w[as_bool(rb.column(f"left{i}"))].sum())
+                plan._same_seen += int(w[as_bool(rb.column(f"same{i}"))].sum())
+                plan._new_for[i] = plan._new_for.get(i, 0) + int(w[keyed & ~inl].sum())
+                cls = np.asarray(pc.fill_null(rb.column(f"cls{i}"), 0).to_numpy(zero_copy_only=False))
+                plan.states += np.bincount(cls[inl], weights=w[inl], minlength=len(STATES)).astype(np.int64)
         rows_new = keyed & ~known_any
         if rows_new.any():
             new_keys.append(key_prefixes(whole(rb.column("k")).filter(pa.array(rows_new))))
-        if not anytodo.any() and not any(p.input.resolved is not None for p in self.plans):
+        if not anytodo.any() and not any(p.input.current is not None for p in self.plans):
             return
         digests = {p: self.ids.payloads(rb, p, anytodo) for p in self.platforms}
         cons = rb.column("cons") if "cons" in rb.schema.names else None
@@ -454,7 +523,7 @@ class Planner:
             if plan.input.values and self.seg.value is not None:
                 member, held = self._check_values(plan, rb, i, member)
                 worth = whole(rb.column(f"worth{i}")), whole(rb.column("tier"))
-            if plan.input.resolved is None:
+            if plan.input.current is None:
                 self._write_base(plan, rb, member, payload, ccol, worth)
             else:
                 self._collect(plan, rb, i, member, todo & ~held, payload, ccol, worth)
@@ -472,7 +541,7 @@ class Planner:
         held = np.zeros(rb.num_rows, dtype=bool)
         if not bad.any():
             return member, held
-        known = as_bool(rb.column(f"in{i}")) if plan.input.resolved is not None else held
+        known = as_bool(rb.column(f"in{i}")) if plan.input.current is not None else held
         for code, reason in VALUE_REASONS.items():
             hit = bad & (codes == code)
             if n := int(hit.sum()):
@@ -559,7 +628,7 @@ class Planner:
         con.register(f"cand_{tag}", cand)
         con.register(f"gone_{tag}", gone)
         # the pair's rows this plan can touch: changed and departed members, and every owed removal
-        con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.resolved}) WHERE kind = {OWED}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.current}) WHERE kind = {OWED}")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE old_{tag} AS SELECT * FROM ({inp.resolved}) WHERE k IN (
             SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL SELECT k FROM owedk_{tag})""")
         mirror = self.seg.mode == "mirror"
@@ -640,11 +709,15 @@ class Planner:
         # an owed payload that a member in the new state still sends is not removed (one user to the platform)
         con.execute(f"CREATE OR REPLACE TEMP TABLE owed_{tag} AS SELECT DISTINCT ON (k, ph) * FROM "
                     f"(SELECT *, {ph_new} AS ph FROM ({owed_new}))")  # fmt: skip
-        if con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0][0]:
+        n_owed, n_null = con.execute(f"SELECT count(*), count(*) FILTER (WHERE {keys[0]} IS NULL) FROM owed_{tag}").fetchall()[0]
+        if n_owed:
+            # the pair's other members that may hold one: those with the first payload field of one
+            first = f"{keys[0]} IN (SELECT {keys[0]} FROM owed_{tag})" + (f" OR {keys[0]} IS NULL" if n_null else "")
             con.execute(f"""DELETE FROM owed_{tag} WHERE ph IN (
               SELECT {ph_new} FROM members_{tag} WHERE st IN ({ON}, {MAYBE}, {SENT})
               UNION ALL
-              SELECT ph FROM (SELECT k, {ph_new} AS ph FROM ({inp.resolved}) WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE}))
+              SELECT ph FROM (SELECT k, {ph_new} AS ph FROM ({inp.resolved})
+                              WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE}) AND ({first}))
                 WHERE ph IN (SELECT ph FROM owed_{tag}) AND k NOT IN (SELECT k FROM touched_{tag}))""")
         size = inp.batch_size
         n_rm = con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0]
@@ -655,19 +728,29 @@ class Planner:
         cols = ", ".join(f.name for f in schema)
         rm_b = "0" if inp.full_refresh else f"((row_number() OVER (ORDER BY k, ph) - 1) // {size})"
         add_b = "0" if inp.full_refresh else f"({plan.remove_batches} + (row_number() OVER (ORDER BY k) - 1) // {size})"
+        # every member row of the touched keys as the file holds it (the ones to send in their batches)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE rewritten_{tag} AS
+            SELECT k, kind, fp, {pay_cols}, c, v, t, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
+            UNION ALL
+            SELECT {cols} FROM members_{tag} WHERE NOT send""")
         new_rows = f"""
             SELECT k, kind, fp, {pay_cols}, c, v, t, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
                    {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS acc FROM owed_{tag}
             UNION ALL
-            SELECT k, kind, fp, {pay_cols}, c, v, t, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
-            UNION ALL
-            SELECT {cols} FROM members_{tag} WHERE NOT send
+            SELECT {cols} FROM rewritten_{tag}
             UNION ALL
             SELECT k, {GONE}::UTINYINT, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
             FROM touched_{tag} WHERE k NOT IN (SELECT k FROM members_{tag}) AND k NOT IN (SELECT k FROM owed_{tag})"""
         if inp.full_refresh:
             self._write_replace_base(plan, tag, new_rows, cols)
             return
+        # the members the file leaves as they were, by state; the ones it rewrites are counted after sending
+        kept = plan.states.copy()
+        for cls, n in con.execute(f"""SELECT {state_class()}, count(*) FROM old_{tag}
+                WHERE kind = {MEMBER} AND k IN (SELECT k FROM touched_{tag}) GROUP BY ALL""").fetchall():
+            kept[int(cls)] -= int(n)
+        plan.kept_states = [int(n) for n in kept]
+        plan.rewritten = con.sql(f"SELECT k, kind, st, run, b, acc FROM rewritten_{tag}").to_arrow_table()
         carried = ""
         if inp.pointer.delta:
             from connector.ledger.files import read_columns, sql_path

@@ -60,7 +60,16 @@ from connector.errors import (
 from connector.identifiers.normalize import Normalizer
 from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_root, member_schema, payload_column
 from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
-from connector.ledger.recovery import compact, current_sql, register_journal, resolved_sql, state_counts
+from connector.ledger.recovery import (
+    ACCEPTED,
+    compact,
+    current_sql,
+    register_journal,
+    resolved_sql,
+    state_counts,
+    state_histogram,
+    state_names,
+)
 from connector.logs import log_context
 from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
@@ -392,10 +401,7 @@ class Engine:
         for i, pair in enumerate(pairs):
             assert pair.files is not None
             current = current_sql(pair.files, pair.pointer, _schema(pair.payload_keys))
-            resolved = None
-            if current is not None:
-                acks, rej = register_journal(con, self.ledger, segment, pair.name, f"{i}")
-                resolved = resolved_sql(current, acks, rej)
+            journal = register_journal(con, self.ledger, segment, pair.name, f"{i}") if current is not None else ("", "")
             expire_before = None
             if isinstance(pair.config, GoogleDestinationConfig):
                 expire_before = now() - timedelta(days=pair.config.membership_days - pair.config.resend_before_expiry_days)
@@ -404,7 +410,7 @@ class Engine:
             size = self.destination(pair.name).capabilities.max_batch_size if not opts.dry_run else 10_000
             inputs.append(PairInput(
                 name=pair.name, platform=pair.platform, payload_keys=pair.payload_keys, files=pair.files,
-                pointer=pair.pointer, resolved=resolved, run_id=pair.run_id, batch_size=size,
+                pointer=pair.pointer, current=current, journal=journal, run_id=pair.run_id, batch_size=size,
                 expire_before=expire_before, full_refresh=full, value_mode=pair.values.mode,
                 value_max=pair.values.max_value,
             ))  # fmt: skip
@@ -441,7 +447,7 @@ class Engine:
         for pair, plan in zip(pairs, plans, strict=True):
             pair.plan = plan
             pair.result.counts = plan.counts
-            if plan.input.resolved is None:  # a first base: every member in it is an add
+            if plan.input.current is None:  # a first base: every member in it is an add
                 plan.sends = plan.counts.adds
                 plan.add_batches = -(-plan.counts.adds // plan.input.batch_size)
         fallback = plans[0].counts.fallback_values if plans else 0
@@ -651,6 +657,7 @@ class Engine:
             return
         acks, rej = register_journal(con, self.ledger, segment, pair.name, tag)
         resolved = resolved_sql(current, acks, rej)
+        states = self._states_after(con, pair, tag, acks, rej)
         if pointer.delta and pointer.base:
             base_rows = pq.ParquetFile(pair.files.path(pointer.base)).metadata.num_rows
             delta_rows = pq.ParquetFile(pair.files.path(pointer.delta)).metadata.num_rows
@@ -665,7 +672,20 @@ class Engine:
                 acks, rej = register_journal(con, self.ledger, segment, pair.name, tag)
                 resolved = resolved_sql(current, acks, rej)
         pair.files.collect([pointer.base, pointer.delta])
-        self.ledger.set_counts(segment, pair.name, state_counts(con, resolved))
+        counts = state_names(states) if states is not None else state_counts(con, resolved)
+        self.ledger.set_counts(segment, pair.name, counts)
+
+    @staticmethod
+    def _states_after(con: duckdb.DuckDBPyConnection, pair: _Pair, tag: str, acks: str, rej: str) -> list[int] | None:
+        """The pair's members by state now, from its plan: the members its file left as they were (their
+        states cannot have changed since planning, none awaiting a Google confirmation) and the member rows
+        it wrote, settled by this run's acknowledgements. None when only reading the pair again tells."""
+        plan = pair.plan
+        if plan is None or plan.kept_states is None or plan.rewritten is None or plan.kept_states[ACCEPTED]:
+            return None
+        con.register(f"rewritten_{tag}", plan.rewritten)
+        rewritten = state_histogram(con, resolved_sql(f"SELECT * FROM rewritten_{tag}", acks, rej))
+        return [a + b for a, b in zip(plan.kept_states, rewritten, strict=True)]
 
     def _lookalike(self, segment: str, seg: SegmentConfig, pair: _Pair, dest: Destination) -> None:
         spec_model = seg.lookalike.meta if pair.platform == "meta" else seg.lookalike.google

@@ -84,16 +84,33 @@ def resolved_sql(current: str, acks: str, rej: str) -> str:
     """
 
 
-def state_counts(con: duckdb.DuckDBPyConnection, resolved: str) -> dict[str, int]:
-    """Members by state, as `status` shows them (owed removals are not members)."""
-    rows = con.sql(
-        f"SELECT st, pending, count(*) FROM ({resolved}) WHERE kind = {MEMBER} GROUP BY ALL"
-    ).fetchall()
-    out: dict[str, int] = {}
-    for st, pending, n in rows:
-        name = {ON: "accepted" if pending else "confirmed", REJECTED: "rejected"}.get(int(st), "planned")
-        out[name] = out.get(name, 0) + int(n)
+# a member's state as `status` counts it; `state_class` gives a resolved row's index in this tuple
+STATES = ("confirmed", "accepted", "rejected", "planned")
+CONFIRMED, ACCEPTED, REJECTED_STATE, PLANNED = range(len(STATES))
+
+
+def state_class(st: str = "st", pending: str = "pending") -> str:
+    """SQL: the index in STATES of a resolved member row (accepted: Google has not confirmed its request)."""
+    return (f"(CASE WHEN {st} = {ON} THEN (CASE WHEN {pending} THEN {ACCEPTED} ELSE {CONFIRMED} END) "
+            f"WHEN {st} = {REJECTED} THEN {REJECTED_STATE} ELSE {PLANNED} END)::UTINYINT")  # fmt: skip
+
+
+def state_histogram(con: duckdb.DuckDBPyConnection, resolved: str) -> list[int]:
+    """How many members are in each of STATES (owed removals are not members)."""
+    out = [0] * len(STATES)
+    for cls, n in con.sql(f"SELECT {state_class()}, count(*) FROM ({resolved}) WHERE kind = {MEMBER} GROUP BY ALL").fetchall():
+        out[int(cls)] += int(n)
     return out
+
+
+def state_names(histogram: Sequence[int]) -> dict[str, int]:
+    """A histogram over STATES as `status` shows it (states nobody is in are left out)."""
+    return {name: int(n) for name, n in zip(STATES, histogram, strict=True) if n}
+
+
+def state_counts(con: duckdb.DuckDBPyConnection, resolved: str) -> dict[str, int]:
+    """Members by state, as `status` shows them."""
+    return state_names(state_histogram(con, resolved))
 
 
 def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPointer, payload_keys: Sequence[str],
