@@ -425,3 +425,103 @@ def test_a_consent_only_change_sends_the_member_again_with_its_new_consent(make_
     (member,) = sent
     assert member.consent.ad_personalization is False and member.consent.ad_user_data is True  # type: ignore[attr-defined]
     assert h.sync()["google"].write_calls == 0
+
+
+def test_a_key_twice_among_unchanged_rows_is_a_duplicate(harness: Harness) -> None:
+    """A warm run counts its unchanged rows without taking them out one by one: a known member's row
+    there twice, unchanged both times, is still found; so is a new member's row there twice."""
+    rows = [person(i) for i in range(10)]
+    harness.sync(rows)
+    for extra, adds in (([person(3)], 0), ([person(20), person(20)], 1)):
+        res = harness.sync([*rows, *extra])
+        for dest in ("meta", "google"):
+            c = res[dest].counts
+            assert c.invalid_reasons["duplicate_key"] == 1, c
+            assert (c.source_rows, c.unchanged, c.adds, c.removes) == (10 + len(extra), 10, adds, 0), c
+            assert len(harness.audience(dest)) == 10 + adds
+
+
+def _states_read_back(h: Harness, dest: str) -> dict[str, int]:
+    """The pair's members by state, from a read of all its rows."""
+    import duckdb
+
+    from connector.identifiers.normalize import Normalizer
+    from connector.ledger.files import PairFiles, member_root, member_schema
+    from connector.ledger.journal import Journal
+    from connector.ledger.recovery import current_sql, register_journal, resolved_sql, state_counts
+
+    seg = h.settings.segments["vip"]
+    keys = Normalizer(dest, list(seg.identifiers), seg.default_region).schema()
+    journal, con = Journal(h.settings.ledger_sqlalchemy_url()), duckdb.connect()
+    try:
+        current = current_sql(PairFiles(member_root(h.settings), "vip", dest), journal.pointer("vip", dest),
+                              member_schema(keys))  # fmt: skip
+        assert current is not None
+        return state_counts(con, resolved_sql(current, *register_journal(con, journal, "vip", dest, "t")))
+    finally:
+        con.close()
+        journal.close()
+
+
+def test_the_counts_a_run_records_are_its_members_states(harness: Harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After a warm run the pair's counts come from its plan and the acknowledgements, not from reading
+    every member again; they equal such a read, run after run (the destinations' members differ in
+    state: Meta refuses one of them)."""
+    import connector.engine as engine_module
+    from connector.identifiers.hashing import sha256_hex
+    from connector.ledger.journal import Journal
+
+    harness.destinations["meta"].reject_predicate = lambda m: (
+        "invalid_entry" if m.payload.get("EMAIL") in (sha256_hex("user3@example.com"), sha256_hex("new5@example.com"))
+        else None
+    )  # fmt: skip
+    rows = [person(i) for i in range(12)]
+    harness.sync(rows)
+    full_reads = []
+    monkeypatch.setattr(engine_module, "state_counts", lambda *a: full_reads.append(a) or {})
+    steps = [
+        rows,
+        [*rows[1:], person(30)],  # one leaves, one joins
+        [person(3, email="fixed3@example.com"), person(5, email="new5@example.com"), *rows[6:], person(31)],
+        [person(3, email="fixed3@example.com"), person(5, email="new5@example.com"), *rows[6:]],  # one leaves
+    ]
+    journal = Journal(harness.settings.ledger_sqlalchemy_url())
+    try:
+        for step in steps:
+            res = harness.sync(step, force=True)
+            assert all(r.status == "success" for r in res.values()), res
+            assert not full_reads  # no pair was read again to count it
+            for dest in ("meta", "google"):
+                assert journal.counts("vip", dest) == _states_read_back(harness, dest), dest
+        assert journal.counts("vip", "meta") == {"confirmed": 7, "rejected": 1}
+        assert journal.counts("vip", "google") == {"confirmed": 8}
+    finally:
+        journal.close()
+
+
+def test_counts_while_google_has_not_confirmed_earlier_requests(harness: Harness) -> None:
+    """Members of a request Google confirms (or fails) between planning and settling change state
+    without this run rewriting them: the counts still equal a read of every member."""
+    from dataclasses import replace
+
+    from connector.destinations.base import RequestOutcome
+    from connector.ledger.journal import Journal
+
+    google = harness.destinations["google"]
+    real_add = google.add_members
+    answers: list[str] = []  # what each reconcile call says about every request, in order
+    google.add_members = lambda a, m, s: replace(real_add(a, m, s), pending=True)  # type: ignore[method-assign]
+    google.reconcile = lambda a, ids: {r: RequestOutcome(answers.pop(0) if answers else "pending") for r in ids}  # type: ignore[method-assign]
+    rows = [person(i) for i in range(10)]
+    journal = Journal(harness.settings.ledger_sqlalchemy_url())
+    try:
+        harness.sync(rows)
+        assert journal.counts("vip", "google") == {"accepted": 10}
+        answers[:] = ["pending", "succeeded"]  # still running when the run starts, done when it settles
+        harness.sync([*rows[1:], person(20)], force=True)
+        assert journal.counts("vip", "google") == _states_read_back(harness, "google") == {"confirmed": 9, "accepted": 1}
+        answers[:] = ["pending", "failed"]
+        harness.sync([*rows[1:], person(20)])
+        assert journal.counts("vip", "google") == _states_read_back(harness, "google") == {"confirmed": 9, "planned": 1}
+    finally:
+        journal.close()

@@ -12,7 +12,16 @@ import pytest
 
 from connector.ledger.files import GONE, MAYBE, MEMBER, ON, OWED, REJECTED, SENT, TO_SEND, PairFiles, member_schema
 from connector.ledger.journal import BatchAck, Journal, PairPointer
-from connector.ledger.recovery import compact, current_sql, read_pair, register_journal, resolved_sql, state_counts
+from connector.ledger.recovery import (
+    STATES,
+    compact,
+    current_sql,
+    read_pair,
+    register_journal,
+    resolved_sql,
+    state_counts,
+    state_histogram,
+)
 
 KEYS = ("EMAIL",)
 
@@ -108,6 +117,8 @@ def test_counts_and_the_audit_reader(setup: tuple[Journal, PairFiles], tmp_path:
     cur = current_sql(files, p, member_schema(KEYS))
     assert cur is not None
     assert state_counts(con, resolved_sql(cur, acks, rej)) == {"confirmed": 1, "rejected": 1, "planned": 1}
+    assert dict(zip(STATES, state_histogram(con, resolved_sql(cur, acks, rej)), strict=True)) == {
+        "confirmed": 1, "accepted": 0, "rejected": 1, "planned": 1}  # fmt: skip
     rows = read_pair(journal, tmp_path / "members", "seg", "dest", KEYS).to_pylist()
     assert {r["EMAIL"] for r in rows} == {(bytes([i]) * 32).hex() for i in (1, 2, 3, 4)}
 
