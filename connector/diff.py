@@ -398,12 +398,16 @@ class Planner:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
         source (the first row of each key wins)."""
         self._compare_pairs()
-        if not self._pass(src, dedupe=False):
-            rows = self.source_rows  # the first pass counted every row
-            self.plans = [PairPlan(p.input) for p in self.plans]
-            self._pass(src, dedupe=True)
-            self.duplicates = rows - self.source_rows
-            self.source_rows = rows
+        try:
+            if not self._pass(src, dedupe=False):
+                rows = self.source_rows  # the first pass counted every row
+                self.plans = [PairPlan(p.input) for p in self.plans]
+                self._pass(src, dedupe=True)
+                self.duplicates = rows - self.source_rows
+                self.source_rows = rows
+        finally:
+            for name in self._differences.values():
+                self.con.execute(f"DROP TABLE IF EXISTS {name}")
         for plan in self.plans:
             plan.counts.source_rows = self.source_rows
             if self.duplicates:
