@@ -176,6 +176,10 @@ class PairPlan:
     _written: int = 0
     _left: int = 0  # members the source no longer has
     _new_for: dict[int, int] = field(default_factory=dict)  # source rows of keys the pair does not know
+    # a pass by fingerprint: keys of the rows no member of the pair has the fingerprint of, and of the pair's
+    # members no row has the fingerprint of (the duplicate check: a key among the first must be among the second)
+    _unmatched: list[pa.Array] = field(default_factory=list)
+    _unmet: list[pa.Array] = field(default_factory=list)
     _nokey: int = 0
     _same_seen: int = 0  # unchanged rows that came through (a pair without member files took every row)
 
@@ -212,6 +216,7 @@ class Planner:
         self.duplicates = 0
         self.source_rows = 0
         self._repeated = False  # the pass counted a row to plan more than once (a key there twice)
+        self._by_fp = False  # the pass met rows and members by fingerprint (see `_pass_sql`)
         self._differences: dict[int, str] = {}  # pair -> its members where they differ from the first pair's
         self._on_rows = on_rows
         self._batch_rows = batch_rows
@@ -270,15 +275,22 @@ class Planner:
             parts.append(f"(CASE WHEN {v} IN ({granted}) THEN 1 WHEN {v} IN ({denied}) THEN 2 ELSE {d} END)")
         return f"(3 * {parts[0]} + {parts[1]})::UTINYINT"
 
-    def _pass_sql(self, src: str, dedupe: bool, filtered: bool = False) -> str:
+    def _pass_sql(self, src: str, dedupe: bool, filtered: bool = False, by_fp: bool = False) -> str:
         """Each source row (and each member the source no longer has) with its pairs' flags: `inI` the
         pair knows the member, `sameI` unchanged for it, `todoI` to normalize for it, `leftI` gone from the
         source, `clsI` its state before the run (an index in STATES); then the normalized columns of rows to
-        normalize. `n`: how many rows an output row stands for. `filtered`: the rows there is nothing to do
-        with (unchanged for every pair, or without a key) are not output one by one but counted, a row for
-        each combination of their flags, in the same pass (a key there twice shows as a row counted twice)."""
+        normalize. `n`: how many rows an output row stands for.
+
+        `filtered` (every pair has member files): the rows there is nothing to do with (unchanged for every
+        pair, or without a key) are not output one by one but counted, a row for each combination of their
+        flags, in the same pass (a key there twice shows as a row counted twice).
+
+        `by_fp`: rows meet members by fingerprint, not by key. A row with a member's fingerprint is that
+        member unchanged and takes its key; only the others get theirs computed (a SHA-256). A member whose
+        row changed then comes out twice: its new row (no member has its fingerprint: `inI` false) and
+        itself (no row has its fingerprint: `leftI`); `_plan_delta` joins the two again by key."""
         cols = self._fingerprinted()
-        key = idsql.member_key(self.seg.key, list(self.seg.identifiers.values()))
+        fp, fq = idsql.fingerprint(cols)
         # source columns under names of ours (a source column may be called `k` or `fp`)
         alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
         raw = ", ".join(f"{idsql.quote(c)} AS {a}" for c, a in alias.items())
@@ -289,47 +301,64 @@ class Planner:
         if valued:
             cons += f", {self._value_sql()}"
             cons += f", {idsql.quote(self.seg.tier)} AS tier" if self.seg.tier else ", NULL::VARCHAR AS tier"
-        s = f"SELECT {row}true AS pres, {key} AS k, {idsql.fingerprint(cols)} AS fp, {raw}{cons} FROM {src}"
+        ids = list(self.seg.identifiers.values())
+        if by_fp:
+            # the key's own column travels with the row; its key is computed after the join, where needed
+            kraw = f"{idsql.quote(self.seg.key)} AS kraw, " if self.seg.key is not None else ""
+            key = idsql.member_key("kraw" if self.seg.key is not None else None, [alias[c] for c in ids])
+            s = f"SELECT {row}true AS pres, {kraw}{fp} AS fp, {fq} AS fq, {raw}{cons} FROM {src}"
+        else:
+            key = idsql.member_key(self.seg.key, ids)
+            s = f"SELECT {row}true AS pres, {key} AS k, {fp} AS fp, {fq} AS fq, {raw}{cons} FROM {src}"
         if dedupe:
             # the first row of a key wins; the others are counted as duplicates
             s = f"SELECT * EXCLUDE (r) FROM ({s}) QUALIFY k IS NULL OR row_number() OVER (PARTITION BY k ORDER BY r) = 1"
+        jcols = ("fp", "fq") if by_fp else ("k",)  # what rows and members meet on
         joins, flags = [], []
-        prev = "s.k"
+        prev = [f"s.{c}" for c in jcols]
+        keys = []  # the members' keys (by fingerprint: the row's key, when a member has its fingerprint)
         first = self._first_pair()
         if first is not None:
-            joins.append(f"FULL JOIN ({self._members_sql(self.plans[first])}) AS l ON s.k = l.k")
-            prev = "coalesce(s.k, l.k)"
+            on = " AND ".join(f"s.{c} = l.{c}" for c in jcols)
+            joins.append(f"FULL JOIN ({self._members_sql(self.plans[first], by_fp)}) AS l ON {on}")
+            prev = [f"coalesce(s.{c}, l.{c})" for c in jcols]
+            keys.append("l.k")
         for i, plan in enumerate(self.plans):
             if plan.input.current is None:
                 continue
             # the first ledgered pair's members, and each other pair's where they differ from those
             m = {c: f"l.{c}" for c in self._member_columns()} | {"known": "l.k IS NOT NULL"}
             if i != first:
-                joins.append(f"FULL JOIN {self._differences[i]} AS d{i} ON {prev} = d{i}.k")
-                prev = f"coalesce({prev}, d{i}.k)"
-                m = {c: f"(CASE WHEN d{i}.k IS NULL THEN {v} ELSE d{i}.{c} END)" for c, v in m.items()}
-            same = f"{m['fp']} = s.fp AND {m['cls']} <> {PLANNED} AND NOT {m['exp']}"  # on the platform, or rejected
+                on = " AND ".join(f"{p} = d{i}.j_{c}" for p, c in zip(prev, jcols, strict=True))
+                joins.append(f"FULL JOIN {self._differences[i]} AS d{i} ON {on}")
+                prev = [f"coalesce({p}, d{i}.j_{c})" for p, c in zip(prev, jcols, strict=True)]
+                m = {c: f"(CASE WHEN d{i}.j_{jcols[0]} IS NULL THEN {v} ELSE d{i}.{c} END)" for c, v in m.items()}
+                keys.append(f"d{i}.k")
+            same = f"{m['fp']} = s.fp AND {m['fq']} = s.fq AND {m['cls']} <> {PLANNED} AND NOT {m['exp']}"
             if valued and plan.input.values:
                 pv, pb = self._pair_value(plan, "s.")
                 same += " AND " + self._value_same(plan, m["v"], m["t"], pv, pb, "s.tier")
             flags.append(f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
                          f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}")
-        j = (f"SELECT s.* EXCLUDE (pres), coalesce(s.pres, false) AS pres, {prev} AS kk{''.join(', ' + f for f in flags)} "
-             f"FROM ({s}) AS s {' '.join(joins)}")
+        # coalesce evaluates an argument only for the rows the ones before it left NULL
+        kk = f"coalesce({', '.join([*keys, f'CASE WHEN s.pres THEN {key} END'])})" if by_fp else prev[0]
+        drop = "pres, kraw" if by_fp and self.seg.key is not None else "pres"
+        j = (f"SELECT s.* EXCLUDE ({drop}), coalesce(s.pres, false) AS pres, {kk} AS kk"
+             f"{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}")
         todo = []
         for i, plan in enumerate(self.plans):
             same = f"same{i}" if plan.input.current is not None else "false"
-            todo.append(f"(pres AND k IS NOT NULL AND NOT {same}) AS todo{i}")
+            todo.append(f"(pres AND kk IS NOT NULL AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
-        outs = ["pres", "kk AS k", "fp", "pres AND k IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
+        outs = ["pres", "kk AS k", "fp", "fq", "pres AND kk IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
         for i, p in enumerate(self.plans):
             if p.input.current is not None:
                 outs += [f"in{i}", f"same{i}", f"cls{i}", f"left{i}"]
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
-        own = ["k", "fp", *alias.values()]  # a row's own columns (the others are flags)
+        own = ["k", "fp", "fq", *alias.values()]  # a row's own columns (the others are flags)
         if valued:
             outs.append("tier")
             own.append("tier")
@@ -346,9 +375,9 @@ class Planner:
             rows = f"SELECT * REPLACE ({masked}), count(*) AS n FROM ({rows}) GROUP BY ALL"
         else:
             rows = f"SELECT *, 1 AS n FROM ({rows})"
-        ids = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
-                               self.seg.default_region)  # fmt: skip
-        normalized = ids.select(rows, "anytodo")
+        ids_n = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
+                                 self.seg.default_region)  # fmt: skip
+        normalized = ids_n.select(rows, "anytodo")
         return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
 
     def _valued(self) -> bool:
@@ -363,41 +392,55 @@ class Planner:
 
     def _member_columns(self) -> tuple[str, ...]:
         """What the pass compares of a member beside its key: fingerprint, state, expiring, value and tier."""
-        return ("fp", "cls", "exp", "v", "t") if self._valued() else ("fp", "cls", "exp")
+        return ("fp", "fq", "cls", "exp", "v", "t") if self._valued() else ("fp", "fq", "cls", "exp")
 
-    def _members_sql(self, plan: PairPlan) -> str:
-        """A pair's members as the pass compares rows with them (`_member_columns`)."""
+    def _members_sql(self, plan: PairPlan, by_fp: bool = False) -> str:
+        """A pair's members as the pass compares rows with them (`_member_columns`). `by_fp`: a member
+        without a whole fingerprint (converted from an older ledger) gets one from its key, which no row has."""
         exp = "false"
         if plan.input.expire_before is not None:
             exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
         vt = ", v, t" if self._valued() else ""
-        return f"SELECT k, fp, {state_class()} AS cls, {exp} AS exp{vt} FROM ({plan.input.resolved}) WHERE kind = {MEMBER}"
+        fpq = "fp, fq"
+        if by_fp:
+            fpq = ("CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k) ELSE fp END AS fp, "
+                   "CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k, 'no fingerprint') ELSE fq END AS fq")  # fmt: skip
+        return f"SELECT k, {fpq}, {state_class()} AS cls, {exp} AS exp{vt} FROM ({plan.input.resolved}) WHERE kind = {MEMBER}"
 
-    def _compare_pairs(self) -> None:
+    def _compare_pairs(self, by_fp: bool) -> None:
         """For each ledgered pair but the first, the members where it differs from the first (a member one
-        of them lacks, another fingerprint, state or value): the pairs of a segment mostly hold the same
-        members in the same states, so the pass joins the source with one pair's members and these few
-        rows, one large hash table where a join with each pair would hold one per pair (and spill beyond
-        memory_limit). A pair that sends no values is compared without them (it never reads them)."""
+        of them lacks, another fingerprint, state or value), by what the pass joins on (`j_` columns: the
+        fingerprint or the key): the pairs of a segment mostly hold the same members in the same states, so
+        the pass joins the source with one pair's members and these few rows, one large hash table where a
+        join with each pair would hold one per pair (and spill beyond memory_limit). A pair that sends no
+        values is compared without them (it never reads them)."""
+        self._drop_differences()
         first = self._first_pair()
-        self._differences = {}
+        jcols = ("fp", "fq") if by_fp else ("k",)
         for i, plan in enumerate(self.plans):
             if plan.input.current is None or i == first:
                 continue
             assert first is not None
-            cols = self._member_columns() if plan.input.values else ("fp", "cls", "exp")
-            differ = " OR ".join(f"a.{c} IS DISTINCT FROM b.{c}" for c in cols)
+            cols = self._member_columns() if plan.input.values else ("fp", "fq", "cls", "exp")
+            differ = " OR ".join(f"a.{c} IS DISTINCT FROM b.{c}" for c in cols if c not in jcols)
+            on = " AND ".join(f"a.{c} = b.{c}" for c in jcols)
             name = f"differences{i}_{id(self)}"
             self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
-                SELECT coalesce(a.k, b.k) AS k, b.k IS NOT NULL AS known, {', '.join(f'b.{c}' for c in self._member_columns())}
-                FROM ({self._members_sql(self.plans[first])}) AS a FULL JOIN ({self._members_sql(plan)}) AS b ON a.k = b.k
+                SELECT {', '.join(f'coalesce(a.{c}, b.{c}) AS j_{c}' for c in jcols)}, b.k IS NOT NULL AS known, b.k,
+                       {', '.join(f'b.{c}' for c in self._member_columns())}
+                FROM ({self._members_sql(self.plans[first], by_fp)}) AS a
+                FULL JOIN ({self._members_sql(plan, by_fp)}) AS b ON {on}
                 WHERE a.k IS NULL OR b.k IS NULL OR {differ}""")
             self._differences[i] = name
+
+    def _drop_differences(self) -> None:
+        for name in self._differences.values():
+            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+        self._differences = {}
 
     def run(self, src: str) -> list[PairPlan]:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
         source (the first row of each key wins)."""
-        self._compare_pairs()
         try:
             if not self._pass(src, dedupe=False):
                 rows = self.source_rows  # the first pass counted every row
@@ -406,8 +449,7 @@ class Planner:
                 self.duplicates = rows - self.source_rows
                 self.source_rows = rows
         finally:
-            for name in self._differences.values():
-                self.con.execute(f"DROP TABLE IF EXISTS {name}")
+            self._drop_differences()
         for plan in self.plans:
             plan.counts.source_rows = self.source_rows
             if self.duplicates:
@@ -425,7 +467,11 @@ class Planner:
         others come out counted (see `_pass_sql`)."""
         ledgered = [(i, p) for i, p in enumerate(self.plans) if p.input.current is not None]
         filtered = bool(ledgered) and len(ledgered) == len(self.plans) and not dedupe
-        sql = self._pass_sql(src, dedupe, filtered)
+        # a required value the platform cannot take holds a member as it is, which takes knowing the member by
+        # key in the pass itself
+        self._by_fp = filtered and not any(p.input.value_mode == "required" for p in self.plans)
+        self._compare_pairs(by_fp=self._by_fp)
+        sql = self._pass_sql(src, dedupe, filtered, by_fp=self._by_fp)
         self.source_rows = 0
         self._repeated = False
         for plan in self.plans:
@@ -461,7 +507,27 @@ class Planner:
             matched = self.source_rows - plan._nokey - plan._new_for.get(i, 0)
             if matched > int(members[0][0]) - plan._left:
                 return True
+            if self._by_fp and self._unmatched_known(plan):
+                return True
         return False
+
+    def _unmatched_known(self, plan: PairPlan) -> bool:
+        """A pass by fingerprint: whether a row no member has the fingerprint of has the key of a member that
+        another row had the fingerprint of (a key there twice: once unchanged, once not)."""
+        unmatched = pa.concat_arrays(plan._unmatched) if plan._unmatched else pa.array([], pa.binary())
+        if not len(unmatched):
+            return False
+        unmet = pa.concat_arrays(plan._unmet) if plan._unmet else pa.array([], pa.binary())
+        tag = f"u{id(plan)}"
+        self.con.register(f"unmatched_{tag}", pa.table({"k": unmatched}))
+        self.con.register(f"unmet_{tag}", pa.table({"k": unmet}))
+        try:
+            n = self.con.execute(f"""SELECT count(*) FROM ({plan.input.current}) WHERE kind = {MEMBER}
+                AND k IN (SELECT k FROM unmatched_{tag}) AND k NOT IN (SELECT k FROM unmet_{tag})""").fetchall()[0][0]
+        finally:
+            self.con.unregister(f"unmatched_{tag}")
+            self.con.unregister(f"unmet_{tag}")
+        return bool(n)
 
     def _close_writers(self, *, abort: bool) -> None:
         for plan in self.plans:
@@ -492,6 +558,10 @@ class Planner:
                 plan._left += int(w[as_bool(rb.column(f"left{i}"))].sum())
                 plan._same_seen += int(w[as_bool(rb.column(f"same{i}"))].sum())
                 plan._new_for[i] = plan._new_for.get(i, 0) + int(w[keyed & ~inl].sum())
+                if self._by_fp:
+                    k = whole(rb.column("k"))
+                    plan._unmatched.append(k.filter(pa.array(keyed & ~inl)))
+                    plan._unmet.append(k.filter(pa.array(as_bool(rb.column(f"left{i}")))))
                 cls = np.asarray(pc.fill_null(rb.column(f"cls{i}"), 0).to_numpy(zero_copy_only=False))
                 plan.states += np.bincount(cls[inl], weights=w[inl], minlength=len(STATES)).astype(np.int64)
         rows_new = keyed & ~known_any
@@ -590,6 +660,7 @@ class Planner:
         plan._written += n
         cols = [
             whole(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), whole(rb.column("fp")).filter(mask),
+            whole(rb.column("fq")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
             ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
             pa.array(np.full(n, SENT, np.uint8)), pa.array(np.full(n, plan.input.run_id, np.uint32)),
@@ -608,9 +679,9 @@ class Planner:
             return
         mask = pa.array(member)
         n = int(member.sum())
-        names = ["k", "fp", *(payload_column(k) for k in plan.input.payload_keys), "c", "v", "t"]
+        names = ["k", "fp", "fq", *(payload_column(k) for k in plan.input.payload_keys), "c", "v", "t"]
         cols = [
-            whole(rb.column("k")).filter(mask), whole(rb.column("fp")).filter(mask),
+            whole(rb.column("k")).filter(mask), whole(rb.column("fp")).filter(mask), whole(rb.column("fq")).filter(mask),
             *self._payload_arrays(plan, payload, mask),
             ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
         ]  # fmt: skip
@@ -623,14 +694,16 @@ class Planner:
         con = self.con
         keys = [payload_column(k) for k in inp.payload_keys]
         schema = member_schema(inp.payload_keys)
-        cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("fp", pa.uint64()),
+        cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("fp", pa.uint64()), pa.field("fq", pa.uint64()),
                                  *(schema.field(c) for c in keys), pa.field("c", pa.uint8()),
                                  pa.field("v", pa.float64()), pa.field("t", pa.string())])  # fmt: skip
         cand = pa.Table.from_batches([b.cast(cand_schema) for b in plan._cand], schema=cand_schema)
         gone = pa.table({"k": pa.concat_arrays(plan._gone) if plan._gone else pa.array([], pa.binary())})
         tag = f"p{id(plan)}"
         con.register(f"cand_{tag}", cand)
-        con.register(f"gone_{tag}", gone)
+        # a member the pass saw leave by fingerprint whose key is among the changed rows changed, not left
+        con.register(f"gone0_{tag}", gone)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE gone_{tag} AS SELECT k FROM gone0_{tag} EXCEPT SELECT k FROM cand_{tag}")
         # the pair's rows this plan can touch: changed and departed members, and every owed removal
         con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.current}) WHERE kind = {OWED}")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE old_{tag} AS SELECT * FROM ({inp.resolved}) WHERE k IN (
@@ -680,7 +753,7 @@ class Planner:
         R = inp.run_id
         # new rows of every key this run touches
         member_rows = f"""
-            SELECT k, {MEMBER}::UTINYINT AS kind, fp, {pay_cols}, c,
+            SELECT k, {MEMBER}::UTINYINT AS kind, fp, fq, {pay_cols}, c,
               CASE WHEN {keep} THEN ov ELSE v END AS v, CASE WHEN {keep} THEN ot ELSE t END AS t,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN {SENT} ELSE ost END) ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN {keep} THEN (CASE WHEN opend THEN orun END) ELSE {R} END::UINTEGER AS run,
@@ -688,15 +761,15 @@ class Planner:
               CASE WHEN {keep} THEN oat END AS acc, NOT ({keep}) AS send
             FROM cmp_{tag}"""
         owed_new = f"""
-            SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, {', '.join(f'o_{c} AS {c}' for c in keys)},
+            SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, NULL::UBIGINT AS fq, {', '.join(f'o_{c} AS {c}' for c in keys)},
                    oc AS c, ov AS v, ot AS t FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
                    AND ost IN ({ON}, {MAYBE})
             UNION ALL
-            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
               WHERE {'true' if mirror else 'false'} AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})
               AND o.k IN (SELECT k FROM gone_{tag})
             UNION ALL
-            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
+            SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
               WHERE o.kind = {OWED} AND o.st = {TO_SEND}"""
         touched = f"""SELECT k FROM cand_{tag} UNION SELECT k FROM old_{tag} WHERE kind = {OWED}
                       {f'UNION SELECT k FROM gone_{tag}' if mirror else ''}"""
@@ -704,7 +777,7 @@ class Planner:
         con.execute(f"CREATE OR REPLACE TEMP TABLE members_{tag} AS {member_rows}")
         # members of touched keys that are otherwise untouched (only an owed row of theirs changed)
         con.execute(f"""INSERT INTO members_{tag}
-            SELECT o.k, {MEMBER}, o.fp, {o_pay}, o.c, o.v, o.t,
+            SELECT o.k, {MEMBER}, o.fp, o.fq, {o_pay}, o.c, o.v, o.t,
               CASE WHEN o.pending THEN {SENT} ELSE o.st END, CASE WHEN o.pending OR o.st = {MAYBE} THEN o.run END,
               CASE WHEN o.pending THEN o.b END, o.acc, false
             FROM old_{tag} o WHERE o.kind = {MEMBER} AND o.k IN (SELECT k FROM touched_{tag})
@@ -734,16 +807,16 @@ class Planner:
         add_b = "0" if inp.full_refresh else f"({plan.remove_batches} + (row_number() OVER (ORDER BY k) - 1) // {size})"
         # every member row of the touched keys as the file holds it (the ones to send in their batches)
         con.execute(f"""CREATE OR REPLACE TEMP TABLE rewritten_{tag} AS
-            SELECT k, kind, fp, {pay_cols}, c, v, t, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
+            SELECT k, kind, fp, fq, {pay_cols}, c, v, t, st, run, {add_b}::INTEGER AS b, acc FROM members_{tag} WHERE send
             UNION ALL
             SELECT {cols} FROM members_{tag} WHERE NOT send""")
         new_rows = f"""
-            SELECT k, kind, fp, {pay_cols}, c, v, t, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
+            SELECT k, kind, fp, fq, {pay_cols}, c, v, t, {SENT}::UTINYINT AS st, {R}::UINTEGER AS run,
                    {rm_b}::INTEGER AS b, NULL::TIMESTAMPTZ AS acc FROM owed_{tag}
             UNION ALL
             SELECT {cols} FROM rewritten_{tag}
             UNION ALL
-            SELECT k, {GONE}::UTINYINT, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+            SELECT k, {GONE}::UTINYINT, NULL, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
             FROM touched_{tag} WHERE k NOT IN (SELECT k FROM members_{tag}) AND k NOT IN (SELECT k FROM owed_{tag})"""
         if inp.full_refresh:
             self._write_replace_base(plan, tag, new_rows, cols)
@@ -779,7 +852,7 @@ class Planner:
         name = inp.files.new_name("base", R)
         plan.file, plan.as_base = name, True
         pay = ", ".join(payload_column(k) for k in inp.payload_keys)
-        copy_to(self.con, inp.files, name, f"""SELECT k, kind, fp, {pay}, c, v, t,
+        copy_to(self.con, inp.files, name, f"""SELECT k, kind, fp, fq, {pay}, c, v, t,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN st ELSE {SENT} END::UTINYINT AS st,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN run ELSE {R} END::UINTEGER AS run,
               CASE WHEN st = {REJECTED} AND kind = {MEMBER} THEN b ELSE 0 END::INTEGER AS b, acc

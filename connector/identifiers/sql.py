@@ -56,9 +56,14 @@ def member_key(key_col: str | None, id_cols: list[str]) -> str:
     return f"CASE WHEN {k} <> '' THEN unhex(left(sha256({ns} || {k}), 32)) END"
 
 
-def fingerprint(cols: list[str]) -> str:
-    """A 64-bit hash of the raw row: a row with the same fingerprint needs no normalizing again."""
-    return "hash(" + ", ".join(quote(c) for c in cols) + ")"  # NULL and '' hash differently
+def fingerprint(cols: list[str]) -> tuple[str, str]:
+    """The raw row's 128-bit fingerprint as two 64-bit hashes of different constructions (`fp`: the
+    columns' hashes combined, NULL and '' apart; `fq`: the hash of the values joined by U+001F). A row with
+    the same fingerprint as a member is that member unchanged (its key is among the hashed columns): a
+    warm run finds unchanged rows by fingerprint alone: with 64 bits, two of 10M members would share one in
+    about one ledger of 400,000; with 128, never in practice."""
+    quoted = ", ".join(quote(c) for c in cols)
+    return f"hash({quoted})", f"hash(concat_ws(chr(31), {quoted}))"
 
 
 @dataclass(frozen=True, slots=True)

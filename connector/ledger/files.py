@@ -8,7 +8,8 @@ Columns (narrow and binary; never a raw identifier)::
 
     k      BLOB(16)  member key: the first 16 bytes of sha256("connector:key:" + key)
     kind   UTINYINT  0 member, 1 owed removal, 2 gone (delta only)
-    fp     UBIGINT   fingerprint of the member's raw source row (unchanged rows skip normalization)
+    fp, fq UBIGINT   the 128-bit fingerprint of the member's raw source row, key included: a warm run finds
+                     unchanged rows by it alone (no member key computed, no normalization)
     p_*    payload exactly as sent: BLOB(32) SHA-256 digests, VARCHAR for the fields a platform wants clear
     c      UTINYINT  Google consent code (3 * ad_user_data + ad_personalization; 0 unspecified, 1 granted,
                      2 denied each), NULL for Meta
@@ -63,7 +64,8 @@ def payload_column(key: str) -> str:
 
 
 def member_schema(payload_keys: Sequence[str]) -> pa.Schema:
-    fields = [pa.field("k", pa.binary()), pa.field("kind", pa.uint8()), pa.field("fp", pa.uint64())]
+    fields = [pa.field("k", pa.binary()), pa.field("kind", pa.uint8()), pa.field("fp", pa.uint64()),
+              pa.field("fq", pa.uint64())]
     fields += [pa.field(payload_column(k), pa.string() if k in CLEAR_KEYS else pa.binary()) for k in payload_keys]
     fields += [
         pa.field("c", pa.uint8()), pa.field("v", pa.float64()), pa.field("t", pa.string()),

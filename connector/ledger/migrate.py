@@ -142,6 +142,7 @@ def _convert_pair(journal: Journal, root: MemberRoot, segment: str, destination:
         cols["k"].append(r["k"])
         cols["kind"].append(r["kind"])
         cols["fp"].append(None)
+        cols["fq"].append(None)
         for pk in payload_keys:
             v = r["p"].get(pk)
             cols[payload_column(pk)].append(v if (v is None or pk in CLEAR_KEYS) else bytes.fromhex(v))
