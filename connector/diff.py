@@ -761,8 +761,9 @@ class Planner:
               CASE WHEN {keep} THEN oat END AS acc, NOT ({keep}) AS send
             FROM cmp_{tag}"""
         owed_new = f"""
-            SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, NULL::UBIGINT AS fq, {', '.join(f'o_{c} AS {c}' for c in keys)},
-                   oc AS c, ov AS v, ot AS t FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
+            SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, NULL::UBIGINT AS fq,
+                   {', '.join(f'o_{c} AS {c}' for c in keys)}, oc AS c, ov AS v, ot AS t
+            FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
                    AND ost IN ({ON}, {MAYBE})
             UNION ALL
             SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
