@@ -371,8 +371,14 @@ class Planner:
         if filtered:
             # only the rows to plan go on one by one (to normalization, and out of DuckDB): changed, new, departed
             keep = " OR ".join(["anytodo", *(f"left{i}" for i, p in enumerate(self.plans) if p.input.current is not None)])
-            masked = ", ".join(f"CASE WHEN {keep} THEN {c} END AS {c}" for c in own)
-            rows = f"SELECT * REPLACE ({masked}), count(*) AS n FROM ({rows}) GROUP BY ALL"
+            # grouped by the flags and, for a row to plan, its key and fingerprint (a narrow key: grouping by
+            # every column a row carries costs several times the join); its other columns go along
+            ident = ["k", "fp", "fq"]
+            masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
+            masked += [f"any_value(CASE WHEN {keep} THEN {c} END) AS {c}" for c in own if c not in ident]
+            flags = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
+            rows = (f"SELECT {', '.join(flags)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
+                    f"GROUP BY {', '.join(flags)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}")
         else:
             rows = f"SELECT *, 1 AS n FROM ({rows})"
         ids_n = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
@@ -425,12 +431,14 @@ class Planner:
             differ = " OR ".join(f"a.{c} IS DISTINCT FROM b.{c}" for c in cols if c not in jcols)
             on = " AND ".join(f"a.{c} = b.{c}" for c in jcols)
             name = f"differences{i}_{id(self)}"
+            # the first pair's side carries only what is compared (a key there would go into the hash table)
+            a = ", ".join(dict.fromkeys([*jcols, *cols]))
             self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
                 SELECT {', '.join(f'coalesce(a.{c}, b.{c}) AS j_{c}' for c in jcols)}, b.k IS NOT NULL AS known, b.k,
                        {', '.join(f'b.{c}' for c in self._member_columns())}
-                FROM ({self._members_sql(self.plans[first], by_fp)}) AS a
+                FROM (SELECT {a} FROM ({self._members_sql(self.plans[first], by_fp)})) AS a
                 FULL JOIN ({self._members_sql(plan, by_fp)}) AS b ON {on}
-                WHERE a.k IS NULL OR b.k IS NULL OR {differ}""")
+                WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
             self._differences[i] = name
 
     def _drop_differences(self) -> None:
