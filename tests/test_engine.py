@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+
 from conftest import Harness, person, write_csv
 
 from connector.engine import Engine, SyncOptions
@@ -525,3 +527,28 @@ def test_counts_while_google_has_not_confirmed_earlier_requests(harness: Harness
         assert journal.counts("vip", "google") == _states_read_back(harness, "google") == {"confirmed": 9, "planned": 1}
     finally:
         journal.close()
+
+
+def test_members_written_without_the_whole_fingerprint_are_found_by_key(harness: Harness) -> None:
+    """A warm run meets rows and members by fingerprint; members whose files hold no `fq` (written before
+    the fingerprint had it, or converted from an older ledger with no fingerprint at all) are met by key
+    instead: nothing is sent, and the run writes their fingerprints for the next one."""
+    import pyarrow.parquet as pq
+
+    rows = [person(i) for i in range(10)]
+    harness.sync(rows)
+    bases = sorted((harness.dir / "state").rglob("base-*.parquet"))
+    assert len(bases) == 2
+    for i, path in enumerate(bases):
+        table = pq.read_table(path).drop_columns(["fq"])
+        if i:
+            table = table.set_column(table.schema.get_field_index("fp"), "fp", pa.nulls(len(table), pa.uint64()))
+        pq.write_table(table, path)
+    before = {dest: harness.audience(dest) for dest in ("meta", "google")}
+    for _ in range(2):
+        res = harness.sync(rows)
+        for dest in ("meta", "google"):
+            c = res[dest].counts
+            assert (c.adds, c.removes, c.changes, c.unchanged) == (0, 0, 0, 10), c
+            assert res[dest].write_calls == 0
+            assert harness.audience(dest) == before[dest]
