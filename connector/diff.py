@@ -261,7 +261,6 @@ class Planner:
         tier = f"{new_t} IS NOT DISTINCT FROM {old_t}" if self.seg.tier else "true"
         return f"({new_bad} = 0 AND NOT {moved} AND {tier})"
 
-
     def _consent_sql(self) -> str:
         parts = []
         for col, default in zip(self.seg.consent_columns, self.seg.consent_defaults, strict=True):
@@ -338,13 +337,17 @@ class Planner:
             if valued and plan.input.values:
                 pv, pb = self._pair_value(plan, "s.")
                 same += " AND " + self._value_same(plan, m["v"], m["t"], pv, pb, "s.tier")
-            flags.append(f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
-                         f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}")
+            flags.append(
+                f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
+                f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}"
+            )
         # coalesce evaluates an argument only for the rows the ones before it left NULL
         kk = f"coalesce({', '.join([*keys, f'CASE WHEN s.pres THEN {key} END'])})" if by_fp else prev[0]
         drop = "pres, kraw" if by_fp and self.seg.key is not None else "pres"
-        j = (f"SELECT s.* EXCLUDE ({drop}), coalesce(s.pres, false) AS pres, {kk} AS kk"
-             f"{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}")
+        j = (
+            f"SELECT s.* EXCLUDE ({drop}), coalesce(s.pres, false) AS pres, {kk} AS kk"
+            f"{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}"
+        )
         todo = []
         for i, plan in enumerate(self.plans):
             same = f"same{i}" if plan.input.current is not None else "false"
@@ -377,8 +380,10 @@ class Planner:
             masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
             masked += [f"any_value(CASE WHEN {keep} THEN {c} END) AS {c}" for c in own if c not in ident]
             flags = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
-            rows = (f"SELECT {', '.join(flags)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
-                    f"GROUP BY {', '.join(flags)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}")
+            rows = (
+                f"SELECT {', '.join(flags)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
+                f"GROUP BY {', '.join(flags)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}"
+            )
         else:
             rows = f"SELECT *, 1 AS n FROM ({rows})"
         ids_n = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
@@ -434,8 +439,8 @@ class Planner:
             # the first pair's side carries only what is compared (a key there would go into the hash table)
             a = ", ".join(dict.fromkeys([*jcols, *cols]))
             self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
-                SELECT {', '.join(f'coalesce(a.{c}, b.{c}) AS j_{c}' for c in jcols)}, b.k IS NOT NULL AS known, b.k,
-                       {', '.join(f'b.{c}' for c in self._member_columns())}
+                SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known, b.k,
+                       {", ".join(f"b.{c}" for c in self._member_columns())}
                 FROM (SELECT {a} FROM ({self._members_sql(self.plans[first], by_fp)})) AS a
                 FULL JOIN ({self._members_sql(plan, by_fp)}) AS b ON {on}
                 WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
@@ -729,7 +734,7 @@ class Planner:
         samev = self._value_same(plan, "o.v", "o.t", "n.v", "0", "n.t")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE cmp_{tag} AS
             SELECT n.*, o.k IS NOT NULL AS known, o.st AS ost, o.acc AS oat, o.pending AS opend, o.run AS orun,
-                   o.b AS ob, o.c AS oc, o.v AS ov, o.t AS ot, {', '.join(f'o.{c} AS o_{c}' for c in keys)},
+                   o.b AS ob, o.c AS oc, o.v AS ov, o.t AS ot, {", ".join(f"o.{c} AS o_{c}" for c in keys)},
                    ({same_pay}) AS samepay, (n.c IS NOT DISTINCT FROM o.c) AS samec, {exp} AS expiring,
                    coalesce({samev}, true) AS samev
             FROM cand_{tag} n LEFT JOIN (SELECT * FROM old_{tag} WHERE kind = {MEMBER}) o USING (k)""")
@@ -770,18 +775,18 @@ class Planner:
             FROM cmp_{tag}"""
         owed_new = f"""
             SELECT k, {OWED}::UTINYINT AS kind, NULL::UBIGINT AS fp, NULL::UBIGINT AS fq,
-                   {', '.join(f'o_{c} AS {c}' for c in keys)}, oc AS c, ov AS v, ot AS t
-            FROM cmp_{tag} WHERE {'true' if mirror else 'false'} AND known AND NOT samepay
+                   {", ".join(f"o_{c} AS {c}" for c in keys)}, oc AS c, ov AS v, ot AS t
+            FROM cmp_{tag} WHERE {"true" if mirror else "false"} AND known AND NOT samepay
                    AND ost IN ({ON}, {MAYBE})
             UNION ALL
             SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
-              WHERE {'true' if mirror else 'false'} AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})
+              WHERE {"true" if mirror else "false"} AND o.kind = {MEMBER} AND o.st IN ({ON}, {MAYBE})
               AND o.k IN (SELECT k FROM gone_{tag})
             UNION ALL
             SELECT o.k, {OWED}::UTINYINT, NULL::UBIGINT, NULL::UBIGINT, {o_pay}, o.c, o.v, o.t FROM old_{tag} o
               WHERE o.kind = {OWED} AND o.st = {TO_SEND}"""
         touched = f"""SELECT k FROM cand_{tag} UNION SELECT k FROM old_{tag} WHERE kind = {OWED}
-                      {f'UNION SELECT k FROM gone_{tag}' if mirror else ''}"""
+                      {f"UNION SELECT k FROM gone_{tag}" if mirror else ""}"""
         con.execute(f"CREATE OR REPLACE TEMP TABLE touched_{tag} AS {touched}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE members_{tag} AS {member_rows}")
         # members of touched keys that are otherwise untouched (only an owed row of theirs changed)
@@ -791,7 +796,7 @@ class Planner:
               CASE WHEN o.pending THEN o.b END, o.acc, false
             FROM old_{tag} o WHERE o.kind = {MEMBER} AND o.k IN (SELECT k FROM touched_{tag})
               AND o.k NOT IN (SELECT k FROM cand_{tag})
-              AND o.k NOT IN (SELECT k FROM gone_{tag} WHERE {'true' if mirror else 'false'})""")
+              AND o.k NOT IN (SELECT k FROM gone_{tag} WHERE {"true" if mirror else "false"})""")
         # an owed payload that a member in the new state still sends is not removed (one user to the platform)
         con.execute(f"CREATE OR REPLACE TEMP TABLE owed_{tag} AS SELECT DISTINCT ON (k, ph) * FROM "
                     f"(SELECT *, {ph_new} AS ph FROM ({owed_new}))")  # fmt: skip
@@ -825,7 +830,7 @@ class Planner:
             UNION ALL
             SELECT {cols} FROM rewritten_{tag}
             UNION ALL
-            SELECT k, {GONE}::UTINYINT, NULL, NULL, {', '.join('NULL' for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+            SELECT k, {GONE}::UTINYINT, NULL, NULL, {", ".join("NULL" for _ in keys)}, NULL, NULL, NULL, NULL, NULL, NULL, NULL
             FROM touched_{tag} WHERE k NOT IN (SELECT k FROM members_{tag}) AND k NOT IN (SELECT k FROM owed_{tag})"""
         if inp.full_refresh:
             self._write_replace_base(plan, tag, new_rows, cols)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-
 from conftest import Harness, person, write_csv
 
 from connector.engine import Engine, SyncOptions
@@ -208,7 +207,8 @@ def test_crash_mid_run_resumes_without_loss(harness: Harness, tmp_path_factory) 
 
 
 def test_members_sent_by_a_run_that_died_before_recording_them_are_removed_when_they_leave(
-    harness: Harness, tmp_path_factory  # type: ignore[no-untyped-def]
+    harness: Harness,
+    tmp_path_factory,  # type: ignore[no-untyped-def]
 ) -> None:
     """New members wait in the plan journal until the platform answers: a run that dies right after
     sending them must not forget them (else one who then leaves the segment stays in the audience)."""
@@ -392,9 +392,14 @@ def test_consent_changes_are_sent_and_every_count_is_what_went_on_the_wire(harne
 
 def test_a_consent_only_change_sends_the_member_again_with_its_new_consent(make_harness) -> None:  # type: ignore[no-untyped-def]
     h = make_harness()
-    text = (h.dir / "connector.toml").read_text().replace(
-        'consent = { ad_user_data_column = "consent" }',
-        'consent = { ad_user_data_column = "consent", ad_personalization_column = "pers" }')
+    text = (
+        (h.dir / "connector.toml")
+        .read_text()
+        .replace(
+            'consent = { ad_user_data_column = "consent" }',
+            'consent = { ad_user_data_column = "consent", ad_personalization_column = "pers" }',
+        )
+    )
     (h.dir / "connector.toml").write_text(text)
     import conftest
 
