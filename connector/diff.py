@@ -180,6 +180,7 @@ class PairPlan:
     # members no row has the fingerprint of (the duplicate check: a key among the first must be among the second)
     _unmatched: list[pa.Array] = field(default_factory=list)
     _unmet: list[pa.Array] = field(default_factory=list)
+    _read: bool = False  # its rows the plan can touch are read (`Planner._read_old`)
     _nokey: int = 0
     _same_seen: int = 0  # unchanged rows that came through (a pair without member files took every row)
 
@@ -455,7 +456,10 @@ class Planner:
         """Read the source once, plan every pair. Duplicate keys found: plan again on the deduplicated
         source (the first row of each key wins)."""
         try:
-            if not self._pass(src, dedupe=False):
+            ok = self._pass(src, dedupe=False)
+            if ok and self._by_fp:  # a list: every pair's rows are read once, for the check and its delta
+                ok = not any([self._unmatched_known(p) for p in self.plans if p.input.current is not None])
+            if not ok:
                 rows = self.source_rows  # the first pass counted every row
                 self.plans = [PairPlan(p.input) for p in self.plans]
                 self._pass(src, dedupe=True)
@@ -520,26 +524,14 @@ class Planner:
             matched = self.source_rows - plan._nokey - plan._new_for.get(i, 0)
             if matched > int(members[0][0]) - plan._left:
                 return True
-            if self._by_fp and self._unmatched_known(plan):
-                return True
         return False
 
     def _unmatched_known(self, plan: PairPlan) -> bool:
         """A pass by fingerprint: whether a row no member has the fingerprint of has the key of a member that
         another row had the fingerprint of (a key there twice: once unchanged, once not)."""
-        unmatched = pa.concat_arrays(plan._unmatched) if plan._unmatched else pa.array([], pa.binary())
-        if not len(unmatched):
-            return False
-        unmet = pa.concat_arrays(plan._unmet) if plan._unmet else pa.array([], pa.binary())
-        tag = f"u{id(plan)}"
-        self.con.register(f"unmatched_{tag}", pa.table({"k": unmatched}))
-        self.con.register(f"unmet_{tag}", pa.table({"k": unmet}))
-        try:
-            n = self.con.execute(f"""SELECT count(*) FROM ({plan.input.current}) WHERE kind = {MEMBER}
-                AND k IN (SELECT k FROM unmatched_{tag}) AND k NOT IN (SELECT k FROM unmet_{tag})""").fetchall()[0][0]
-        finally:
-            self.con.unregister(f"unmatched_{tag}")
-            self.con.unregister(f"unmet_{tag}")
+        tag = self._read_old(plan)
+        n = self.con.execute(f"""SELECT count(*) FROM old_{tag} WHERE kind = {MEMBER}
+            AND k IN (SELECT k FROM unmatched_{tag}) AND k NOT IN (SELECT k FROM unmet_{tag})""").fetchall()[0][0]
         return bool(n)
 
     def _close_writers(self, *, abort: bool) -> None:
@@ -702,9 +694,15 @@ class Planner:
 
     # ------------------------------------------------------------------ a pair's delta
 
-    def _plan_delta(self, plan: PairPlan) -> None:
+    def _read_old(self, plan: PairPlan) -> str:
+        """Register the pass's changed rows and departed keys for a pair and read, once, the pair's rows a plan
+        can touch: changed and departed members, every owed removal and (by fingerprint) the members with
+        the key of a row no member had the fingerprint of. Returns the tag of the tables."""
         inp = plan.input
         con = self.con
+        tag = f"p{id(plan)}"
+        if plan._read:
+            return tag
         keys = [payload_column(k) for k in inp.payload_keys]
         schema = member_schema(inp.payload_keys)
         cand_schema = pa.schema([pa.field("k", pa.binary()), pa.field("fp", pa.uint64()), pa.field("fq", pa.uint64()),
@@ -712,15 +710,26 @@ class Planner:
                                  pa.field("v", pa.float64()), pa.field("t", pa.string())])  # fmt: skip
         cand = pa.Table.from_batches([b.cast(cand_schema) for b in plan._cand], schema=cand_schema)
         gone = pa.table({"k": pa.concat_arrays(plan._gone) if plan._gone else pa.array([], pa.binary())})
-        tag = f"p{id(plan)}"
         con.register(f"cand_{tag}", cand)
+        for name, arrays in (("unmatched", plan._unmatched), ("unmet", plan._unmet)):
+            con.register(f"{name}_{tag}", pa.table({"k": pa.concat_arrays(arrays) if arrays else pa.array([], pa.binary())}))
         # a member the pass saw leave by fingerprint whose key is among the changed rows changed, not left
         con.register(f"gone0_{tag}", gone)
         con.execute(f"CREATE OR REPLACE TEMP TABLE gone_{tag} AS SELECT k FROM gone0_{tag} EXCEPT SELECT k FROM cand_{tag}")
         # the pair's rows this plan can touch: changed and departed members, and every owed removal
         con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.current}) WHERE kind = {OWED}")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE old_{tag} AS SELECT * FROM ({inp.resolved}) WHERE k IN (
-            SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL SELECT k FROM owedk_{tag})""")
+            SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL SELECT k FROM owedk_{tag}
+            UNION ALL SELECT k FROM unmatched_{tag})""")
+        plan._read = True
+        return tag
+
+    def _plan_delta(self, plan: PairPlan) -> None:
+        inp = plan.input
+        con = self.con
+        keys = [payload_column(k) for k in inp.payload_keys]
+        schema = member_schema(inp.payload_keys)
+        tag = self._read_old(plan)
         mirror = self.seg.mode == "mirror"
         exp = "false"
         if inp.expire_before is not None:
