@@ -25,6 +25,7 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -320,14 +321,16 @@ class Planner:
         first = self._first_pair()
         if first is not None:
             on = " AND ".join(f"s.{c} = l.{c}" for c in jcols)
-            joins.append(f"FULL JOIN ({self._members_sql(self.plans[first], by_fp)}) AS l ON {on}")
+            # by fingerprint the first pair's members come without keys (a hash table of 10M fixed-width rows,
+            # not of 10M strings): the rows that need one look it up after grouping (`_with_keys`)
+            joins.append(f"FULL JOIN ({self._members_sql(self.plans[first], by_fp, key=not by_fp)}) AS l ON {on}")
             prev = [f"coalesce(s.{c}, l.{c})" for c in jcols]
-            keys.append("l.k")
+            keys += [] if by_fp else ["l.k"]
         for i, plan in enumerate(self.plans):
             if plan.input.current is None:
                 continue
             # the first ledgered pair's members, and each other pair's where they differ from those
-            m = {c: f"l.{c}" for c in self._member_columns()} | {"known": "l.k IS NOT NULL"}
+            m = {c: f"l.{c}" for c in self._member_columns()} | {"known": "l.cls IS NOT NULL"}
             if i != first:
                 on = " AND ".join(f"{p} = d{i}.j_{c}" for p, c in zip(prev, jcols, strict=True))
                 joins.append(f"FULL JOIN {self._differences[i]} AS d{i} ON {on}")
@@ -342,27 +345,33 @@ class Planner:
                 f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
                 f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}"
             )
+        # `kk` the row's key; `lk`: the first pair has its fingerprint, whose key the row takes (looked up later)
         # coalesce evaluates an argument only for the rows the ones before it left NULL
-        kk = f"coalesce({', '.join([*keys, f'CASE WHEN s.pres THEN {key} END'])})" if by_fp else prev[0]
+        kk = f"coalesce({', '.join([*keys, f'CASE WHEN s.pres AND l.cls IS NULL THEN {key} END'])})" if by_fp else prev[0]
+        lk = "l.cls IS NOT NULL" if by_fp else "false"
         drop = "pres, kraw" if by_fp and self.seg.key is not None else "pres"
         j = (
-            f"SELECT s.* EXCLUDE ({drop}), coalesce(s.pres, false) AS pres, {kk} AS kk"
-            f"{''.join(', ' + f for f in flags)} FROM ({s}) AS s {' '.join(joins)}"
+            f"SELECT s.* EXCLUDE ({drop}), coalesce(s.pres, false) AS pres, {kk} AS kk, {lk} AS lk"
+            f"{', l.fp AS lfp0, l.fq AS lfq0' if by_fp else ''}{''.join(', ' + f for f in flags)} "
+            f"FROM ({s}) AS s {' '.join(joins)}"
         )
         todo = []
         for i, plan in enumerate(self.plans):
             same = f"same{i}" if plan.input.current is not None else "false"
-            todo.append(f"(pres AND kk IS NOT NULL AND NOT {same}) AS todo{i}")
+            todo.append(f"(pres AND (kk IS NOT NULL OR lk) AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
-        outs = ["pres", "kk AS k", "fp", "fq", "pres AND kk IS NULL AS nokey", "(" + anytodo + ") AS anytodo"]
+        outs = ["pres", "kk AS k", "fp", "fq", "pres AND kk IS NULL AND NOT lk AS nokey", "(" + anytodo + ") AS anytodo"]
+        if by_fp:  # the first pair's fingerprint of a row whose key is to be looked up
+            outs += [f"CASE WHEN kk IS NULL AND lk THEN {c}0 END AS {c}" for c in ("lfp", "lfq")]
         for i, p in enumerate(self.plans):
             if p.input.current is not None:
                 outs += [f"in{i}", f"same{i}", f"cls{i}", f"left{i}"]
         outs += [f"todo{i}" for i in range(len(self.plans))]
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
-        own = ["k", "fp", "fq", *alias.values()]  # a row's own columns (the others are flags)
+        ident = ["k", "fp", "fq", *(["lfp", "lfq"] if by_fp else [])]  # what tells the rows to plan apart
+        own = [*ident, *alias.values()]  # a row's own columns (the others are flags)
         if valued:
             outs.append("tier")
             own.append("tier")
@@ -377,7 +386,6 @@ class Planner:
             keep = " OR ".join(["anytodo", *(f"left{i}" for i, p in enumerate(self.plans) if p.input.current is not None)])
             # grouped by the flags and, for a row to plan, its key and fingerprint (a narrow key: grouping by
             # every column a row carries costs several times the join); its other columns go along
-            ident = ["k", "fp", "fq"]
             masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
             masked += [f"any_value(CASE WHEN {keep} THEN {c} END) AS {c}" for c in own if c not in ident]
             flags = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
@@ -385,12 +393,22 @@ class Planner:
                 f"SELECT {', '.join(flags)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
                 f"GROUP BY {', '.join(flags)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}"
             )
+            if by_fp:
+                assert first is not None
+                rows = self._with_keys(rows, self.plans[first])
         else:
             rows = f"SELECT *, 1 AS n FROM ({rows})"
         ids_n = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                  self.seg.default_region)  # fmt: skip
         normalized = ids_n.select(rows, "anytodo")
         return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
+
+    def _with_keys(self, rows: str, plan: PairPlan) -> str:
+        """`rows` with the keys they lack taken from `plan`'s members with their fingerprint (`lfp`, `lfq`):
+        the few rows to plan are the hash table, the members stream past it."""
+        members = f"SELECT k, {self._fingerprint_sql(by_fp=True)} FROM ({plan.input.current}) WHERE kind = {MEMBER}"
+        return (f"SELECT g.* EXCLUDE (k, lfp, lfq), coalesce(g.k, m.k) AS k FROM ({members}) AS m "
+                f"RIGHT JOIN ({rows}) AS g ON m.fp = g.lfp AND m.fq = g.lfq")  # fmt: skip
 
     def _valued(self) -> bool:
         """Whether the pass compares members' values (the segment has them and a pair sends them)."""
@@ -406,18 +424,24 @@ class Planner:
         """What the pass compares of a member beside its key: fingerprint, state, expiring, value and tier."""
         return ("fp", "fq", "cls", "exp", "v", "t") if self._valued() else ("fp", "fq", "cls", "exp")
 
-    def _members_sql(self, plan: PairPlan, by_fp: bool = False) -> str:
-        """A pair's members as the pass compares rows with them (`_member_columns`). `by_fp`: a member
-        without a whole fingerprint (converted from an older ledger) gets one from its key, which no row has."""
+    def _members_sql(self, plan: PairPlan, by_fp: bool = False, key: bool = True) -> str:
+        """A pair's members as the pass compares rows with them (`_member_columns`), with their keys (`key`)."""
         exp = "false"
         if plan.input.expire_before is not None:
             exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
         vt = ", v, t" if self._valued() else ""
-        fpq = "fp, fq"
-        if by_fp:
-            fpq = ("CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k) ELSE fp END AS fp, "
-                   "CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k, 'no fingerprint') ELSE fq END AS fq")  # fmt: skip
-        return f"SELECT k, {fpq}, {state_class()} AS cls, {exp} AS exp{vt} FROM ({plan.input.resolved}) WHERE kind = {MEMBER}"
+        k = "k, " if key else ""
+        return (f"SELECT {k}{self._fingerprint_sql(by_fp)}, {state_class()} AS cls, {exp} AS exp{vt} "
+                f"FROM ({plan.input.resolved}) WHERE kind = {MEMBER}")  # fmt: skip
+
+    @staticmethod
+    def _fingerprint_sql(by_fp: bool) -> str:
+        """A member's fingerprint; `by_fp`: one without a whole fingerprint (converted from an older ledger)
+        gets one from its key, which no row has."""
+        if not by_fp:
+            return "fp, fq"
+        return ("CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k) ELSE fp END AS fp, "
+                "CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k, 'no fingerprint') ELSE fq END AS fq")  # fmt: skip
 
     def _compare_pairs(self, by_fp: bool) -> None:
         """For each ledgered pair but the first, the members where it differs from the first (a member one
@@ -439,13 +463,25 @@ class Planner:
             name = f"differences{i}_{id(self)}"
             # the first pair's side carries only what is compared (a key there would go into the hash table)
             a = ", ".join(dict.fromkeys([*jcols, *cols]))
-            self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
-                SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known, b.k,
-                       {", ".join(f"b.{c}" for c in self._member_columns())}
-                FROM (SELECT {a} FROM ({self._members_sql(self.plans[first], by_fp)})) AS a
-                FULL JOIN ({self._members_sql(plan, by_fp)}) AS b ON {on}
-                WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
+            with self._joins_as_written():  # the first pair's side (no keys) is the hash table
+                self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
+                    SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known,
+                           b.k, {", ".join(f"b.{c}" for c in self._member_columns())}
+                    FROM ({self._members_sql(plan, by_fp)}) AS b
+                    FULL JOIN (SELECT {a} FROM ({self._members_sql(self.plans[first], by_fp)})) AS a ON {on}
+                    WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
             self._differences[i] = name
+
+    @contextmanager
+    def _joins_as_written(self) -> Iterator[None]:
+        """Plan statements with each join's right side as its hash table: DuckDB guesses a CSV source's size
+        low, and would otherwise build its hash table from every source row and its strings, not from the
+        members (fixed-width columns), and spill it."""
+        self.con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        try:
+            yield
+        finally:
+            self.con.execute("RESET disabled_optimizers")
 
     def _drop_differences(self) -> None:
         for name in self._differences.values():
@@ -498,10 +534,15 @@ class Planner:
                 plan._writer = plan.input.files.writer(name, member_schema(plan.input.payload_keys))
         new_keys: list[Prefixes] = []  # first 8 bytes of each new key (duplicate check)
         try:
-            for rb in prefetched(self.con.sql(sql).to_arrow_reader(self._batch_rows)):
-                self._batch(rb, new_keys)
-                if self._on_rows and not filtered:
-                    self._on_rows(self.source_rows)
+            with self._joins_as_written():
+                reader = self.con.sql(sql).to_arrow_reader(self._batch_rows)
+                try:
+                    for rb in prefetched(reader):
+                        self._batch(rb, new_keys)
+                        if self._on_rows and not filtered:
+                            self._on_rows(self.source_rows)
+                finally:
+                    reader.close()  # the connection takes no other statement while its result is open
             if self._on_rows and filtered:
                 self._on_rows(self.source_rows)
             for plan in self.plans:
