@@ -1,9 +1,12 @@
 """Planning: one pass over a segment's source for all its pairs, then each pair's diff, in DuckDB.
 
-The pass computes each row's member key and raw-row fingerprint and joins every pair's current
-members on the key (a FULL OUTER JOIN: members missing from the source come out too). A row whose
-fingerprint matches a settled member is unchanged and costs nothing more; every other row is
-normalized and hashed for each platform (SQL where the shape allows, the Python rules otherwise).
+The pass computes each row's 128-bit fingerprint (of its raw key, identifier and consent columns) and
+joins every pair's current members on it (a FULL OUTER JOIN: members missing from the source come out
+too). A row with a settled member's fingerprint is that member unchanged and costs nothing more: no
+member key (a SHA-256) is computed for it. Every other row gets its key and is normalized and hashed for
+each platform (SQL where the shape allows, the Python rules otherwise); a member whose row changed is
+found again by key among them. A first run (a pair without member files) and the exact pass that drops
+duplicate keys join on the key instead.
 
 A pair without member files (a first run) writes its base file straight from the pass. A pair with
 files collects its changed rows and decides, in one SQL statement over them and its members, what
