@@ -18,6 +18,7 @@ from facebook_business.session import FacebookSession
 
 from connector.clock import FakeClock
 from connector.identifiers.hashing import sha256_hex
+from connector.sandbox.base import frame, read_journal
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.meta_graph import MetaGraphEmulator
 
@@ -254,15 +255,18 @@ def test_state_file_keeps_audiences_across_restarts_without_rewriting_it_per_cal
         aid = new_audience(http)
         upload(http, aid, [row(i) for i in range(10)])
         upload(http, aid, [row(i) for i in range(5)], method="DELETE")
-        assert not state.exists()  # changes so far are journal lines, not a rewritten snapshot
+        assert not state.exists()  # changes so far are journal frames, not a rewritten snapshot
         journal = state.with_name("meta.json.journal")
-        assert len(journal.read_bytes().splitlines()) == 5  # header, audience, its schema, add, del
+        frames, _ = read_journal(journal.read_bytes())
+        # header, audience, its schema, add, del: each call's frame holds its own rows only
+        assert [(entry.get("op"), rows.num_rows if rows is not None else None) for entry, rows in frames] == [
+            (None, None), ("audience", None), ("audience", None), ("add", 10), ("del", 5)]  # fmt: skip
     assert state.exists() and not journal.exists()  # folded into the snapshot on stop
     with MetaGraphEmulator(expected_token=TOKEN, state_file=state) as again:
         assert again.members(aid) == {tuple(row(i)) for i in range(5, 10)}
 
 
-def test_a_torn_journal_line_is_ignored_and_cut_off(tmp_path: Path) -> None:
+def test_a_torn_journal_frame_is_ignored_and_cut_off(tmp_path: Path) -> None:
     state = tmp_path / "meta.json"
     e = MetaGraphEmulator(expected_token=TOKEN, state_file=state)
     e.start()
@@ -271,8 +275,9 @@ def test_a_torn_journal_line_is_ignored_and_cut_off(tmp_path: Path) -> None:
         upload(http, aid, [row(1)])
     e._stop_server()  # killed: no snapshot written
     journal = state.with_name("meta.json.journal")
+    torn = frame({"op": "add", "id": aid}, e._table([bytes(66)], [None]))
     with journal.open("ab") as f:
-        f.write(b'{"op":"add","id":"' + aid.encode() + b'","rows":[["abc')  # the process died mid-write
+        f.write(torn[: len(torn) // 2])  # the process died mid-write
     with MetaGraphEmulator(expected_token=TOKEN, state_file=state) as again, \
             httpx.Client(base_url=f"{again.url}/v26.0", headers=AUTH) as http:  # fmt: skip
         assert again.members(aid) == {tuple(row(1))}

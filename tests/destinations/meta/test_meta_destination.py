@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,9 +166,9 @@ def test_5xx_or_non_json_body_is_never_success(tmp_path: Path) -> None:
                          ad_account_id="42", timeout=5, policy=RetryPolicy(max_attempts=1),
                          transport=httpx.MockTransport(lambda _r: next(answers)))  # fmt: skip
     with pytest.raises(RetriableError, match="HTTP 502"):
-        client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+        client.upload("1", "users", json.dumps({"schema": ["EMAIL"], "data": [[sha256_hex("a")]]}), {"session_id": 1})
     with pytest.raises(FatalError, match="HTTP 200"):
-        client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+        client.upload("1", "users", json.dumps({"schema": ["EMAIL"], "data": [[sha256_hex("a")]]}), {"session_id": 1})
 
 
 def test_an_audience_deleted_in_ads_manager_is_replaced_by_a_new_empty_one(emu: MetaGraphEmulator) -> None:
