@@ -64,7 +64,7 @@ from connector.sandbox.tls import localhost_certificate
 
 API = "google.ads.googleads.v26.services"
 FAILURE_KEY = "google.ads.googleads.v26.errors.googleadsfailure-bin"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 SANDBOX_DEVELOPER_TOKEN = "sandbox-developer-token"  # noqa: S105 - the emulator's fixed token, not a secret
 MAX_IDENTIFIERS_PER_REQUEST = 100_000
 MAX_IDENTIFIERS_PER_USER = 20
@@ -524,7 +524,7 @@ class GoogleAdsEmulator(Emulator):
             return b"", ("MISSING_USER_IDENTIFIER", "a UserData needs at least one user identifier")
         if len(idents) > MAX_IDENTIFIERS_PER_USER:
             return b"", ("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData")
-        match = _HEX64.match
+        match = _HEX64.fullmatch
         bad_hash = ("INVALID_SHA256_FORMAT", "hashed values must be SHA-256 lowercase hex")
         pieces: list[str] = []
         for ident in idents:

@@ -49,7 +49,7 @@ MAX_IDENTIFIERS = 10
 MAX_MEMBERSHIP_DAYS = 540
 REQUEST_STATUS_KEPT_SECONDS = 30 * 86400
 TERMS_URL = "https://support.google.com/adspolicy/answer/6299717"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _LISTS = re.compile(r"^/v1/accountTypes/([^/]+)/accounts/([^/]+)/userLists(?:/([^/:]+))?$")
 _HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
          "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
@@ -379,7 +379,7 @@ class DataManagerEmulator(HttpEmulator):
         if encoding not in (HEX, BASE64):
             raise _invalid("encoding is required for hashed user data (HEX or BASE64)", "encoding")
         hashed = _hex if encoding == HEX else _base64_to_hex
-        match = _HEX64.match if encoding == HEX else None  # HEX values are checked inline: the common case
+        match = _HEX64.fullmatch if encoding == HEX else None  # HEX values are checked inline: the common case
         rows: list[bytes] = []
         for i, m in enumerate(members):
             ud = m.get("userData")
@@ -535,7 +535,7 @@ def _where(i: int, j: int) -> str:
 
 
 def _hex(value: Any, i: int, j: int, name: str) -> str:
-    if type(value) is not str or not _HEX64.match(value):
+    if type(value) is not str or not _HEX64.fullmatch(value):
         field = f"{_where(i, j)}.{name}"
         raise _invalid(f"{field}: hashed values must be SHA-256 as 64 lowercase hex characters (INVALID_SHA256_FORMAT)",
                        field)  # fmt: skip

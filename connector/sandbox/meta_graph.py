@@ -74,7 +74,7 @@ SESSION_KEYS = frozenset({"session_id", "batch_seq", "last_batch_flag", "estimat
 CREATE_PARAMS = frozenset({"name", "subtype", "description", "customer_file_source", "origin_audience_id",
                            "lookalike_spec", "is_value_based", "retention_days", "audience_labels",
                            "appsecret_proof"})  # fmt: skip
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _VERSION = re.compile(r"^/v\d+\.\d+")
 TRANSIENT_CODES = frozenset({"1", "2"})
 THROTTLE_CODES = frozenset({"4", "17", "32", "613", "80003", "80004"})
@@ -489,7 +489,7 @@ class MetaGraphEmulator(HttpEmulator):
         worth: list[Any] = []
         invalid = 0
         bad_values: dict[str, str] = {}
-        hex64 = _HEX64.match
+        hex64 = _HEX64.fullmatch
         for i, row in enumerate(data):
             if single and isinstance(row, str):
                 row = [row]

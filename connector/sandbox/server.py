@@ -51,6 +51,9 @@ class LoopbackHttpServer:
 
         class _RequestHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: with Nagle's algorithm the second waits for the client's
+            # delayed ACK (40 ms on Linux) on every keep-alive request
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 return  # emulators keep their own request log; never print to stderr

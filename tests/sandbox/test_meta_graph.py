@@ -171,10 +171,12 @@ def test_invalid_entries_are_counted_and_sampled_as_a_map_of_value_to_reason(htt
                                                                              emu: MetaGraphEmulator) -> None:  # fmt: skip
     aid = new_audience(http)
     upper = sha256_hex("b").upper()  # a hash, but not lowercase: Meta wants lowercase hex
-    body = upload(http, aid, [row(1), ["not-a-hash", row(2)[1]], [upper, ""], ["", ""]]).json()
-    assert body["num_received"] == 4 and body["num_invalid_entries"] == 3
-    assert body["invalid_entry_samples"] == {"not-a-hash": "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)",
-                                             upper: "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)"}  # fmt: skip
+    newline = sha256_hex("c") + "\n"  # a hash and a line break: 65 characters
+    body = upload(http, aid, [row(1), ["not-a-hash", row(2)[1]], [upper, ""], ["", ""], ["", newline]]).json()
+    assert body["num_received"] == 5 and body["num_invalid_entries"] == 4
+    reason = "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)"
+    assert body["invalid_entry_samples"] == {"not-a-hash": reason, upper: reason,
+                                             newline: reason.replace("EMAIL", "PHONE")}  # fmt: skip
     assert body["session_id"] == "7" and body["audience_id"] == aid
     assert emu.members(aid) == {tuple(row(1))}
 
