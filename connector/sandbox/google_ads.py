@@ -34,6 +34,7 @@ frame of its own rows to the state file.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
@@ -41,17 +42,10 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pyarrow as pa
-from google.ads.googleads.v26.enums.types import offline_user_data_job_status as job_status_enum
-from google.ads.googleads.v26.errors.types import errors as errs
-from google.ads.googleads.v26.resources.types import offline_user_data_job as ouj
-from google.ads.googleads.v26.resources.types import user_list as ul_res
-from google.ads.googleads.v26.services.types import google_ads_service as gas
-from google.ads.googleads.v26.services.types import offline_user_data_job_service as ojs
-from google.ads.googleads.v26.services.types import user_list_service as uls
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
@@ -61,6 +55,36 @@ from connector.sandbox import members as keys
 from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.tls import localhost_certificate
+
+
+class _Module:
+    """A module imported when first used: the google-ads v26 types take over a second to import (the package
+    imports all of them), and a sandbox starts this emulator whether or not a run calls the Google Ads API."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if TYPE_CHECKING:
+    from google.ads.googleads.v26.enums.types import offline_user_data_job_status as job_status_enum
+    from google.ads.googleads.v26.errors.types import errors as errs
+    from google.ads.googleads.v26.resources.types import offline_user_data_job as ouj
+    from google.ads.googleads.v26.resources.types import user_list as ul_res
+    from google.ads.googleads.v26.services.types import google_ads_service as gas
+    from google.ads.googleads.v26.services.types import offline_user_data_job_service as ojs
+    from google.ads.googleads.v26.services.types import user_list_service as uls
+else:
+    _V26 = "google.ads.googleads.v26"
+    job_status_enum = _Module(f"{_V26}.enums.types.offline_user_data_job_status")
+    errs = _Module(f"{_V26}.errors.types.errors")
+    ouj = _Module(f"{_V26}.resources.types.offline_user_data_job")
+    ul_res = _Module(f"{_V26}.resources.types.user_list")
+    gas = _Module(f"{_V26}.services.types.google_ads_service")
+    ojs = _Module(f"{_V26}.services.types.offline_user_data_job_service")
+    uls = _Module(f"{_V26}.services.types.user_list_service")
 
 API = "google.ads.googleads.v26.services"
 FAILURE_KEY = "google.ads.googleads.v26.errors.googleadsfailure-bin"
@@ -75,7 +99,6 @@ JOB_TYPES = {CUSTOMER_MATCH_USER_LIST: "CUSTOMER_MATCH_USER_LIST",
              CUSTOMER_MATCH_WITH_ATTRIBUTES: "CUSTOMER_MATCH_WITH_ATTRIBUTES"}  # fmt: skip
 CONTACT_INFO = frozenset({"hashed_email", "hashed_phone_number", "address_info"})
 CONSENT_DENIED = 3  # ConsentStatus
-JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
 _ERROR_FIELDS = {
     "CONCURRENT_MODIFICATION": "database_error", "INVALID_SHA256_FORMAT": "offline_user_data_job_error",
     "CONFLICTING_OPERATION": "offline_user_data_job_error", "TOO_MANY_USER_IDENTIFIERS": "user_data_error",
@@ -268,30 +291,34 @@ class GoogleAdsEmulator(Emulator):
     # ------------------------------------------------------------------ plumbing
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
-        def unary(fn: Callable[[Any, grpc.ServicerContext], Any], req_t: Any, resp_t: Any, write: bool) -> Any:
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any], module: Any, req: str, resp: str, write: bool) -> Any:
+            # the message types are looked up on the first call, not here (see `_Module`)
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn, write), request_deserializer=req_t.deserialize, response_serializer=resp_t.serialize
-            )
+                self._wrap(fn, write), request_deserializer=lambda b: getattr(module, req).deserialize(b),
+                response_serializer=lambda m: getattr(module, resp).serialize(m),
+            )  # fmt: skip
 
         search_stream = grpc.unary_stream_rpc_method_handler(
-            self._wrap_stream(self._search_stream), request_deserializer=gas.SearchGoogleAdsStreamRequest.deserialize,
-            response_serializer=gas.SearchGoogleAdsStreamResponse.serialize,
+            self._wrap_stream(self._search_stream),
+            request_deserializer=lambda b: gas.SearchGoogleAdsStreamRequest.deserialize(b),
+            response_serializer=lambda m: gas.SearchGoogleAdsStreamResponse.serialize(m),
         )  # fmt: skip
         return [
             grpc.method_handlers_generic_handler(f"{API}.UserListService", {
-                "MutateUserLists": unary(self._mutate_user_lists, uls.MutateUserListsRequest,
-                                         uls.MutateUserListsResponse, True)}),
+                "MutateUserLists": unary(self._mutate_user_lists, uls, "MutateUserListsRequest",
+                                         "MutateUserListsResponse", True)}),
             grpc.method_handlers_generic_handler(f"{API}.OfflineUserDataJobService", {
-                "CreateOfflineUserDataJob": unary(self._create_job, ojs.CreateOfflineUserDataJobRequest,
-                                                  ojs.CreateOfflineUserDataJobResponse, True),
-                "AddOfflineUserDataJobOperations": unary(self._add_ops, ojs.AddOfflineUserDataJobOperationsRequest,
-                                                         ojs.AddOfflineUserDataJobOperationsResponse, True),
+                "CreateOfflineUserDataJob": unary(self._create_job, ojs, "CreateOfflineUserDataJobRequest",
+                                                  "CreateOfflineUserDataJobResponse", True),
+                "AddOfflineUserDataJobOperations": unary(self._add_ops, ojs, "AddOfflineUserDataJobOperationsRequest",
+                                                         "AddOfflineUserDataJobOperationsResponse", True),
                 "RunOfflineUserDataJob": grpc.unary_unary_rpc_method_handler(
-                    self._wrap(self._run_job, True), request_deserializer=ojs.RunOfflineUserDataJobRequest.deserialize,
+                    self._wrap(self._run_job, True),
+                    request_deserializer=lambda b: ojs.RunOfflineUserDataJobRequest.deserialize(b),
                     response_serializer=operations_pb2.Operation.SerializeToString),
             }),
             grpc.method_handlers_generic_handler(f"{API}.GoogleAdsService", {
-                "Search": unary(self._search, gas.SearchGoogleAdsRequest, gas.SearchGoogleAdsResponse, False),
+                "Search": unary(self._search, gas, "SearchGoogleAdsRequest", "SearchGoogleAdsResponse", False),
                 "SearchStream": search_stream,
             }),
             grpc.method_handlers_generic_handler("google.longrunning.Operations", {
@@ -665,7 +692,7 @@ class GoogleAdsEmulator(Emulator):
                 if job is None:
                     return []
                 state = self._status(job)
-                row = ouj.OfflineUserDataJob(resource_name=m.group(1), status=getattr(JobStatus, state))
+                row = ouj.OfflineUserDataJob(resource_name=m.group(1), status=_job_status(state))
                 if state == "FAILED":
                     row.failure_reason = ouj.OfflineUserDataJob.meta.fields["failure_reason"].enum.UNKNOWN
                 return [gas.GoogleAdsRow(offline_user_data_job=row)]
@@ -679,7 +706,7 @@ class GoogleAdsEmulator(Emulator):
                     if state != m.group(1) or JOB_TYPES[job["type"]] not in types:
                         continue
                     cid = name.split("/")[1]
-                    j = ouj.OfflineUserDataJob(resource_name=name, status=getattr(JobStatus, state))
+                    j = ouj.OfflineUserDataJob(resource_name=name, status=_job_status(state))
                     j.customer_match_user_list_metadata.user_list = f"customers/{cid}/userLists/{job['list']}"
                     out.append(gas.GoogleAdsRow(offline_user_data_job=j))
                 return out
@@ -700,6 +727,10 @@ def _customer(customer_id: str) -> None:
 def _expansion(value: Any) -> int:
     names = {"NARROW": 2, "BALANCED": 3, "BROAD": 4}
     return names.get(value, 0) if isinstance(value, str) else int(value or 0)
+
+
+def _job_status(state: str) -> Any:
+    return getattr(job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus, state)
 
 
 def _name(err: errs.GoogleAdsError) -> str:

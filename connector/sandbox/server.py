@@ -105,7 +105,8 @@ class LoopbackHttpServer:
 
         self._server = _Server((host, port), _RequestHandler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # shutdown() waits for the loop to look again: every 0.5 s by default, on each emulator's stop
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
