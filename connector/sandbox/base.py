@@ -3,21 +3,24 @@ state file (hashes only) that survives the process.
 
 Members are held per audience in a dict keyed by the member's identifiers packed into `bytes`
 (`connector.sandbox.members`) with numbers as values, which the garbage collector never walks: a
-10,000-row call is 10,000 dict operations whatever the audience's size.
+10,000-row call is 10,000 dict operations whatever the audience's size. HTTP emulators handle each
+request with the cyclic collector paused (`collector_paused`): a request's parsed body is freed by
+reference counting before the pause ends.
 
 Persistence is a snapshot plus an append-only journal. The snapshot is an Arrow IPC file: one row per
 member in the emulator's columns (`MEMBERS`: its key and values), audience by audience, and the rest of
 the state (audiences, ids, request statuses, how many members each audience has) as JSON in the file's
-schema metadata; it is written and read column by column, never member by member. The journal is a
+schema metadata; each column goes to and from the member dicts in one Arrow conversion. The journal is a
 sequence of frames, one for each change a call made: a length, a CRC-32, a JSON header (the operation)
-and, for members added or removed, an Arrow IPC stream of their columns. A 10,000-row call appends one
-frame of its own rows, whether the audience holds 10 or 10 million members. The journal is folded into a
-new snapshot on `stop()` (if anything changed), and during a run only when it grows far larger than the
-snapshot (a long-lived emulator); a process killed mid-run leaves the journal, which loading replays.
-Both carry a generation number: a snapshot written after a crash never replays an older journal twice.
-A torn last frame (the process was killed mid-write: short, or its CRC does not match) is cut off, like
-a call the platform never received. A state file that is not an Arrow file (written by an older
-emulator, as JSON) is set aside, with its journal, and the emulator starts empty.
+and, for members added or removed, an Arrow IPC stream of their columns. A 10,000-row call appends the
+frames of its own rows, whether the audience holds 10 or 10 million members. The journal is folded into
+a new snapshot on `stop()` (if anything changed), and during a run only when it grows far larger than
+the snapshot (a long-lived emulator); a process killed mid-run leaves the journal, which loading
+replays. Both carry a generation number: a journal older than the snapshot (the process died between
+writing one and deleting the other) is deleted, never replayed. A torn last frame (the process was
+killed mid-write: short, or its CRC does not match) is cut off, like a call the platform never
+received. A state file that is not an Arrow file (an older emulator's JSON) is set aside, with its
+journal, and the emulator starts empty.
 """
 
 from __future__ import annotations
