@@ -12,7 +12,6 @@ counts once for both platforms) by the baseline's rows/s.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import sys
 import time
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from pipeline import generate, sdk_baseline  # noqa: E402
+from pipeline import generate, peak_rss_mb, sdk_baseline  # noqa: E402
 
 from connector.engine import Engine, SyncOptions  # noqa: E402
 from connector.settings import load_settings  # noqa: E402
@@ -44,10 +43,6 @@ key = "customer_id"
 identifiers = { email = "email", phone = "phone" }
 destinations = ["meta", "google"]
 """
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
