@@ -353,3 +353,24 @@ def test_values_survive_a_restart(tmp_path: Path) -> None:
     with MetaGraphEmulator(state_file=state, expected_token=TOKEN) as e:
         assert e.values(aid) == {frozenset({("EMAIL", row(0)[0])}): 9, frozenset({("EMAIL", row(1)[0])}): 1.5,
                                  frozenset({("EMAIL", row(2)[0])}): 3.0}  # fmt: skip
+
+
+def test_form_bodies_are_read_as_parse_qs_reads_them() -> None:
+    """Form decoding (str.replace for a JSON payload's escapes, then `unquote`) gives `parse_qs`'s values for any
+    body: encoded, with lowercase or broken escapes, raw characters, repeated or blank names."""
+    import random
+    import string
+    from urllib.parse import parse_qs, urlencode
+
+    from connector.sandbox.meta_graph import _form
+
+    rng = random.Random(5)
+    alphabet = string.printable + "é€"
+    bodies = ["a", "a&&b=", "=x", "a=1&a=2", "%zz=%E2%22", "x=%E2%80%9C%22", "p=%%22", "p=%2%2C", "q=+%2B+"]
+    for _ in range(3000):
+        data = {"".join(rng.choices(alphabet, k=rng.randint(0, 5))): "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+                for _ in range(rng.randint(1, 3))}  # fmt: skip
+        body = urlencode(data)
+        bodies += [body, body.lower(), body.replace("%2C", ",")]
+    for body in bodies:
+        assert _form(body) == {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}, body
