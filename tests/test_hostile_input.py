@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from connector.cli import app
 from connector.ledger.journal import Journal
+from connector.sandbox.meta_graph import MetaGraphEmulator
 
 N = 60
 FIELDS = ["id", "email", "phone"]
@@ -110,9 +111,9 @@ destinations = ["meta"]
         return res.exit_code, res.stderr + res.stdout, doc
 
     def audience_size(self) -> int:
-        state = json.loads((self.dir / "state" / "sandbox-meta-meta.json").read_text())
-        (aud,) = state["audiences"].values()
-        return len(aud["rows"])
+        with MetaGraphEmulator(state_file=self.dir / "state" / "sandbox-meta-meta.json") as emu:
+            (aid,) = emu.audiences
+            return emu.member_count(aid) or 0
 
     def ledger_counts(self) -> dict[str, int]:
         ledger = Journal(f"sqlite:///{self.dir / 'state' / 'ledger.db'}")

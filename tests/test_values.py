@@ -6,7 +6,6 @@ reason without ever failing a batch. In-memory destinations for the planning rul
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ import pytest
 from connector.destinations.memory import InMemoryDestination
 from connector.engine import Engine, RunResult, SyncOptions
 from connector.identifiers.hashing import sha256_hex
+from connector.sandbox.google_ads import GoogleAdsEmulator
+from connector.sandbox.meta_graph import MetaGraphEmulator
 from connector.settings import load_settings
 
 FIELDS = ["id", "email", "lifetime_value", "_tier"]
@@ -210,7 +211,7 @@ customer_match_terms = "accepted"
 source = {{ type = "csv", path = "m.csv" }}
 key = "id"
 identifiers = {{ email = "email" }}
-{'value = "lifetime_value"' if value else ''}
+{'value = "lifetime_value"' if value else ""}
 destinations = ["meta", "gads"]
 lookalike.meta = {{ country = "US", ratio = 0.02 }}
 lookalike.google = {{ expansion_level = "NARROW", country_codes = ["US"], min_seed_size = 100 }}
@@ -224,17 +225,21 @@ def run(cfg: Path, **opts: Any) -> dict[str, RunResult]:
 
 
 def meta_state(tmp: Path) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads((tmp / "state" / "sandbox-meta-meta.json").read_text())
-    return state["audiences"]
+    """The Meta sandbox's audiences as its emulator loads them from the state file, each with its members'
+    values by email digest."""
+    with MetaGraphEmulator(state_file=tmp / "state" / "sandbox-meta-meta.json") as emu:
+        return {aid: {**a, "values": {dict(k)["EMAIL"]: v for k, v in emu.values(aid).items()}}
+                for aid, a in emu.audiences.items()}  # fmt: skip
 
 
 def meta_values(audience: dict[str, Any]) -> dict[str, float]:
-    return {row[0]: v for row, v in audience["values"]}
+    values: dict[str, float] = audience["values"]
+    return values
 
 
 def google_values(tmp: Path, list_id: str) -> dict[str, int]:
-    state = json.loads((tmp / "state" / "sandbox-google-ads-gads.json").read_text())
-    return {dict(key)["email"]: micros for key, micros in state["lists"][list_id]["values"]}
+    with GoogleAdsEmulator(state_file=tmp / "state" / "sandbox-google-ads-gads.json") as emu:
+        return {dict(key)["email"]: micros for key, micros in emu.values(list_id).items()}
 
 
 @pytest.fixture

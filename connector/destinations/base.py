@@ -105,6 +105,7 @@ class MemberBatch(Sequence[Member]):
     @cached_property
     def key_hex(self) -> list[str]:
         return [k.hex() for k in self.keys.to_pylist()]
+
     @cached_property
     def _members(self) -> list[Member]:
         names = list(self.columns)
@@ -132,14 +133,6 @@ class MemberBatch(Sequence[Member]):
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self._members)
-
-    def rows(self, schema: Sequence[str]) -> list[list[str]]:
-        """The payload as rows of `schema` (Meta's `data`), "" for values a member lacks, built column-wise."""
-        cols = []
-        for k in schema:
-            col = self.columns.get(k)
-            cols.append(col.fill_null("").to_pylist() if col is not None else [""] * len(self))
-        return [list(r) for r in zip(*cols, strict=True)] if cols else [[] for _ in range(len(self))]
 
 
 @dataclass(slots=True)
@@ -253,15 +246,11 @@ class Destination(Protocol):
         """
         ...
 
-    def add_members(
-        self, audience: AudienceRef, members: Sequence[Member], session: BatchSession
-    ) -> BatchResult:
+    def add_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         """Add at most `capabilities.max_batch_size` members in one write call."""
         ...
 
-    def remove_members(
-        self, audience: AudienceRef, members: Sequence[Member], session: BatchSession
-    ) -> BatchResult:
+    def remove_members(self, audience: AudienceRef, members: Sequence[Member], session: BatchSession) -> BatchResult:
         """Remove at most `capabilities.max_batch_size` members in one write call."""
         ...
 
@@ -272,9 +261,7 @@ class Destination(Protocol):
         `reconcile`, so a crash before `finish` costs a re-send, never a false "on the platform"."""
         ...
 
-    def replace_members(
-        self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int
-    ) -> BatchResult:
+    def replace_members(self, audience: AudienceRef, batches: Iterator[Sequence[Member]], total: int) -> BatchResult:
         """Make the audience hold exactly the members yielded by `batches` (full refresh).
 
         Blocks until the platform confirms (Meta operation_status 200; Google request status
@@ -282,9 +269,7 @@ class Destination(Protocol):
         """
         ...
 
-    def reconcile(
-        self, audience: AudienceRef, request_ids: Sequence[str]
-    ) -> Mapping[str, RequestOutcome]:
+    def reconcile(self, audience: AudienceRef, request_ids: Sequence[str]) -> Mapping[str, RequestOutcome]:
         """Poll earlier asynchronous requests. Platforms confirming synchronously return
         `succeeded` for every id."""
         ...

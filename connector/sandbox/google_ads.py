@@ -27,42 +27,68 @@ type); attribute jobs need the same allowlisting as any Customer Match upload. A
 value is kept beside it (a member added again without one keeps the last).
 
 Requests are read from the raw protobuf messages (no proto-plus wrapper per identifier) and list
-members are held in a dict keyed by their sorted (key, hash) pairs, so a 10,000-row call is cheap;
-each change appends one journal line to the state file.
+members are held in a dict keyed by their identifiers packed into `bytes` (`connector.sandbox.members`),
+their time of addition as the value, so a 10,000-row call is cheap; each change appends one journal
+frame of its own rows to the state file.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.ads.googleads.v26.common.types import offline_user_data as cod
-from google.ads.googleads.v26.enums.types import offline_user_data_job_status as job_status_enum
-from google.ads.googleads.v26.errors.types import errors as errs
-from google.ads.googleads.v26.resources.types import offline_user_data_job as ouj
-from google.ads.googleads.v26.resources.types import user_list as ul_res
-from google.ads.googleads.v26.services.types import google_ads_service as gas
-from google.ads.googleads.v26.services.types import offline_user_data_job_service as ojs
-from google.ads.googleads.v26.services.types import user_list_service as uls
+import pyarrow as pa
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2
 from google.rpc import status_pb2
 
 from connector.clock import SYSTEM_CLOCK, Clock
+from connector.sandbox import members as keys
 from connector.sandbox.base import Emulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.tls import localhost_certificate
 
+
+class _Module:
+    """A module imported when first used: the google-ads v26 types take over a second to import (the package
+    imports all of them), and a sandbox starts this emulator whether or not a run calls the Google Ads API."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+if TYPE_CHECKING:
+    from google.ads.googleads.v26.enums.types import offline_user_data_job_status as job_status_enum
+    from google.ads.googleads.v26.errors.types import errors as errs
+    from google.ads.googleads.v26.resources.types import offline_user_data_job as ouj
+    from google.ads.googleads.v26.resources.types import user_list as ul_res
+    from google.ads.googleads.v26.services.types import google_ads_service as gas
+    from google.ads.googleads.v26.services.types import offline_user_data_job_service as ojs
+    from google.ads.googleads.v26.services.types import user_list_service as uls
+else:
+    _V26 = "google.ads.googleads.v26"
+    job_status_enum = _Module(f"{_V26}.enums.types.offline_user_data_job_status")
+    errs = _Module(f"{_V26}.errors.types.errors")
+    ouj = _Module(f"{_V26}.resources.types.offline_user_data_job")
+    ul_res = _Module(f"{_V26}.resources.types.user_list")
+    gas = _Module(f"{_V26}.services.types.google_ads_service")
+    ojs = _Module(f"{_V26}.services.types.offline_user_data_job_service")
+    uls = _Module(f"{_V26}.services.types.user_list_service")
+
 API = "google.ads.googleads.v26.services"
 FAILURE_KEY = "google.ads.googleads.v26.errors.googleadsfailure-bin"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 SANDBOX_DEVELOPER_TOKEN = "sandbox-developer-token"  # noqa: S105 - the emulator's fixed token, not a secret
 MAX_IDENTIFIERS_PER_REQUEST = 100_000
 MAX_IDENTIFIERS_PER_USER = 20
@@ -73,7 +99,6 @@ JOB_TYPES = {CUSTOMER_MATCH_USER_LIST: "CUSTOMER_MATCH_USER_LIST",
              CUSTOMER_MATCH_WITH_ATTRIBUTES: "CUSTOMER_MATCH_WITH_ATTRIBUTES"}  # fmt: skip
 CONTACT_INFO = frozenset({"hashed_email", "hashed_phone_number", "address_info"})
 CONSENT_DENIED = 3  # ConsentStatus
-JobStatus = job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus
 _ERROR_FIELDS = {
     "CONCURRENT_MODIFICATION": "database_error", "INVALID_SHA256_FORMAT": "offline_user_data_job_error",
     "CONFLICTING_OPERATION": "offline_user_data_job_error", "TOO_MANY_USER_IDENTIFIERS": "user_data_error",
@@ -115,33 +140,13 @@ class AdsAbort(Exception):
         self.name = name
 
 
-Key = tuple[tuple[str, str], ...]
-
-
-def user_row(ud: Any) -> Key:
-    """One UserData (raw protobuf or proto-plus) as its sorted (key, value) pairs in `connector`'s Google
-    payload keys: a tuple of strings, hashable and not tracked by the garbage collector."""
-    pb = cod.UserData.pb(ud) if isinstance(ud, cod.UserData) else ud
-    row: list[tuple[str, str]] = []
-    for ident in pb.user_identifiers:
-        kind = ident.WhichOneof("identifier")
-        if kind == "hashed_email":
-            row.append(("email", ident.hashed_email))
-        elif kind == "hashed_phone_number":
-            row.append(("phone", ident.hashed_phone_number))
-        elif kind == "address_info":
-            a = ident.address_info
-            row += [("first_name", a.hashed_first_name), ("last_name", a.hashed_last_name),
-                    ("country_code", a.country_code), ("postal_code", a.postal_code)]  # fmt: skip
-    return tuple(sorted(row))
-
-
-def _key(pairs: Iterable[list[str]]) -> Key:
-    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
-    return tuple(sorted((k, v) for k, v in pairs))
+Key = bytes  # a member's identifiers, packed (`connector.sandbox.members.google_key`)
+_EMAIL, _PHONE = keys.google_piece("email", ""), keys.google_piece("phone", "")  # the tags' hex text
 
 
 class GoogleAdsEmulator(Emulator):
+    MEMBERS = pa.schema([("key", pa.binary()), ("t", pa.float64()), ("value", pa.int64())])
+
     def __init__(self, *, state_file: Path | None = None, developer_token: str | None = SANDBOX_DEVELOPER_TOKEN,
                  allowlisted: bool = True, faults: FaultKnobs | None = None, processing_delay_seconds: float = 0.0,
                  seed_sizes: Callable[[str], int | None] | None = None, clock: Clock | None = None) -> None:  # fmt: skip
@@ -181,25 +186,33 @@ class GoogleAdsEmulator(Emulator):
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> dict[str, Any]:
-        return {"next_id": self._next_id,
-                "lists": {lid: {"list": e["list"], "members": [[k, t] for k, t in e["members"].items()],
-                                "values": [[k, v] for k, v in e["values"].items()]}
-                          for lid, e in self.lists.items()}}  # fmt: skip
+    def _table(self, members: list[Key], values: list[int | None] | None = None) -> pa.Table:
+        """Journal rows: the members (the time of an addition is in the entry) and their values, if any."""
+        n = len(members)
+        return pa.table([pa.array(members, pa.binary()), pa.nulls(n, pa.float64()),
+                         pa.array(values, pa.int64()) if values is not None else pa.nulls(n, pa.int64())],
+                        schema=self.MEMBERS)  # fmt: skip
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+        tables = {}
+        for lid, e in self.lists.items():
+            members, values = e["members"], e["values"]
+            tables[lid] = pa.table([pa.array(list(members), pa.binary()), pa.array(list(members.values()), pa.float64()),
+                                    pa.array([values.get(k) for k in members], pa.int64())], schema=self.MEMBERS)  # fmt: skip
+        return {"next_id": self._next_id, "lists": {lid: e["list"] for lid, e in self.lists.items()}}, tables
+
+    def _restore(self, state: dict[str, Any], members: dict[str, pa.Table]) -> None:
         self._next_id = int(state.get("next_id", self._next_id))
-        now = self.clock.time()
-        for lid, e in state.get("lists", {}).items():
-            self._put_list(lid, e["list"])
-            for item in e["members"]:
-                if len(item) == 2 and isinstance(item[1], int | float):
-                    self._put_members(lid, [_key(item[0])], item[1])
-                else:  # an older state file: the member's [key, value] pairs only
-                    self._put_members(lid, [_key(item)], now)
-            self.lists[lid]["values"] = {_key(k): int(v) for k, v in e.get("values", [])}
+        for lid, doc in state.get("lists", {}).items():
+            self._put_list(lid, doc)
+            rows = members[lid]
+            keys_ = rows.column("key").to_pylist()
+            e = self.lists[lid]
+            e["members"] = dict(zip(keys_, rows.column("t").to_pylist(), strict=True))
+            e["oldest"] = min(e["members"].values(), default=float("inf"))
+            e["values"] = {k: v for k, v in zip(keys_, rows.column("value").to_pylist(), strict=True) if v is not None}
 
-    def _replay(self, entry: dict[str, Any]) -> None:
+    def _replay(self, entry: dict[str, Any], rows: pa.Table | None) -> None:
         op, lid = entry["op"], entry["id"]
         if op == "list":
             self._put_list(lid, entry["list"])
@@ -209,31 +222,28 @@ class GoogleAdsEmulator(Emulator):
         elif op == "next_id":
             self._next_id = max(self._next_id, int(entry["next_id"]))
         elif lid in self.lists:
-            members = self.lists[lid]["members"]
+            members, values = self.lists[lid]["members"], self.lists[lid]["values"]
             if op == "clear":
                 members.clear()
-                self.lists[lid]["values"].clear()
-            elif op == "add":
-                keys = [_key(f) for f in entry["rows"]]
-                self._put_members(lid, keys, entry["t"])
-                self.lists[lid]["values"].update(
-                    (k, int(v)) for k, v in zip(keys, entry.get("v") or [None] * len(keys), strict=True) if v is not None)
-            elif op == "del":
-                for f in entry["rows"]:
-                    members.pop(_key(f), None)
-                    self.lists[lid]["values"].pop(_key(f), None)
+                values.clear()
+            elif op == "add" and rows is not None:
+                added = rows.column("key").to_pylist()
+                self._put_members(lid, added, entry["t"])
+                values.update((k, v) for k, v in zip(added, rows.column("value").to_pylist(), strict=True) if v is not None)
+            elif op == "del" and rows is not None:
+                for k in rows.column("key").to_pylist():
+                    members.pop(k, None)
+                    values.pop(k, None)
 
     def _put_list(self, lid: str, doc: dict[str, Any]) -> None:
         span = doc.get("membershipLifeSpan")
         days = MAX_MEMBERSHIP_DAYS if span in (None, "", "0", 0) else int(span)
         self.lists[lid] = {"list": doc, "members": {}, "ttl": days * 86400.0, "oldest": float("inf"), "values": {}}
 
-    def _put_members(self, lid: str, keys: list[Key], t: float) -> None:
+    def _put_members(self, lid: str, added: list[Key], t: float) -> None:
         e = self.lists[lid]
-        members = e["members"]
-        for k in keys:
-            members[k] = t
-        if keys and t < e["oldest"]:
+        e["members"].update(dict.fromkeys(added, t))
+        if added and t < e["oldest"]:
             e["oldest"] = t
 
     def _expire(self, lid: str) -> None:
@@ -251,18 +261,18 @@ class GoogleAdsEmulator(Emulator):
             e["values"].pop(k, None)
         e["oldest"] = min(members.values(), default=float("inf"))
         if gone:
-            self._record({"op": "del", "id": lid, "rows": gone})
+            self._record({"op": "del", "id": lid}, self._table(gone))
 
     def members(self, list_id: str) -> set[frozenset[tuple[str, str]]]:
         with self._lock:
             self._expire(list_id)
-            return {frozenset(k) for k in self.lists[list_id]["members"]}
+            return {keys.google_pairs(k) for k in self.lists[list_id]["members"]}
 
     def values(self, list_id: str) -> dict[frozenset[tuple[str, str]], int]:
         """Each member's `lifetime_value_micros`, for the members that have one."""
         with self._lock:
             self._expire(list_id)
-            return {frozenset(k): v for k, v in self.lists[list_id]["values"].items()}
+            return {keys.google_pairs(k): v for k, v in self.lists[list_id]["values"].items()}
 
     def member_count(self, list_id: str) -> int | None:
         with self._lock:
@@ -274,7 +284,6 @@ class GoogleAdsEmulator(Emulator):
     def _audiences(self) -> dict[str, Any]:
         return self.lists
 
-
     def user_list(self, list_id: str) -> ul_res.UserList:
         ul: ul_res.UserList = ul_res.UserList.from_json(json.dumps(self.lists[list_id]["list"]))
         return ul
@@ -282,30 +291,34 @@ class GoogleAdsEmulator(Emulator):
     # ------------------------------------------------------------------ plumbing
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
-        def unary(fn: Callable[[Any, grpc.ServicerContext], Any], req_t: Any, resp_t: Any, write: bool) -> Any:
+        def unary(fn: Callable[[Any, grpc.ServicerContext], Any], module: Any, req: str, resp: str, write: bool) -> Any:
+            # the message types are looked up on the first call, not here (see `_Module`)
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn, write), request_deserializer=req_t.deserialize, response_serializer=resp_t.serialize
-            )
+                self._wrap(fn, write), request_deserializer=lambda b: getattr(module, req).deserialize(b),
+                response_serializer=lambda m: getattr(module, resp).serialize(m),
+            )  # fmt: skip
 
         search_stream = grpc.unary_stream_rpc_method_handler(
-            self._wrap_stream(self._search_stream), request_deserializer=gas.SearchGoogleAdsStreamRequest.deserialize,
-            response_serializer=gas.SearchGoogleAdsStreamResponse.serialize,
+            self._wrap_stream(self._search_stream),
+            request_deserializer=lambda b: gas.SearchGoogleAdsStreamRequest.deserialize(b),
+            response_serializer=lambda m: gas.SearchGoogleAdsStreamResponse.serialize(m),
         )  # fmt: skip
         return [
             grpc.method_handlers_generic_handler(f"{API}.UserListService", {
-                "MutateUserLists": unary(self._mutate_user_lists, uls.MutateUserListsRequest,
-                                         uls.MutateUserListsResponse, True)}),
+                "MutateUserLists": unary(self._mutate_user_lists, uls, "MutateUserListsRequest",
+                                         "MutateUserListsResponse", True)}),
             grpc.method_handlers_generic_handler(f"{API}.OfflineUserDataJobService", {
-                "CreateOfflineUserDataJob": unary(self._create_job, ojs.CreateOfflineUserDataJobRequest,
-                                                  ojs.CreateOfflineUserDataJobResponse, True),
-                "AddOfflineUserDataJobOperations": unary(self._add_ops, ojs.AddOfflineUserDataJobOperationsRequest,
-                                                         ojs.AddOfflineUserDataJobOperationsResponse, True),
+                "CreateOfflineUserDataJob": unary(self._create_job, ojs, "CreateOfflineUserDataJobRequest",
+                                                  "CreateOfflineUserDataJobResponse", True),
+                "AddOfflineUserDataJobOperations": unary(self._add_ops, ojs, "AddOfflineUserDataJobOperationsRequest",
+                                                         "AddOfflineUserDataJobOperationsResponse", True),
                 "RunOfflineUserDataJob": grpc.unary_unary_rpc_method_handler(
-                    self._wrap(self._run_job, True), request_deserializer=ojs.RunOfflineUserDataJobRequest.deserialize,
+                    self._wrap(self._run_job, True),
+                    request_deserializer=lambda b: ojs.RunOfflineUserDataJobRequest.deserialize(b),
                     response_serializer=operations_pb2.Operation.SerializeToString),
             }),
             grpc.method_handlers_generic_handler(f"{API}.GoogleAdsService", {
-                "Search": unary(self._search, gas.SearchGoogleAdsRequest, gas.SearchGoogleAdsResponse, False),
+                "Search": unary(self._search, gas, "SearchGoogleAdsRequest", "SearchGoogleAdsResponse", False),
                 "SearchStream": search_stream,
             }),
             grpc.method_handlers_generic_handler("google.longrunning.Operations", {
@@ -505,7 +518,7 @@ class GoogleAdsEmulator(Emulator):
                 ud = ops[i].create if create else ops[i].remove
                 # the attribute's own refusal first: it names what is wrong for an attribute job
                 micros, why = self._read_attribute(ud, job, create)
-                key: Key = ()
+                key: Key = b""
                 if why is None:
                     key, why = self._read_user(ud, job, create)
                 if why is not None:
@@ -535,41 +548,41 @@ class GoogleAdsEmulator(Emulator):
         """One operation's UserData (a raw protobuf message) as its member key, or why the platform refuses it."""
         idents = ud.user_identifiers
         if not idents:
-            return (), ("MISSING_USER_IDENTIFIER", "a UserData needs at least one user identifier")
+            return b"", ("MISSING_USER_IDENTIFIER", "a UserData needs at least one user identifier")
         if len(idents) > MAX_IDENTIFIERS_PER_USER:
-            return (), ("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData")
-        match = _HEX64.match
+            return b"", ("TOO_MANY_USER_IDENTIFIERS", f"at most {MAX_IDENTIFIERS_PER_USER} identifiers per UserData")
+        match = _HEX64.fullmatch
         bad_hash = ("INVALID_SHA256_FORMAT", "hashed values must be SHA-256 lowercase hex")
-        row: list[tuple[str, str]] = []
+        pieces: list[str] = []
         for ident in idents:
             kind = ident.WhichOneof("identifier")
             if kind == "hashed_email":
                 v = ident.hashed_email
                 if not match(v):
-                    return (), bad_hash
-                row.append(("email", v))
+                    return b"", bad_hash
+                pieces.append(_EMAIL + v)
             elif kind == "hashed_phone_number":
                 v = ident.hashed_phone_number
                 if not match(v):
-                    return (), bad_hash
-                row.append(("phone", v))
+                    return b"", bad_hash
+                pieces.append(_PHONE + v)
             elif kind == "address_info":
                 a = ident.address_info
                 first, last, country, postal = a.hashed_first_name, a.hashed_last_name, a.country_code, a.postal_code
                 if not (first and last and country and postal):
-                    return (), ("REQUIRED", "address_info needs hashed_first_name, hashed_last_name, country_code and "
-                                            "postal_code")  # fmt: skip
+                    return b"", ("REQUIRED", "address_info needs hashed_first_name, hashed_last_name, country_code and "
+                                             "postal_code")  # fmt: skip
                 if not (match(first) and match(last)):
-                    return (), bad_hash
-                row += [("first_name", first), ("last_name", last), ("country_code", country), ("postal_code", postal)]
+                    return b"", bad_hash
+                pieces += [keys.google_piece("first_name", first), keys.google_piece("last_name", last),
+                           keys.google_piece("country_code", country), keys.google_piece("postal_code", postal)]  # fmt: skip
             else:
-                return (), ("INCOMPATIBLE_UPLOAD_KEY_TYPE", f"{kind} does not fit a CONTACT_INFO list")
+                return b"", ("INCOMPATIBLE_UPLOAD_KEY_TYPE", f"{kind} does not fit a CONTACT_INFO list")
         if create:
             denied = ud.consent.ad_user_data == CONSENT_DENIED if ud.HasField("consent") else job["consent_denied"]
             if denied:
-                return (), ("CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS", "ad_user_data consent is DENIED")
-        row.sort()
-        return tuple(row), None
+                return b"", ("CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS", "ad_user_data consent is DENIED")
+        return keys.google_key(pieces), None
 
     @staticmethod
     def _read_attribute(ud: Any, job: dict[str, Any], create: bool) -> tuple[int | None, tuple[str, str] | None]:
@@ -638,12 +651,9 @@ class GoogleAdsEmulator(Emulator):
                 members.pop(key, None)
                 values.pop(key, None)
             if added:
-                entry: dict[str, Any] = {"op": "add", "id": lid, "t": now, "rows": added}
-                if any(v is not None for v in worth):
-                    entry["v"] = worth
-                self._record(entry)
+                self._record({"op": "add", "id": lid, "t": now}, self._table(added, worth))
             if removed:
-                self._record({"op": "del", "id": lid, "rows": removed})
+                self._record({"op": "del", "id": lid}, self._table(removed))
             job["ops"] = []
             job["status"] = "SUCCESS"
         return str(job["status"])
@@ -682,7 +692,7 @@ class GoogleAdsEmulator(Emulator):
                 if job is None:
                     return []
                 state = self._status(job)
-                row = ouj.OfflineUserDataJob(resource_name=m.group(1), status=getattr(JobStatus, state))
+                row = ouj.OfflineUserDataJob(resource_name=m.group(1), status=_job_status(state))
                 if state == "FAILED":
                     row.failure_reason = ouj.OfflineUserDataJob.meta.fields["failure_reason"].enum.UNKNOWN
                 return [gas.GoogleAdsRow(offline_user_data_job=row)]
@@ -696,7 +706,7 @@ class GoogleAdsEmulator(Emulator):
                     if state != m.group(1) or JOB_TYPES[job["type"]] not in types:
                         continue
                     cid = name.split("/")[1]
-                    j = ouj.OfflineUserDataJob(resource_name=name, status=getattr(JobStatus, state))
+                    j = ouj.OfflineUserDataJob(resource_name=name, status=_job_status(state))
                     j.customer_match_user_list_metadata.user_list = f"customers/{cid}/userLists/{job['list']}"
                     out.append(gas.GoogleAdsRow(offline_user_data_job=j))
                 return out
@@ -717,6 +727,10 @@ def _customer(customer_id: str) -> None:
 def _expansion(value: Any) -> int:
     names = {"NARROW": 2, "BALANCED": 3, "BROAD": 4}
     return names.get(value, 0) if isinstance(value, str) else int(value or 0)
+
+
+def _job_status(state: str) -> Any:
+    return getattr(job_status_enum.OfflineUserDataJobStatusEnum.OfflineUserDataJobStatus, state)
 
 
 def _name(err: errs.GoogleAdsError) -> str:

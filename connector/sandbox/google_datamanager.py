@@ -16,8 +16,10 @@ bad enum values are refused with Google's JSON error body (``{"error": {"code", 
 - request status is PROCESSING for `processing_delay_seconds`, then SUCCESS / PARTIAL_SUCCESS, or
   FAILED with nothing applied (`faults.failed_request_rate`).
 
-Members are held in a dict per list keyed by the member's hashed identifiers, so adding or removing
-10,000 members is 10,000 dict operations; each call that changes something appends one journal line.
+Members are held in a dict per list: the member's identifiers packed into a `bytes` key
+(`connector.sandbox.members`), its ingest time (microseconds) and consent packed into one int, so adding
+or removing 10,000 members is 10,000 dict operations; each call that changes something appends one
+journal frame of its own rows.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from google.ads import datamanager_v1 as dm
 from google.protobuf import json_format
 
 from connector.clock import SYSTEM_CLOCK, Clock
+from connector.sandbox import members as keys
 from connector.sandbox import protojson
 from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
@@ -45,7 +49,7 @@ MAX_IDENTIFIERS = 10
 MAX_MEMBERSHIP_DAYS = 540
 REQUEST_STATUS_KEPT_SECONDS = 30 * 86400
 TERMS_URL = "https://support.google.com/adspolicy/answer/6299717"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _LISTS = re.compile(r"^/v1/accountTypes/([^/]+)/accounts/([^/]+)/userLists(?:/([^/:]+))?$")
 _HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403,
          "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
@@ -61,12 +65,20 @@ _REMOVE_ALL = dm.RemoveAllAudienceMembersRequest.pb().DESCRIPTOR
 _USER_LIST = dm.UserList.pb().DESCRIPTOR
 _ADDRESS_KEYS = (("givenName", "first_name", True), ("familyName", "last_name", True),
                  ("regionCode", "country_code", False), ("postalCode", "postal_code", False))  # fmt: skip
+_EMAIL, _PHONE = keys.google_piece("email", ""), keys.google_piece("phone", "")  # the tags' hex text
 
 Row = frozenset[tuple[str, str]]
-# members are keyed by their sorted (key, value) pairs: a tuple of strings is hashable like a frozenset
-# but, unlike it, not tracked by the garbage collector (which would otherwise walk millions of members
-# on every collection)
-Key = tuple[tuple[str, str], ...]
+
+
+def _us(t: float) -> int:
+    """A time in whole microseconds, as members' ingest times are kept."""
+    return round(t * 1_000_000)
+
+
+def _stamp(t_us: int, ad_user_data: int, ad_personalization: int) -> int:
+    """A member's ingest time and consent (ConsentStatus numbers, 0-2) as one int: a dict of ints is never
+    tracked by the garbage collector, a dict of tuples is."""
+    return t_us << 4 | ad_user_data << 2 | ad_personalization
 
 
 class ApiError(Exception):
@@ -110,8 +122,8 @@ class DataManagerEmulator(HttpEmulator):
         self.processing_delay_seconds = processing_delay_seconds
         self.auth_token = auth_token
         self.clock = clock or SYSTEM_CLOCK
-        # list id -> {"list": UserList JSON, "members": {key: (ingested_at, ad_user_data, ad_personalization)},
-        #             "ttl": membership seconds, "oldest": a lower bound of the members' ingest times}
+        # list id -> {"list": UserList JSON, "members": {key: _stamp(ingested at, ad_user_data, ad_personalization)},
+        #             "ttl": membership seconds, "oldest": a lower bound of the members' ingest times (µs)}
         self.lists: dict[str, dict[str, Any]] = {}
         self.requests: dict[str, dict[str, Any]] = {}
         self.request_log: list[dict[str, Any]] = []
@@ -125,35 +137,41 @@ class DataManagerEmulator(HttpEmulator):
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> dict[str, Any]:
-        return {
+    MEMBERS = pa.schema([("key", pa.binary()), ("stamp", pa.int64())])
+
+    def _table(self, members: list[bytes], stamps: list[int] | None = None) -> pa.Table:
+        column = pa.array(stamps, pa.int64()) if stamps is not None else pa.nulls(len(members), pa.int64())
+        return pa.table([pa.array(members, pa.binary()), column], schema=self.MEMBERS)
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+        state = {
             "next_id": self._next_id,
-            "lists": {lid: {"list": e["list"], "members": [[key, *v] for key, v in e["members"].items()]}
-                      for lid, e in self.lists.items()},
+            "lists": {lid: e["list"] for lid, e in self.lists.items()},
             # request statuses stay readable for a while, not forever (the state file would only grow)
             "requests": {rid: r for rid, r in self.requests.items()
                          if r["ready_at"] > self.clock.time() - REQUEST_STATUS_KEPT_SECONDS},
         }  # fmt: skip
+        return state, {lid: self._table(list(e["members"]), list(e["members"].values())) for lid, e in self.lists.items()}
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], members: dict[str, pa.Table]) -> None:
         self._next_id = int(state.get("next_id", self._next_id))
-        for lid, e in state.get("lists", {}).items():
-            self._put_list(lid, e["list"])
-            self._put_rows(lid, e["members"])
+        for lid, doc in state.get("lists", {}).items():
+            self._put_list(lid, doc)
+            self._put_rows(lid, members[lid])
         self.requests.update(state.get("requests", {}))
 
-    def _replay(self, entry: dict[str, Any]) -> None:
+    def _replay(self, entry: dict[str, Any], rows: pa.Table | None) -> None:
         op = entry["op"]
         if op == "list":
             self._put_list(entry["id"], entry["list"])
         elif op == "drop":
             self.lists.pop(entry["id"], None)
-        elif op == "put" and entry["list"] in self.lists:
-            self._put_rows(entry["list"], entry["rows"])
-        elif op == "del" and entry["list"] in self.lists:
+        elif op == "put" and entry["list"] in self.lists and rows is not None:
+            self._put_rows(entry["list"], rows)
+        elif op == "del" and entry["list"] in self.lists and rows is not None:
             members = self.lists[entry["list"]]["members"]
-            for pairs in entry["rows"]:
-                members.pop(_key(pairs), None)
+            for key in rows.column("key").to_pylist():
+                members.pop(key, None)
         elif op == "req":
             self.requests[entry["id"]] = entry["request"]
 
@@ -162,30 +180,27 @@ class DataManagerEmulator(HttpEmulator):
                            "oldest": float("inf")}  # fmt: skip
         self._next_id = max(self._next_id, int(lid))
 
-    def _put_rows(self, lid: str, rows: list[list[Any]]) -> None:
+    def _put_rows(self, lid: str, rows: pa.Table) -> None:
         e = self.lists[lid]
-        members = e["members"]
-        for item in rows:
-            if len(item) == 2:  # a state file of an older emulator: [[key, value] pairs, ingested_at]
-                item = [item[0], item[1], 0, 0]
-            pairs, t, aud, ap = item
-            members[_key(pairs)] = (t, aud, ap)
-            if t < e["oldest"]:
-                e["oldest"] = t
+        stamps = rows.column("stamp").to_pylist()
+        e["members"].update(zip(rows.column("key").to_pylist(), stamps, strict=True))
+        if stamps:
+            e["oldest"] = min(e["oldest"], min(stamps) >> 4)
 
     # ------------------------------------------------------------------ inspection
 
     def members(self, list_id: str) -> set[Row]:
         with self._lock:
             self._expire(list_id)
-            return {frozenset(key) for key in self.lists[list_id]["members"]}
+            return {keys.google_pairs(key) for key in self.lists[list_id]["members"]}
 
     def member_consent(self, list_id: str) -> dict[Row, tuple[str, str]]:
         """Each member's stored consent: (ad_user_data, ad_personalization) as GRANTED / DENIED / UNSPECIFIED."""
         names = {0: "UNSPECIFIED", GRANTED: "GRANTED", DENIED: "DENIED"}
         with self._lock:
             self._expire(list_id)
-            return {frozenset(key): (names[v[1]], names[v[2]]) for key, v in self.lists[list_id]["members"].items()}
+            return {keys.google_pairs(key): (names[v >> 2 & 3], names[v & 3])
+                    for key, v in self.lists[list_id]["members"].items()}  # fmt: skip
 
     def member_count(self, list_id: str) -> int | None:
         with self._lock:
@@ -196,7 +211,6 @@ class DataManagerEmulator(HttpEmulator):
 
     def _audiences(self) -> dict[str, Any]:
         return self.lists
-
 
     def handle(self, req: HttpRequest) -> HttpResponse:
         write = req.method in ("POST", "PATCH", "DELETE")
@@ -319,16 +333,17 @@ class DataManagerEmulator(HttpEmulator):
         e = self.lists.get(lid)
         if e is None:
             return
-        cutoff = self.clock.time() - e["ttl"]
+        cutoff = _us(self.clock.time() - e["ttl"])
         if e["oldest"] >= cutoff:
             return
         members = e["members"]
-        gone = [row for row, v in members.items() if v[0] < cutoff]
+        cutoff <<= 4  # a stamp's time is above its consent bits: stamps below this are older than the cutoff
+        gone = [row for row, v in members.items() if v < cutoff]
         for row in gone:
             del members[row]
-        e["oldest"] = min((v[0] for v in members.values()), default=float("inf"))
+        e["oldest"] = min(members.values()) >> 4 if members else float("inf")
         if gone:
-            self._record({"op": "del", "list": lid, "rows": gone})
+            self._record({"op": "del", "list": lid}, self._table(gone))
 
     # ------------------------------------------------------------------ members
 
@@ -354,8 +369,8 @@ class DataManagerEmulator(HttpEmulator):
             lids.append(lid)
         return lids
 
-    def _rows(self, members: Any, encoding: int) -> list[Key]:
-        """Each member as its set of (key, hashed value) pairs, in `connector`'s Google payload keys."""
+    def _rows(self, members: Any, encoding: int) -> list[bytes]:
+        """Each member's key: its identifiers (`connector`'s Google payload keys) packed, in any order."""
         if not members:
             raise _invalid("audience_members is required and must not be empty", "audience_members")
         if len(members) > MAX_MEMBERS:
@@ -364,7 +379,8 @@ class DataManagerEmulator(HttpEmulator):
         if encoding not in (HEX, BASE64):
             raise _invalid("encoding is required for hashed user data (HEX or BASE64)", "encoding")
         hashed = _hex if encoding == HEX else _base64_to_hex
-        rows: list[Key] = []
+        match = _HEX64.fullmatch if encoding == HEX else None  # HEX values are checked inline: the common case
+        rows: list[bytes] = []
         for i, m in enumerate(members):
             ud = m.get("userData")
             if ud is None:
@@ -378,24 +394,27 @@ class DataManagerEmulator(HttpEmulator):
             if len(idents) > MAX_IDENTIFIERS:
                 raise _invalid(f"audience_members[{i}]: at most {MAX_IDENTIFIERS} user identifiers per member",
                                f"audience_members[{i}].user_data.user_identifiers")  # fmt: skip
-            row: list[tuple[str, str]] = []
+            pieces: list[str] = []
             for j, ident in enumerate(idents):
-                where = f"audience_members[{i}].user_data.user_identifiers[{j}]"
                 if "emailAddress" in ident:
-                    row.append(("email", hashed(ident["emailAddress"], f"{where}.email_address")))
+                    v = ident["emailAddress"]
+                    pieces.append(_EMAIL + (v if match and type(v) is str and match(v) else hashed(v, i, j, "email_address")))
                 elif "phoneNumber" in ident:
-                    row.append(("phone", hashed(ident["phoneNumber"], f"{where}.phone_number")))
+                    v = ident["phoneNumber"]
+                    pieces.append(_PHONE + (v if match and type(v) is str and match(v) else hashed(v, i, j, "phone_number")))
                 elif "address" in ident:
                     a = ident["address"]
                     for key, ours, is_hashed in _ADDRESS_KEYS:
                         value = a.get(key)
                         if not value:
-                            raise _invalid(f"{where}.address: given_name, family_name, region_code and postal_code are "
-                                           "all required for an address match", f"{where}.address")  # fmt: skip
-                        row.append((ours, hashed(value, f"{where}.address") if is_hashed else value))
+                            raise _invalid(f"{_where(i, j)}.address: given_name, family_name, region_code and "
+                                           "postal_code are all required for an address match",
+                                           f"{_where(i, j)}.address")  # fmt: skip
+                        pieces.append(keys.google_piece(ours, hashed(value, i, j, "address") if is_hashed else value))
                 else:
-                    raise _invalid(f"{where}: one of email_address, phone_number or address is required", where)
-            rows.append(tuple(sorted(row)))
+                    raise _invalid(f"{_where(i, j)}: one of email_address, phone_number or address is required",
+                                   _where(i, j))  # fmt: skip
+            rows.append(keys.google_key(pieces))
         return rows
 
     def _new_request(self, kind: str, lids: list[str], records: int, errors: dict[str, int], failed: bool) -> str:
@@ -418,28 +437,33 @@ class DataManagerEmulator(HttpEmulator):
         if r.get("validateOnly"):
             return {}
         failed = self.faults.fails_request()
-        now = self.clock.time()
+        now = _us(self.clock.time())
         request_consent = r.get("consent") or {}
+        request_aud = request_consent.get("adUserData", 0)
+        request_ap = request_consent.get("adPersonalization", 0)
         denied = 0
-        stored: list[tuple[Key, float, int, int]] = []
+        stored: list[bytes] = []
+        stamps: list[int] = []
         for m, key in zip(members, rows, strict=True):
             # member-level consent overrides the request's, field by field
-            consent = m.get("consent") or request_consent
-            aud = consent.get("adUserData", request_consent.get("adUserData", 0)) or 0
-            ap = consent.get("adPersonalization", request_consent.get("adPersonalization", 0)) or 0
+            consent = m.get("consent")
+            if consent:
+                aud = consent.get("adUserData", request_aud) or 0
+                ap = consent.get("adPersonalization", request_ap) or 0
+            else:
+                aud, ap = request_aud or 0, request_ap or 0
             if aud == DENIED:
                 denied += 1  # like the real API: accepted, not ingested, reported as DENIED_CONSENT
                 continue
-            stored.append((key, now, aud, ap))
+            stored.append(key)
+            stamps.append(_stamp(now, aud, ap))
         if not failed:
             for lid in lids:
                 e = self.lists[lid]
-                members_of = e["members"]
-                for key, t, aud, ap in stored:
-                    members_of[key] = (t, aud, ap)
+                e["members"].update(zip(stored, stamps, strict=True))
                 if stored and now < e["oldest"]:
                     e["oldest"] = now
-                self._record({"op": "put", "list": lid, "rows": stored})
+                self._record({"op": "put", "list": lid}, self._table(stored, stamps))
         errors = {"PROCESSING_ERROR_REASON_DENIED_CONSENT": denied} if denied else {}
         return {"requestId": self._new_request("ingest", lids, len(rows), errors, failed)}
 
@@ -454,7 +478,7 @@ class DataManagerEmulator(HttpEmulator):
                 members = self.lists[lid]["members"]
                 gone = [row for row in rows if members.pop(row, None) is not None]
                 if gone:
-                    self._record({"op": "del", "list": lid, "rows": gone})
+                    self._record({"op": "del", "list": lid}, self._table(gone))
         return {"requestId": self._new_request("remove", lids, len(rows), {}, failed)}
 
     def _remove_all(self, r: dict[str, Any]) -> Any:
@@ -464,15 +488,16 @@ class DataManagerEmulator(HttpEmulator):
         cutoff = self.clock.time()
         if r.get("removeAsOfTime"):
             cutoff = _timestamp(r["removeAsOfTime"])
+        before = _us(cutoff) << 4  # stamps below this were ingested before the cutoff
         failed = self.faults.fails_request()
         if not failed:
             for lid in lids:
                 members = self.lists[lid]["members"]
-                gone = [row for row, v in members.items() if v[0] < cutoff]
+                gone = [row for row, v in members.items() if v < before]
                 for row in gone:
                     del members[row]
                 if gone:
-                    self._record({"op": "del", "list": lid, "rows": gone})
+                    self._record({"op": "del", "list": lid}, self._table(gone))
         return {"requestId": self._new_request("remove_all", lids, 0, {}, failed)}
 
     def _status(self, rid: str) -> Any:
@@ -505,19 +530,25 @@ class DataManagerEmulator(HttpEmulator):
         return doc
 
 
-def _hex(value: Any, field: str) -> str:
-    if type(value) is not str or not _HEX64.match(value):
+def _where(i: int, j: int) -> str:
+    return f"audience_members[{i}].user_data.user_identifiers[{j}]"
+
+
+def _hex(value: Any, i: int, j: int, name: str) -> str:
+    if type(value) is not str or not _HEX64.fullmatch(value):
+        field = f"{_where(i, j)}.{name}"
         raise _invalid(f"{field}: hashed values must be SHA-256 as 64 lowercase hex characters (INVALID_SHA256_FORMAT)",
                        field)  # fmt: skip
     return value
 
 
-def _base64_to_hex(value: Any, field: str) -> str:
+def _base64_to_hex(value: Any, i: int, j: int, name: str) -> str:
     try:
         raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32:
+        field = f"{_where(i, j)}.{name}"
         raise _invalid(f"{field}: hashed values must be SHA-256 in base64 (INVALID_SHA256_FORMAT)", field)
     return raw.hex()
 
@@ -529,14 +560,10 @@ def _timestamp(value: str) -> float:
     try:
         ts.FromJsonString(value)
     except ValueError:
-        raise _invalid(f"Invalid value at 'remove_as_of_time' ({value!r}): expected an RFC 3339 time",
-                       "remove_as_of_time") from None
+        raise _invalid(
+            f"Invalid value at 'remove_as_of_time' ({value!r}): expected an RFC 3339 time", "remove_as_of_time"
+        ) from None
     return float(ts.seconds + ts.nanos / 1e9)
-
-
-def _key(pairs: list[list[str]]) -> Key:
-    """A member key read back from JSON (where it was written as a list of [key, value] lists)."""
-    return tuple(sorted((k, v) for k, v in pairs))
 
 
 def start_datamanager_emulator(state_file: Path | None = None, **kwargs: Any) -> DataManagerEmulator:

@@ -32,8 +32,12 @@ with ``estimated_time_to_regain_access``), latency, dropped connections before o
 invalid values (``reject_rate``), audiences deleted between runs (``audience_deletion_rate``). Time
 (the replace window) comes from an injectable clock.
 
-Audiences hold their rows in a set of tuples of hashes, so a 10,000-row call is 10,000 set
-operations; each call that changes something appends one journal line to the state file.
+Audiences hold their members in a dict: each member's identifiers packed into a `bytes` key
+(`connector.sandbox.members`: a hash as its 32 raw bytes, tagged with its position in the schema), its
+LOOKALIKE_VALUE (or None) as the value; so a 10,000-row call is 10,000 dict operations, and each call
+that changes something appends one journal frame of its own rows to the state file. Form bodies are
+decoded with `str.replace` for the few escapes a JSON payload needs (``%22``, ``%2C``, ...), and
+`urllib.parse` for the rest.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ import threading
 import uuid
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs
+from urllib.parse import unquote
+
+import pyarrow as pa
 
 from connector.clock import SYSTEM_CLOCK, Clock
+from connector.sandbox import members as keys
 from connector.sandbox.base import HttpEmulator
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.server import DropConnection, HttpRequest, HttpResponse
@@ -67,11 +74,14 @@ SESSION_KEYS = frozenset({"session_id", "batch_seq", "last_batch_flag", "estimat
 CREATE_PARAMS = frozenset({"name", "subtype", "description", "customer_file_source", "origin_audience_id",
                            "lookalike_spec", "is_value_based", "retention_days", "audience_labels",
                            "appsecret_proof"})  # fmt: skip
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 _VERSION = re.compile(r"^/v\d+\.\d+")
 TRANSIENT_CODES = frozenset({"1", "2"})
 THROTTLE_CODES = frozenset({"4", "17", "32", "613", "80003", "80004"})
 SIZE_TOO_LOW_SUBCODE = 1870145
+# the escapes of the characters a JSON payload is made of, decoded with str.replace before the rest
+_FORM_ESCAPES = tuple((f"%{ord(c):02X}", c) for c in '",:[]{}')
+_MISSING = object()
 
 
 class GraphError(Exception):
@@ -96,6 +106,8 @@ class GraphError(Exception):
 
 class MetaGraphEmulator(HttpEmulator):
     """`start()` serves on 127.0.0.1 (a free port unless given) and returns the base URL."""
+
+    MEMBERS = pa.schema([("key", pa.binary()), ("value", pa.float64())])
 
     def __init__(self, *, state_file: Path | None = None, expected_token: str | None = "sandbox-token",  # noqa: S107
                  faults: FaultKnobs | None = None, tos_accepted: bool = True, port: int = 0,
@@ -124,43 +136,43 @@ class MetaGraphEmulator(HttpEmulator):
 
     @staticmethod
     def _meta(a: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in a.items() if k not in ("rows", "replace", "values")}
+        return {k: v for k, v in a.items() if k not in ("members", "replace")}
 
-    def _state(self) -> dict[str, Any]:
-        return {"next_id": self._next_id,
-                "audiences": {aid: {**self._meta(a), "rows": list(a["rows"]),
-                                    "values": [[list(r), v] for r, v in a.get("values", {}).items()]}
-                              for aid, a in self.audiences.items()}}  # fmt: skip
+    def _table(self, members: list[bytes], values: list[Any] | None = None) -> pa.Table:
+        column = pa.array(values, pa.float64()) if values is not None else pa.nulls(len(members), pa.float64())
+        return pa.table([pa.array(members, pa.binary()), column], schema=self.MEMBERS)
 
-    def _restore(self, state: dict[str, Any]) -> None:
+    def _state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+        state = {"next_id": self._next_id, "audiences": {aid: self._meta(a) for aid, a in self.audiences.items()}}
+        return state, {aid: self._table(list(a["members"]), list(a["members"].values()))
+                       for aid, a in self.audiences.items()}  # fmt: skip
+
+    def _restore(self, state: dict[str, Any], members: dict[str, pa.Table]) -> None:
         self._next_id = int(state.get("next_id", self._next_id))
         for aid, a in state.get("audiences", {}).items():
-            a["rows"] = {tuple(r) for r in a.get("rows", [])}
-            a["values"] = {tuple(r): v for r, v in a.get("values", [])}
+            rows = members[aid]
+            a["members"] = dict(zip(rows.column("key").to_pylist(), rows.column("value").to_pylist(), strict=True))
             a["replace"] = None
             self.audiences[aid] = a
             self._next_id = max(self._next_id, int(aid))
 
-    def _replay(self, entry: dict[str, Any]) -> None:
+    def _replay(self, entry: dict[str, Any], rows: pa.Table | None) -> None:
         op, aid = entry["op"], entry["id"]
         if op == "audience":
-            a = self.audiences.setdefault(aid, {"rows": set(), "replace": None, "values": {}})
+            a = self.audiences.setdefault(aid, {"members": {}, "replace": None})
             a.update(entry["audience"])
             self._next_id = max(self._next_id, int(aid))
         elif op == "drop":
             self.audiences.pop(aid, None)
         elif aid in self.audiences:
-            rows, values = self.audiences[aid]["rows"], self.audiences[aid].setdefault("values", {})
+            members = self.audiences[aid]["members"]
             if op == "clear":
-                rows.clear()
-                values.clear()
-            elif op == "add":
-                rows.update(tuple(r) for r in entry["rows"])
-                values.update((tuple(r), v) for r, v in zip(entry["rows"], entry.get("values") or [], strict=False))
-            elif op == "del":
-                rows.difference_update(tuple(r) for r in entry["rows"])
-                for r in entry["rows"]:
-                    values.pop(tuple(r), None)
+                members.clear()
+            elif op == "add" and rows is not None:
+                members.update(zip(rows.column("key").to_pylist(), rows.column("value").to_pylist(), strict=True))
+            elif op == "del" and rows is not None:
+                for key in rows.column("key").to_pylist():
+                    members.pop(key, None)
 
     def _record_audience(self, a: dict[str, Any]) -> None:
         self._record({"op": "audience", "id": a["id"], "audience": self._meta(a)})
@@ -168,25 +180,41 @@ class MetaGraphEmulator(HttpEmulator):
     def _audiences(self) -> dict[str, Any]:
         return self.audiences
 
+    @staticmethod
+    def _pairs(schema: list[str], key: bytes) -> frozenset[tuple[str, str]]:
+        return frozenset((schema[slot], value) for slot, value in keys.unpack(key))
 
     def members(self, audience_id: str) -> set[tuple[str, ...]]:
+        """Each member as its row of the audience's schema (identifiers only, "" where it has none)."""
         with self._lock:
-            return set(self.audiences[audience_id]["rows"])
+            a = self.audiences[audience_id]
+            width = len(_identifiers(a.get("schema") or []))
+            out = set()
+            for key in a["members"]:
+                row = [""] * width
+                for slot, value in keys.unpack(key):
+                    row[slot] = value
+                out.add(tuple(row))
+            return out
+
+    def member_count(self, audience_id: str) -> int | None:
+        with self._lock:
+            a = self.audiences.get(audience_id)
+            return None if a is None else len(a["members"])
 
     def member_dicts(self, audience_id: str) -> set[frozenset[tuple[str, str]]]:
         """Rows as (key, value) pairs without empty values: comparable across schemas."""
         with self._lock:
             a = self.audiences[audience_id]
             schema = _identifiers(a.get("schema") or [])
-            return {frozenset((k, v) for k, v in zip(schema, row, strict=True) if v) for row in a["rows"]}
+            return {self._pairs(schema, key) for key in a["members"]}
 
     def values(self, audience_id: str) -> dict[frozenset[tuple[str, str]], float]:
         """Each member's LOOKALIKE_VALUE (value-based audiences), by its (key, value) pairs as in `member_dicts`."""
         with self._lock:
             a = self.audiences[audience_id]
             schema = _identifiers(a.get("schema") or [])
-            return {frozenset((k, v) for k, v in zip(schema, row, strict=True) if v): value
-                    for row, value in a.get("values", {}).items()}  # fmt: skip
+            return {self._pairs(schema, key): value for key, value in a["members"].items() if value is not None}
 
     # ------------------------------------------------------------------ request handling
 
@@ -265,8 +293,7 @@ class MetaGraphEmulator(HttpEmulator):
                 except ValueError:
                     raise GraphError(100, "Invalid JSON body") from None
             else:
-                form = parse_qs(req.body.decode("utf-8"), keep_blank_values=True)
-                params.update({k: v[-1] for k, v in form.items()})
+                params.update(_form(req.body.decode("utf-8")))
         return params
 
     def _route(self, method: str, path: str, p: dict[str, Any]) -> Any:
@@ -321,9 +348,9 @@ class MetaGraphEmulator(HttpEmulator):
         self._next_id += 1
         aid = str(self._next_id)
         value_based = str(p.get("is_value_based", "")).lower() in ("1", "true")
-        base = {"id": aid, "account_id": account, "name": name, "subtype": subtype, "rows": set(), "schema": None,
+        base = {"id": aid, "account_id": account, "name": name, "subtype": subtype, "members": {}, "schema": None,
                 "replace": None, "operation_status": 200, "created": self.clock.time(),
-                "description": p.get("description", ""), "is_value_based": value_based, "values": {}}  # fmt: skip
+                "description": p.get("description", ""), "is_value_based": value_based}  # fmt: skip
         if subtype == "CUSTOM":
             if not self.tos_accepted:
                 raise GraphError(200, "Permissions error: Custom Audience terms not accepted", subcode=1870090,
@@ -345,16 +372,18 @@ class MetaGraphEmulator(HttpEmulator):
             country = spec.get("country") or json.dumps(spec.get("location_spec"), sort_keys=True)
             if not (0.01 <= ratio <= 0.20) or not country:
                 raise GraphError(100, "Invalid parameter: lookalike_spec needs ratio 0.01-0.20 and a country")
-            if len(seed["rows"]) < self.min_lookalike_seed:
+            if len(seed["members"]) < self.min_lookalike_seed:
                 raise GraphError(100, "The source audience is too small: at least 100 people are needed",
                                  subcode=1713007)  # fmt: skip
             for other in self.audiences.values():
                 ls = other.get("lookalike_spec") or {}
-                if (other.get("origin_audience_id") == origin and abs(float(ls.get("ratio", 0)) - ratio) < 1e-9
-                        and (ls.get("country") or json.dumps(ls.get("location_spec"), sort_keys=True)) == country):
+                if (
+                    other.get("origin_audience_id") == origin
+                    and abs(float(ls.get("ratio", 0)) - ratio) < 1e-9
+                    and (ls.get("country") or json.dumps(ls.get("location_spec"), sort_keys=True)) == country
+                ):
                     raise GraphError(2654, "A lookalike audience with the same source, country and ratio exists")
             base.update(origin_audience_id=origin, lookalike_spec=spec)
-            base["rows"] = set()
         else:
             raise GraphError(100, f"Invalid parameter: subtype {subtype}")
         self.audiences[aid] = base
@@ -362,7 +391,7 @@ class MetaGraphEmulator(HttpEmulator):
         return {"id": aid}
 
     def _summary(self, a: dict[str, Any], fields: list[str]) -> dict[str, Any]:
-        n = len(a["rows"]) if a["subtype"] == "CUSTOM" else (len(self.audiences[a["origin_audience_id"]]["rows"])
+        n = len(a["members"]) if a["subtype"] == "CUSTOM" else (len(self.audiences[a["origin_audience_id"]]["members"])
                                                              * 100 if a.get("origin_audience_id") in self.audiences
                                                              else 0)  # fmt: skip
         op = a.get("operation_status", 200)
@@ -421,8 +450,9 @@ class MetaGraphEmulator(HttpEmulator):
             raise GraphError(100, "Invalid parameter: session.last_batch_flag must be true or false")
         return session
 
-    def _rows(self, a: dict[str, Any], p: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]], int, Any]:
-        """(schema, valid rows, number of invalid rows, invalid_entry_samples) of one upload."""
+    def _rows(self, a: dict[str, Any], p: dict[str, Any]) -> tuple[list[str], list[bytes], list[Any], int, Any]:
+        """(schema, each valid row's member key, each one's LOOKALIKE_VALUE or None, number of invalid rows,
+        invalid_entry_samples) of one upload."""
         payload = self._json_param(p, "payload")
         if not isinstance(payload, dict) or "schema" not in payload or "data" not in payload:
             raise GraphError(100, "Invalid parameter: payload must have schema and data")
@@ -451,42 +481,58 @@ class MetaGraphEmulator(HttpEmulator):
         width = len(schema)
         hashed = [k in HASHED_KEYS for k in schema]
         value_at = schema.index(VALUE_KEY) if VALUE_KEY in schema else -1
+        # an identifier's tag is its position among the schema's identifiers (LOOKALIKE_VALUE is not one)
+        tags = [j - (0 <= value_at < j) for j in range(width)]
+        prefixes = [f"{t:02x}" for t in tags]
         rejects = self.faults.reject_rate > 0
-        good: list[tuple[Any, ...]] = []
+        good: list[bytes] = []
+        worth: list[Any] = []
         invalid = 0
         bad_values: dict[str, str] = {}
-        hex64 = _HEX64.match
+        hex64 = _HEX64.fullmatch
         for i, row in enumerate(data):
             if single and isinstance(row, str):
                 row = [row]
             if type(row) is not list or len(row) != width:
                 raise GraphError(100, f"Invalid parameter: payload.data[{i}] must be a list of {width} value(s), one "
                                       "per schema key")  # fmt: skip
-            bad = bad_key = None
+            bad = bad_key = value = None
+            pieces = []
             for j, v in enumerate(row):
                 if j == value_at:
                     # "an integer or floating-point arbitrary non-negative number" (value-based lookalikes guide)
                     if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                         bad, bad_key = str(v), VALUE_KEY
                         break
+                    value = v
                     continue
                 if type(v) is not str:
                     raise GraphError(100, f"Invalid parameter: payload.data[{i}][{j}] must be a string")
-                if v and hashed[j] and (not hex64(v) or (rejects and self.faults.rejects(v))):
+                if not v:
+                    continue
+                if not hashed[j]:
+                    pieces.append(keys.text(tags[j], v))
+                elif not hex64(v) or (rejects and self.faults.rejects(v)):
                     bad, bad_key = v, schema[j]
                     break
+                else:
+                    pieces.append(prefixes[j] + v)
             if bad is not None:
                 invalid += 1
                 if len(bad_values) < self.max_invalid_samples:
-                    bad_values[bad] = f"Invalid {bad_key} value: expected a SHA-256 hash (64 lowercase hex)" \
-                        if bad_key != VALUE_KEY else f"Invalid {VALUE_KEY}: expected a non-negative number"
+                    bad_values[bad] = (
+                        f"Invalid {bad_key} value: expected a SHA-256 hash (64 lowercase hex)"
+                        if bad_key != VALUE_KEY
+                        else f"Invalid {VALUE_KEY}: expected a non-negative number"
+                    )
                 continue
-            if not any(v for j, v in enumerate(row) if j != value_at):
+            if not pieces:
                 invalid += 1  # a row without any identifier matches nobody
                 continue
-            good.append(tuple(row))
+            good.append(bytes.fromhex("".join(pieces)))
+            worth.append(value)
         samples: Any = list(bad_values) if self.invalid_samples_shape == "list" else bad_values
-        return schema, good, invalid, samples
+        return schema, good, worth, invalid, samples
 
     def _users(self, a: dict[str, Any], p: dict[str, Any], delete: bool) -> dict[str, Any]:
         if a["subtype"] != "CUSTOM":
@@ -495,34 +541,29 @@ class MetaGraphEmulator(HttpEmulator):
         if a.get("replace"):
             raise GraphError(2655, "The audience is being replaced; /users calls are not allowed until it finishes")
         session = self._session(p, required=True)
-        schema, good, invalid, samples = self._rows(a, p)
-        rows, values = a["rows"], a.setdefault("values", {})
-        members = _split(schema, good)
+        schema, good, worth, invalid, samples = self._rows(a, p)
+        members = a["members"]
         if delete:
             # a removal matches the member's identifiers, whatever value it carries
-            gone = [r for r, _ in members if r in rows]
-            if self.size_too_low_threshold and len(rows) - len(gone) < self.size_too_low_threshold:
+            gone = [key for key in good if key in members]
+            if self.size_too_low_threshold and len(members) - len(gone) < self.size_too_low_threshold:
                 raise GraphError(100, "Audience Size too low: removing these users would make the audience too small",
                                  subcode=SIZE_TOO_LOW_SUBCODE)  # fmt: skip
-            rows.difference_update(gone)
-            for r in gone:
-                values.pop(r, None)
+            for key in gone:
+                members.pop(key, None)
             if gone:
-                self._record({"op": "del", "id": a["id"], "rows": gone})
+                self._record({"op": "del", "id": a["id"]}, self._table(gone))
         else:
             if a["schema"] is None:
                 a["schema"] = schema
                 self._record_audience(a)
             # new members, and members whose value changed (the value is updated, the member stays one)
-            new = [(r, v) for r, v in members if r not in rows or (v is not None and values.get(r) != v)]
-            rows.update(r for r, _ in new)
-            if VALUE_KEY in schema:
-                values.update(new)
+            get = members.get
+            new = [i for i, key in enumerate(good) if get(key, _MISSING) != worth[i]]
             if new:
-                entry: dict[str, Any] = {"op": "add", "id": a["id"], "rows": [r for r, _ in new]}
-                if VALUE_KEY in schema:
-                    entry["values"] = [v for _, v in new]
-                self._record(entry)
+                added, values = [good[i] for i in new], [worth[i] for i in new]
+                members.update(zip(added, values, strict=True))
+                self._record({"op": "add", "id": a["id"]}, self._table(added, values))
         return {
             "audience_id": a["id"], "session_id": str(session.get("session_id")), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
@@ -551,22 +592,18 @@ class MetaGraphEmulator(HttpEmulator):
         saved_schema = a["schema"]
         a["schema"] = None  # a replace may set a new schema
         try:
-            schema, good, invalid, samples = self._rows(a, p)
+            schema, good, worth, invalid, samples = self._rows(a, p)
         finally:
             a["schema"] = saved_schema
         rep["schema"] = schema
-        rep["rows"].update(_split(schema, good))
+        rep["rows"].update(zip(good, worth, strict=True))
         rep["seq"] = seq
         if last:
-            a["rows"], a["schema"] = set(rep["rows"]), schema
-            a["values"] = {r: v for r, v in rep["rows"].items() if v is not None}
+            a["members"], a["schema"] = dict(rep["rows"]), schema
             a["replace"], a["operation_status"] = None, 200
             self._record_audience(a)
             self._record({"op": "clear", "id": a["id"]})
-            entry: dict[str, Any] = {"op": "add", "id": a["id"], "rows": list(rep["rows"])}
-            if VALUE_KEY in schema:
-                entry["values"] = list(rep["rows"].values())
-            self._record(entry)
+            self._record({"op": "add", "id": a["id"]}, self._table(list(rep["rows"]), list(rep["rows"].values())))
         return {
             "audience_id": a["id"], "session_id": str(sid), "num_received": len(good) + invalid,
             "num_invalid_entries": invalid, "invalid_entry_samples": samples,
@@ -577,12 +614,28 @@ def _identifiers(schema: list[str]) -> list[str]:
     return [k for k in schema if k != VALUE_KEY]
 
 
-def _split(schema: list[str], rows: list[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], Any]]:
-    """Each row as (its identifiers, its LOOKALIKE_VALUE or None): who the member is, and what it is worth."""
-    if VALUE_KEY not in schema:
-        return [(r, None) for r in rows]
-    at = schema.index(VALUE_KEY)
-    return [(r[:at] + r[at + 1:], r[at]) for r in rows]
+def _unquote_plus(value: str) -> str:
+    """`urllib.parse.unquote_plus`, with the escapes of a JSON payload's characters replaced by `str.replace`
+    first (never ``%25``, and none of them yields a hex digit: no new escape appears, so `unquote` finishes
+    with the same result)."""
+    value = value.replace("+", " ")
+    if "%" not in value:
+        return value
+    for escape, char in _FORM_ESCAPES:
+        value = value.replace(escape, char)
+    return unquote(value) if "%" in value else value
+
+
+def _form(body: str) -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body, as `parse_qs(keep_blank_values=True)` reads it (the last
+    value of a repeated name)."""
+    out: dict[str, str] = {}
+    for field in body.split("&"):
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        out[_unquote_plus(name)] = _unquote_plus(value)
+    return out
 
 
 def _only(params: dict[str, Any], allowed: frozenset[str], where: str) -> None:

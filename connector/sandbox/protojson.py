@@ -52,6 +52,7 @@ class _Field:
     repeated: bool
     oneof: str | None
     message: Descriptor | None
+    walk: bool  # a message checked field by field (not a well-known type written as a JSON value)
     enum_numbers: frozenset[int] = frozenset()
     enum_names: dict[str, int] = field(default_factory=dict)
     child: _Message | None = None  # the message's field table, for fields that are messages checked by name
@@ -68,6 +69,7 @@ class _Message:
     # JSON name and proto name -> field; the JSON names are what we store under
     by_name: dict[str, tuple[str, _Field]]
     json_names: frozenset[str]
+    fields: dict[str, _Field]  # JSON name -> field
 
 
 _CACHE: dict[str, _Message] = {}
@@ -79,17 +81,18 @@ def _message(desc: Descriptor) -> _Message:
         return cached
     by_name: dict[str, tuple[str, _Field]] = {}
     for f in desc.fields:
+        message = f.message_type if f.type == _MESSAGE else None
         info = _Field(
             name=f.name, kind=f.type, repeated=f.is_repeated,
             oneof=f.containing_oneof.name if f.containing_oneof is not None else None,
-            message=f.message_type if f.type == _MESSAGE else None,
+            message=message, walk=message is not None and message.full_name not in _SCALAR_MESSAGES,
         )  # fmt: skip
         if f.type == _ENUM:
             info.enum_numbers = frozenset(v.number for v in f.enum_type.values)
             info.enum_names = {v.name: v.number for v in f.enum_type.values}
         by_name[f.json_name] = (f.json_name, info)
         by_name[f.name] = (f.json_name, info)
-    msg = _Message(by_name, frozenset(f.json_name for f in desc.fields))
+    msg = _Message(by_name, frozenset(f.json_name for f in desc.fields), {k: v[1] for k, v in by_name.items() if k == v[0]})
     _CACHE[desc.full_name] = msg
     return msg
 
@@ -108,8 +111,9 @@ def _check(obj: Any, msg: _Message) -> None:
     if not msg.json_names.issuperset(obj):
         _rename(obj, msg)
     oneofs: dict[str, str] | None = None
+    fields = msg.fields
     for key, value in obj.items():
-        f = msg.by_name[key][1]
+        f = fields[key]
         if f.oneof is not None and len(obj) > 1:
             oneofs = oneofs if oneofs is not None else {}
             if f.oneof in oneofs:
@@ -122,11 +126,18 @@ def _check(obj: Any, msg: _Message) -> None:
             if f.repeated:
                 if type(value) is not list:
                     raise _Problem("Invalid value at '{path}': expected a list")
-                if f.message is not None and f.message.full_name not in _SCALAR_MESSAGES:
-                    table = f.table()
+                if f.walk:
+                    table = f.child or f.table()
                     i = 0
+                    strings = table.fields
                     try:
                         for i, item in enumerate(value):  # noqa: B007 - i names the item on error
+                            if type(item) is dict and len(item) == 1:
+                                # the usual item, one string field by its JSON name (an identifier): checked here
+                                ((name, text),) = item.items()
+                                g = strings.get(name)
+                                if type(text) is str and g is not None and g.kind == _STRING and not g.repeated:
+                                    continue
                             _check(item, table)
                     except _Problem as exc:
                         exc.parts.insert(0, i)
@@ -135,8 +146,8 @@ def _check(obj: Any, msg: _Message) -> None:
                     for i, item in enumerate(value):
                         value[i] = _enum(item, f)
             elif f.message is not None:
-                if f.message.full_name not in _SCALAR_MESSAGES:
-                    _check(value, f.table())
+                if f.walk:
+                    _check(value, f.child or f.table())
             elif f.kind == _ENUM:
                 if type(value) is not int or value not in f.enum_numbers:
                     obj[key] = _enum(value, f)

@@ -51,6 +51,9 @@ class LoopbackHttpServer:
 
         class _RequestHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: with Nagle's algorithm the second waits for the client's
+            # delayed ACK (40 ms on Linux) on every keep-alive request
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 return  # emulators keep their own request log; never print to stderr
@@ -102,7 +105,8 @@ class LoopbackHttpServer:
 
         self._server = _Server((host, port), _RequestHandler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # shutdown() waits for the loop to look again: every 0.5 s by default, on each emulator's stop
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:

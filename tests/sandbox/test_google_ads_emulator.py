@@ -155,10 +155,11 @@ def test_operations_the_api_refuses_are_partial_failures(ads: Ads, emu: GoogleAd
     job = ads.job(name)
     incomplete = cod.UserData(user_identifiers=[cod.UserIdentifier(address_info=cod.OfflineUserAddressInfo(
         hashed_first_name=sha256_hex("mary"), country_code="US", postal_code="94107"))])  # fmt: skip
-    resp = ads.add(job, [user(1), cod.UserData(), user(2, email=sha256_hex("x").upper()), incomplete])
+    resp = ads.add(job, [user(1), cod.UserData(), user(2, email=sha256_hex("x").upper()), incomplete,
+                         user(3, email=sha256_hex("y") + "\n")])  # fmt: skip
     failure = errs.GoogleAdsFailure.deserialize(resp.partial_failure_error.details[0].value)
     got = {e.location.field_path_elements[0].index: error_name(e) for e in failure.errors}
-    assert got == {1: "MISSING_USER_IDENTIFIER", 2: "INVALID_SHA256_FORMAT", 3: "REQUIRED"}
+    assert got == {1: "MISSING_USER_IDENTIFIER", 2: "INVALID_SHA256_FORMAT", 3: "REQUIRED", 4: "INVALID_SHA256_FORMAT"}
     ads.run(job)
     assert emu.members(lid_of(name)) == {key(1)}
 
@@ -270,12 +271,21 @@ def test_lifetime_value_only_in_attribute_jobs_with_contact_info(ads: Ads, emu: 
     plain = ads.job(name)
     valued = cod.UserAttribute(lifetime_value_micros=12_500_000)
     assert failures(ads.add(plain, [user(1, user_attribute=valued), user(2)])) == {
-        0: "ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST"}
+        0: "ATTRIBUTES_NOT_APPLICABLE_FOR_CUSTOMER_MATCH_USER_LIST"
+    }
     ads.run(plain)
     job = ads.job(name, CUSTOMER_MATCH_WITH_ATTRIBUTES)
     crm_id = cod.UserData(user_identifiers=[cod.UserIdentifier(third_party_user_id="crm-7")], user_attribute=valued)
-    resp = ads.add(job, [user(3, user_attribute=valued), crm_id, user(4, user_attribute=cod.UserAttribute(lifetime_value_bucket=11)),
-                         user(5), user(6, user_attribute=cod.UserAttribute(lifetime_value_bucket=10))])
+    resp = ads.add(
+        job,
+        [
+            user(3, user_attribute=valued),
+            crm_id,
+            user(4, user_attribute=cod.UserAttribute(lifetime_value_bucket=11)),
+            user(5),
+            user(6, user_attribute=cod.UserAttribute(lifetime_value_bucket=10)),
+        ],
+    )
     assert failures(resp) == {1: "INCOMPATIBLE_USER_IDENTIFIER_FOR_ATTRIBUTES", 2: "LIFETIME_VALUE_BUCKET_NOT_IN_RANGE"}
     ads.run(job)
     lid = lid_of(name)
@@ -283,8 +293,13 @@ def test_lifetime_value_only_in_attribute_jobs_with_contact_info(ads: Ads, emu: 
     assert emu.values(lid) == {key(3): 12_500_000}
     # added again with a new value: the value follows; without one: the last stays; removed: gone with it
     again = ads.job(name, CUSTOMER_MATCH_WITH_ATTRIBUTES)
-    ads.add(again, [user(3, user_attribute=cod.UserAttribute(lifetime_value_micros=99_000_000)),
-                    user(5, user_attribute=cod.UserAttribute(lifetime_value_micros=0))])
+    ads.add(
+        again,
+        [
+            user(3, user_attribute=cod.UserAttribute(lifetime_value_micros=99_000_000)),
+            user(5, user_attribute=cod.UserAttribute(lifetime_value_micros=0)),
+        ],
+    )
     ads.run(again)
     assert emu.values(lid) == {key(3): 99_000_000, key(5): 0}
     gone = ads.job(name)

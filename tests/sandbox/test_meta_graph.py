@@ -18,6 +18,7 @@ from facebook_business.session import FacebookSession
 
 from connector.clock import FakeClock
 from connector.identifiers.hashing import sha256_hex
+from connector.sandbox.base import frame, read_journal
 from connector.sandbox.faults import FaultKnobs
 from connector.sandbox.meta_graph import MetaGraphEmulator
 
@@ -170,10 +171,12 @@ def test_invalid_entries_are_counted_and_sampled_as_a_map_of_value_to_reason(htt
                                                                              emu: MetaGraphEmulator) -> None:  # fmt: skip
     aid = new_audience(http)
     upper = sha256_hex("b").upper()  # a hash, but not lowercase: Meta wants lowercase hex
-    body = upload(http, aid, [row(1), ["not-a-hash", row(2)[1]], [upper, ""], ["", ""]]).json()
-    assert body["num_received"] == 4 and body["num_invalid_entries"] == 3
-    assert body["invalid_entry_samples"] == {"not-a-hash": "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)",
-                                             upper: "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)"}  # fmt: skip
+    newline = sha256_hex("c") + "\n"  # a hash and a line break: 65 characters
+    body = upload(http, aid, [row(1), ["not-a-hash", row(2)[1]], [upper, ""], ["", ""], ["", newline]]).json()
+    assert body["num_received"] == 5 and body["num_invalid_entries"] == 4
+    reason = "Invalid EMAIL value: expected a SHA-256 hash (64 lowercase hex)"
+    assert body["invalid_entry_samples"] == {"not-a-hash": reason, upper: reason,
+                                             newline: reason.replace("EMAIL", "PHONE")}  # fmt: skip
     assert body["session_id"] == "7" and body["audience_id"] == aid
     assert emu.members(aid) == {tuple(row(1))}
 
@@ -254,15 +257,18 @@ def test_state_file_keeps_audiences_across_restarts_without_rewriting_it_per_cal
         aid = new_audience(http)
         upload(http, aid, [row(i) for i in range(10)])
         upload(http, aid, [row(i) for i in range(5)], method="DELETE")
-        assert not state.exists()  # changes so far are journal lines, not a rewritten snapshot
+        assert not state.exists()  # changes so far are journal frames, not a rewritten snapshot
         journal = state.with_name("meta.json.journal")
-        assert len(journal.read_bytes().splitlines()) == 5  # header, audience, its schema, add, del
+        frames, _ = read_journal(journal.read_bytes())
+        # header, audience, its schema, add, del: each call's frame holds its own rows only
+        assert [(entry.get("op"), rows.num_rows if rows is not None else None) for entry, rows in frames] == [
+            (None, None), ("audience", None), ("audience", None), ("add", 10), ("del", 5)]  # fmt: skip
     assert state.exists() and not journal.exists()  # folded into the snapshot on stop
     with MetaGraphEmulator(expected_token=TOKEN, state_file=state) as again:
         assert again.members(aid) == {tuple(row(i)) for i in range(5, 10)}
 
 
-def test_a_torn_journal_line_is_ignored_and_cut_off(tmp_path: Path) -> None:
+def test_a_torn_journal_frame_is_ignored_and_cut_off(tmp_path: Path) -> None:
     state = tmp_path / "meta.json"
     e = MetaGraphEmulator(expected_token=TOKEN, state_file=state)
     e.start()
@@ -271,8 +277,9 @@ def test_a_torn_journal_line_is_ignored_and_cut_off(tmp_path: Path) -> None:
         upload(http, aid, [row(1)])
     e._stop_server()  # killed: no snapshot written
     journal = state.with_name("meta.json.journal")
+    torn = frame({"op": "add", "id": aid}, e._table([bytes(66)], [None]))
     with journal.open("ab") as f:
-        f.write(b'{"op":"add","id":"' + aid.encode() + b'","rows":[["abc')  # the process died mid-write
+        f.write(torn[: len(torn) // 2])  # the process died mid-write
     with MetaGraphEmulator(expected_token=TOKEN, state_file=state) as again, \
             httpx.Client(base_url=f"{again.url}/v26.0", headers=AUTH) as http:  # fmt: skip
         assert again.members(aid) == {tuple(row(1))}
@@ -346,3 +353,24 @@ def test_values_survive_a_restart(tmp_path: Path) -> None:
     with MetaGraphEmulator(state_file=state, expected_token=TOKEN) as e:
         assert e.values(aid) == {frozenset({("EMAIL", row(0)[0])}): 9, frozenset({("EMAIL", row(1)[0])}): 1.5,
                                  frozenset({("EMAIL", row(2)[0])}): 3.0}  # fmt: skip
+
+
+def test_form_bodies_are_read_as_parse_qs_reads_them() -> None:
+    """Form decoding (str.replace for a JSON payload's escapes, then `unquote`) gives `parse_qs`'s values for any
+    body: encoded, with lowercase or broken escapes, raw characters, repeated or blank names."""
+    import random
+    import string
+    from urllib.parse import parse_qs, urlencode
+
+    from connector.sandbox.meta_graph import _form
+
+    rng = random.Random(5)
+    alphabet = string.printable + "é€"
+    bodies = ["a", "a&&b=", "=x", "a=1&a=2", "%zz=%E2%22", "x=%E2%80%9C%22", "p=%%22", "p=%2%2C", "q=+%2B+"]
+    for _ in range(3000):
+        data = {"".join(rng.choices(alphabet, k=rng.randint(0, 5))): "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+                for _ in range(rng.randint(1, 3))}  # fmt: skip
+        body = urlencode(data)
+        bodies += [body, body.lower(), body.replace("%2C", ",")]
+    for body in bodies:
+        assert _form(body) == {k: v[-1] for k, v in parse_qs(body, keep_blank_values=True).items()}, body

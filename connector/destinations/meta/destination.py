@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,9 @@ class MetaDestination:
         for attempt in range(self._policy.max_attempts):
             try:
                 aid = self.client.create_custom_audience(
-                    segment, "Managed by connector: members are synced from a segment", self.config.customer_file_source,
+                    segment,
+                    "Managed by connector: members are synced from a segment",
+                    self.config.customer_file_source,
                     value_based,
                 )
                 return AudienceRef(aid, segment, extra, note)
@@ -147,19 +150,24 @@ class MetaDestination:
     def _schema(audience: AudienceRef) -> list[str]:
         return [k for k in audience.extra.get("schema", "").split(",") if k]
 
-    def _rows(self, schema: list[str], members: Sequence[Member], removal: bool = False) -> list[list[str | int | float]]:
-        # "" for identifiers a member lacks: the schema stays the same for every row and call
+    @staticmethod
+    def _payload(schema: list[str], members: Sequence[Member], removal: bool = False) -> str:
+        """The `payload` parameter: {"schema": [...], "data": [[...], ...]} as JSON text, written column by column
+        (a batch's columns as they are; no list per row). "" for identifiers a member lacks: the schema stays the
+        same for every row and call."""
         ids = [k for k in schema if k != VALUE_KEY]
         if isinstance(members, MemberBatch):
-            rows: list[list[str | int | float]] = [list(r) for r in members.rows(ids)]  # column-wise, no Member
+            n = len(members)
+            cols = [members.columns[k].fill_null("").to_pylist() if k in members.columns else [""] * n for k in ids]
+            worth = members.value_list()
         else:
-            rows = [[m.payload.get(k, "") for k in ids] for m in members]
+            cols = [[m.payload.get(k, "") for m in members] for k in ids]
+            worth = [m.value for m in members]
+        texts = [list(map(_quote, col)) for col in cols]
         if VALUE_KEY in schema:
-            at = schema.index(VALUE_KEY)
-            worth = members.value_list() if isinstance(members, MemberBatch) else [m.value for m in members]
-            for row, v in zip(rows, worth, strict=True):
-                row.insert(at, _number(v, removal))
-        return rows
+            texts.insert(schema.index(VALUE_KEY), [json.dumps(_number(v, removal)) for v in worth])
+        data = ",".join(["[" + ",".join(row) + "]" for row in zip(*texts, strict=True)])
+        return '{"schema":' + json.dumps(schema, separators=(",", ":")) + ',"data":[' + data + "]}"
 
     @staticmethod
     def _map_samples(schema: list[str], members: Sequence[Member], samples: Any) -> dict[str, str]:
@@ -184,7 +192,7 @@ class MetaDestination:
         if len(members) > MAX_ROWS:
             raise ValueError(f"a Meta upload holds at most {MAX_ROWS} rows, got {len(members)}")
         schema = self._schema(audience)
-        body = self.client.upload(audience.audience_id, endpoint, schema, self._rows(schema, members, delete), session,
+        body = self.client.upload(audience.audience_id, endpoint, self._payload(schema, members, delete), session,
                                   delete)  # fmt: skip
         rejected = self._map_samples(schema, members, body.get("invalid_entry_samples"))
         invalid = int(body.get("num_invalid_entries") or 0)
@@ -315,6 +323,10 @@ class MetaDestination:
         if info.get("is_value_based"):
             details["value_based"] = "true"
         return LookalikeRef(lid, "populating", details)
+
+
+# a JSON string literal with everything outside ASCII escaped (the json module's own C function)
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _number(value: float | None, removal: bool) -> str | int | float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,9 +166,9 @@ def test_5xx_or_non_json_body_is_never_success(tmp_path: Path) -> None:
                          ad_account_id="42", timeout=5, policy=RetryPolicy(max_attempts=1),
                          transport=httpx.MockTransport(lambda _r: next(answers)))  # fmt: skip
     with pytest.raises(RetriableError, match="HTTP 502"):
-        client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+        client.upload("1", "users", json.dumps({"schema": ["EMAIL"], "data": [[sha256_hex("a")]]}), {"session_id": 1})
     with pytest.raises(FatalError, match="HTTP 200"):
-        client.upload("1", "users", ["EMAIL"], [[sha256_hex("a")]], {"session_id": 1})
+        client.upload("1", "users", json.dumps({"schema": ["EMAIL"], "data": [[sha256_hex("a")]]}), {"session_id": 1})
 
 
 def test_an_audience_deleted_in_ads_manager_is_replaced_by_a_new_empty_one(emu: MetaGraphEmulator) -> None:
@@ -210,3 +211,22 @@ def test_the_lookalike_of_a_value_based_audience_is_value_based(emu: MetaGraphEm
     ref = dest.ensure_lookalike(vb, {"country": "US", "ratio": 0.01, "min_seed_size": 3}, None, 5)
     assert ref is not None and ref.details["value_based"] == "true"
     assert emu.audiences[ref.lookalike_id]["is_value_based"]
+
+
+def test_form_bodies_are_the_bytes_httpx_would_send() -> None:
+    """The payload's form encoding (str.replace for a JSON payload's characters) is `quote_plus`'s, for any text."""
+    import random
+    import string
+    from urllib.parse import urlencode
+
+    from connector.destinations.meta.client import form_body
+
+    rng = random.Random(3)
+    alphabet = string.printable + "é€😀"
+    payload = json.dumps({"schema": ["EMAIL", "EXTERN_ID"], "data": [[sha256_hex("a"), "id/1+2 %x"]]})
+    cases = [{"payload": payload, "session": json.dumps({"session_id": 1})}, {"method": "DELETE", "x": ""}]
+    cases += [{"".join(rng.choices(alphabet, k=rng.randint(0, 5))): "".join(rng.choices(alphabet, k=rng.randint(0, 40)))
+               for _ in range(rng.randint(1, 3))} for _ in range(3000)]  # fmt: skip
+    for data in cases:
+        assert form_body(data) == urlencode(data).encode(), data
+    assert form_body({"a": True, "b": None, "c": 2}) == b"a=true&b=&c=2"
