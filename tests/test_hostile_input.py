@@ -111,7 +111,7 @@ destinations = ["meta"]
         return res.exit_code, res.stderr + res.stdout, doc
 
     def audience_size(self) -> int:
-        with MetaGraphEmulator(state_file=self.dir / "state" / "sandbox-meta-meta.json") as emu:
+        with MetaGraphEmulator(state_file=self.dir / "state" / "sandbox-meta-meta.arrow") as emu:
             (aid,) = emu.audiences
             return emu.member_count(aid) or 0
 

@@ -227,7 +227,7 @@ def run(cfg: Path, **opts: Any) -> dict[str, RunResult]:
 def meta_state(tmp: Path) -> dict[str, Any]:
     """The Meta sandbox's audiences as its emulator loads them from the state file, each with its members'
     values by email digest."""
-    with MetaGraphEmulator(state_file=tmp / "state" / "sandbox-meta-meta.json") as emu:
+    with MetaGraphEmulator(state_file=tmp / "state" / "sandbox-meta-meta.arrow") as emu:
         return {aid: {**a, "values": {dict(k)["EMAIL"]: v for k, v in emu.values(aid).items()}}
                 for aid, a in emu.audiences.items()}  # fmt: skip
 
@@ -238,7 +238,7 @@ def meta_values(audience: dict[str, Any]) -> dict[str, float]:
 
 
 def google_values(tmp: Path, list_id: str) -> dict[str, int]:
-    with GoogleAdsEmulator(state_file=tmp / "state" / "sandbox-google-ads-gads.json") as emu:
+    with GoogleAdsEmulator(state_file=tmp / "state" / "sandbox-google-ads-gads.arrow") as emu:
         return {dict(key)["email"]: micros for key, micros in emu.values(list_id).items()}
 
 

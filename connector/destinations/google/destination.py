@@ -116,11 +116,11 @@ class GoogleDestination:
             from connector.sandbox.google_ads import start_google_ads_emulator
             from connector.sandbox.google_datamanager import start_datamanager_emulator
 
-            dm_emu = start_datamanager_emulator(state_dir / f"sandbox-google-dm-{name}.json")
+            dm_emu = start_datamanager_emulator(state_dir / f"sandbox-google-dm-{name}.arrow")
             emulator = dm_emu
 
             # one account: Data Manager list ids are Google Ads user list ids
-            ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.json",
+            ads_emulator = start_google_ads_emulator(state_dir / f"sandbox-google-ads-{name}.arrow",
                                                      seed_sizes=dm_emu.member_count)  # fmt: skip
             endpoint, ads_endpoint = dm_emu.url, ads_emulator.endpoint
             developer_token = ads_emulator.developer_token

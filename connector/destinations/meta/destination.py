@@ -68,7 +68,7 @@ class MetaDestination:
         if config.sandbox:
             from connector.sandbox.meta_graph import start_meta_emulator
 
-            emulator = start_meta_emulator(state_dir / f"sandbox-meta-{name}.json", expected_token=SANDBOX_TOKEN)
+            emulator = start_meta_emulator(state_dir / f"sandbox-meta-{name}.arrow", expected_token=SANDBOX_TOKEN)
             graph_url, token = emulator.url, SecretStr(SANDBOX_TOKEN)
             log.warning("destination %s is a SANDBOX: Meta Graph API emulator at %s, no real ad account", name,
                         graph_url)  # fmt: skip
