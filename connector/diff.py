@@ -391,10 +391,10 @@ class Planner:
             # every column a row carries costs several times the join); its other columns go along
             masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
             masked += [f"any_value(CASE WHEN {keep} THEN {c} END) AS {c}" for c in own if c not in ident]
-            flags = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
+            flag_cols = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
             rows = (
-                f"SELECT {', '.join(flags)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
-                f"GROUP BY {', '.join(flags)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}"
+                f"SELECT {', '.join(flag_cols)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
+                f"GROUP BY {', '.join(flag_cols)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}"
             )
             if by_fp:
                 assert first is not None
