@@ -210,10 +210,11 @@ def show_results(console: Console, results: list[RunResult], dry_run: bool) -> N
 def _clv_line(clv: dict[str, Any]) -> str:
     skipped = sum(clv["skipped_orders"].values())
     mean = "-" if clv["mean_value"] is None else f"{clv['mean_value']:,.2f}"
+    fit = "values of the last fit (same orders)" if clv.get("cached") else f"fit {clv['fit_seconds']:.1f} s"
     return (f"predicted value ({clv['horizon_days']} days) on {clv['source']} from {clv['orders_source']}: "
             f"{clv['customers']:,} customers, {clv['repeat_share']:.0%} repeat, mean {mean}, "
             f"{clv['matched_customers']:,} rows matched, {clv['orders']:,} orders"
-            f"{f' ({skipped:,} skipped)' if skipped else ''}, fit {clv['fit_seconds']:.1f} s")  # fmt: skip
+            f"{f' ({skipped:,} skipped)' if skipped else ''}, {fit}")  # fmt: skip
 
 
 class _ShownAtTheEnd(logging.Filter):

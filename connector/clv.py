@@ -20,14 +20,23 @@ Gamma-Gamma model (`GammaGammaModel`: the value of an order; fitted on the custo
 are fitted by MAP, and `expected_customer_lifetime_value` gives each customer's expected spend over
 ``horizon_days``, rounded to cents. pymc-marketing is an optional dependency: ``pip install
 'connector[clv]'``.
+
+A fit's predictions are kept in the state directory (``clv/``), by the SHA-256 of the RFM table, the
+horizon and the pymc-marketing version: the same orders are not fitted again (nor pymc-marketing
+imported), on the next sync or by the next tier's. Only the values are kept, in the summary's customer
+order: no customer id is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -42,6 +51,7 @@ log = logging.getLogger("connector.clv")
 
 MAX_AMOUNT = 1e13  # larger amounts are typos or test data; beyond DECIMAL(18, 4) anyway
 DAYS_A_MONTH = 30  # pymc-marketing's `future_t` counts months of 30 days when time_unit = "D"
+CACHE_KEEP = 8  # fits kept in the state directory (the most recently used)
 SKIP_REASONS = ("no_customer", "time_unreadable", "amount_unreadable", "amount_not_positive", "amount_too_large")
 
 
@@ -59,6 +69,7 @@ class ClvSummary:
     matched_customers: int = 0  # rows of the customer source that got a value
     mean_value: float | None = None  # mean predicted value over the fitted customers
     fit_seconds: float = 0.0
+    cached: bool = False  # the predictions of an earlier fit of the same orders: no fit this time
 
     @property
     def repeat_share(self) -> float:
@@ -77,6 +88,7 @@ class ClvSummary:
             "matched_customers": self.matched_customers,
             "mean_value": None if self.mean_value is None else round(self.mean_value, 2),
             "fit_seconds": round(self.fit_seconds, 3),
+            "cached": self.cached,
         }
 
 
@@ -114,9 +126,11 @@ def _parsed(orders: str, spec: ClvConfig) -> str:
         FROM (SELECT nullif(trim({c}), '') AS c, {ts} AS ts, TRY_CAST(trim({a}) AS DOUBLE) AS x FROM {orders}))"""
 
 
-def predict(con: duckdb.DuckDBPyConnection, orders: str, spec: ClvConfig, *, source: str) -> tuple[pa.Table, ClvSummary]:
+def predict(con: duckdb.DuckDBPyConnection, orders: str, spec: ClvConfig, *, source: str,
+            cache: Path | None = None) -> tuple[pa.Table, ClvSummary]:  # fmt: skip
     """Fit both models on the orders in `orders` (a table of text columns) and predict every ordering
     customer's value over the horizon: a table (customer_id string, value double) and the summary.
+    `cache`: the folder of earlier fits' predictions (None: always fit).
 
     Raises `ConfigError` when pymc-marketing is not installed, `SourceError` when the orders cannot give
     a fit (too few repeat customers, a fit that does not converge)."""
@@ -134,12 +148,74 @@ def predict(con: duckdb.DuckDBPyConnection, orders: str, spec: ClvConfig, *, sou
             f"({summary.orders} usable orders); at least min_repeat_customers = {spec.min_repeat_customers} are needed "
             "to fit the models"
         )
-    models = _models(where)
-    t0 = time.perf_counter()
-    values = _fit_and_predict(models, rfm, spec, where)
-    summary.fit_seconds = time.perf_counter() - t0
+    key = fit_key(rfm, spec)
+    values = _cached(cache, key, rfm.num_rows)
+    summary.cached = values is not None
+    if values is None:
+        models = _models(where)
+        t0 = time.perf_counter()
+        values = _fit_and_predict(models, rfm, spec, where)
+        summary.fit_seconds = time.perf_counter() - t0
+        _keep(cache, key, values)
     summary.mean_value = float(pc.mean(values).as_py()) if len(values) else None
     return pa.table({"customer_id": rfm.column("customer_id"), "value": values}), summary
+
+
+def fit_key(rfm: pa.Table, spec: ClvConfig) -> str:
+    """What a fit's predictions depend on: the RFM table, the horizon, the models' version."""
+    try:
+        version = metadata.version("pymc-marketing")
+    except metadata.PackageNotFoundError:
+        version = "-"
+    h = hashlib.sha256(f"connector.clv/1 horizon={spec.horizon_days} pymc-marketing={version}\n".encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rfm.schema) as w:
+        w.write_table(rfm)
+    h.update(memoryview(sink.getvalue()))
+    return h.hexdigest()
+
+
+def _cache_file(cache: Path, key: str) -> Path:
+    return cache / f"clv-{key[:32]}.arrow"
+
+
+def _cached(cache: Path | None, key: str, rows: int) -> pa.Array | None:
+    """An earlier fit's predictions for `key`, or None (none kept, or unreadable: fitted again)."""
+    if cache is None or not (path := _cache_file(cache, key)).exists():
+        return None
+    try:
+        with pa.memory_map(str(path)) as f:
+            table = pa.ipc.open_file(f).read_all()
+        if table.schema.metadata is None or table.schema.metadata.get(b"key") != key.encode():
+            return None
+        values = table.column("value").combine_chunks()
+        if len(values) != rows or values.type != pa.float64():
+            return None
+        os.utime(path)  # recently used: kept
+        return values
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        log.warning("predicted values kept in %s are unreadable (%s): fitting again", path.name, type(exc).__name__)
+        return None
+
+
+def _keep(cache: Path | None, key: str, values: pa.Array) -> None:
+    """Keep a fit's predictions (written whole, then renamed into place) and drop the least recently
+    used beyond CACHE_KEEP. A cache that cannot be written only costs the next sync a fit."""
+    if cache is None:
+        return
+    path = _cache_file(cache, key)
+    tmp = path.with_suffix(".tmp")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"value": values}).replace_schema_metadata({"key": key})
+        with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+        os.replace(tmp, path)
+        kept = sorted(cache.glob("clv-*.arrow"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not keep the predicted values in %s (%s)", cache, exc.strerror or type(exc).__name__)
 
 
 def _models(where: str) -> tuple[Any, Any]:

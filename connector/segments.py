@@ -225,7 +225,8 @@ class SegmentSources:
                     raise ConfigError(f"{label}.clv: the orders ({orders.label}) have no column(s) "
                                       f"{', '.join(map(repr, missing))}; available columns: "
                                       f"{', '.join(orders.columns)}")  # fmt: skip
-                predicted, tab.clv = predict(self.db, orders.table, spec, source=label.removeprefix("sources."))
+                predicted, tab.clv = predict(self.db, orders.table, spec, source=label.removeprefix("sources."),
+                                             cache=self.settings.state_path / "clv")
                 values = self._name("clv")
                 self.db.register(values, predicted)
             except ConnectorError as exc:

@@ -123,6 +123,36 @@ def test_a_fit_that_raises_is_a_source_error_with_the_reason(monkeypatch: pytest
         clv.predict(orders_table(history(60)), "orders", SPEC, source="customers")
 
 
+def test_the_same_orders_are_not_fitted_again_and_no_customer_id_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fits: list[int] = []
+
+    def fit(models: Any, rfm: Any, spec: Any, where: str) -> Any:
+        fits.append(rfm.num_rows)
+        return rfm.column("monetary_value")
+
+    monkeypatch.setattr(clv, "_fit_and_predict", fit)
+    monkeypatch.setattr(clv, "_models", lambda where: (None, None))
+    rows = history(60)
+    cache = tmp_path / "clv"
+    first, s1 = clv.predict(orders_table(rows), "orders", SPEC, source="customers", cache=cache)
+    again, s2 = clv.predict(orders_table(rows), "orders", SPEC, source="customers", cache=cache)
+    assert fits == [60] and not s1.cached and s2.cached and s2.fit_seconds == 0
+    assert again.equals(first) and s2.mean_value == s1.mean_value
+    (kept,) = cache.glob("clv-*.arrow")
+    assert b"C00" not in kept.read_bytes()  # values only, in the summary's order
+    # another horizon, or one more order: fitted again
+    clv.predict(orders_table(rows), "orders", SPEC.model_copy(update={"horizon_days": 30}), source="customers", cache=cache)
+    clv.predict(orders_table([*rows, {**rows[0], "ordered_at": "2026-06-30"}]), "orders", SPEC, source="customers", cache=cache)
+    assert len(fits) == 3
+    # a damaged file is fitted again, never an error; only the CACHE_KEEP most recently used stay
+    kept.write_bytes(kept.read_bytes()[:40])
+    _, s3 = clv.predict(orders_table(rows), "orders", SPEC, source="customers", cache=cache)
+    assert not s3.cached and len(fits) == 4
+    for days in range(1, clv.CACHE_KEEP + 2):
+        clv.predict(orders_table(rows), "orders", SPEC.model_copy(update={"horizon_days": days}), source="customers", cache=cache)
+    assert len(list(cache.glob("clv-*.arrow"))) == clv.CACHE_KEEP and not list(cache.glob("*.tmp"))
+
+
 # ----------------------------------------------------------------------------- through a sync
 
 
@@ -161,6 +191,9 @@ def test_value_tiers_from_orders_end_to_end(tmp_path: Path) -> None:
     # the same orders give the same values: nothing moves on the next run
     again = shop.sync()
     assert all(r.counts.adds == 0 and r.counts.removes == 0 and r.write_calls == 0 for r in again.values())
+    kept = again["value_high"].clv
+    assert kept is not None and kept["cached"] and kept["fit_seconds"] == 0 and not summary["cached"]
+    assert kept["mean_value"] == summary["mean_value"] and kept["matched_customers"] == 300
 
 
 def test_a_failed_fit_stops_only_the_segments_reading_the_value(tmp_path: Path) -> None:
