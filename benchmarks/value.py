@@ -16,7 +16,8 @@ Then each phase runs in a fresh process (spawned), so its peak RSS is its own:
   (`connector.segments`: type inference, ranking, per-tier counts);
 - ``sync cold`` / ``sync warm``: the public engine API, a segment tiered by the predicted value (three
   audiences) into two acknowledging destinations (one Meta, one Google, `pipeline.AckDestination`): read
-  both sources, fit, tier, plan, write member files, send; then again with nothing changed.
+  both sources, fit, tier, plan, write member files, send; then again with nothing changed (the
+  predictions kept by the first sync: no fit).
 
 The baseline is the facebook-business SDK's per-row normalize-and-hash path (`pipeline.sdk_baseline`) on
 the first rows of the same customers, in the same run. Prints one table.
