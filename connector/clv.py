@@ -29,9 +29,11 @@ order: no customer id is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -204,7 +206,7 @@ def _keep(cache: Path | None, key: str, values: pa.Array) -> None:
     if cache is None:
         return
     path = _cache_file(cache, key)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")  # two processes may fit at once
     try:
         cache.mkdir(parents=True, exist_ok=True)
         table = pa.table({"value": values}).replace_schema_metadata({"key": key})
@@ -215,6 +217,8 @@ def _keep(cache: Path | None, key: str, values: pa.Array) -> None:
         for old in kept[CACHE_KEEP:]:
             old.unlink(missing_ok=True)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         log.warning("could not keep the predicted values in %s (%s)", cache, exc.strerror or type(exc).__name__)
 
 
