@@ -8,8 +8,9 @@ For each (segment, destination) pair, in this order:
    its new member file (base, or cumulative delta) is written and fsynced before anything is sent;
 3. guardrails, dry run;
 4. one transaction moves the pair's pointer to that file: the write-ahead point;
-5. removals, then additions, 10,000 a call, straight from the file's columns; each acknowledged call is
-   one journal row, so a crash re-sends at most the batch in flight;
+5. removals, then additions, 10,000 a call, straight from the file's columns, each pair on a thread of its
+   own (a segment's destinations are sent to at once); each acknowledged call is one journal row, so a
+   crash re-sends at most the batch in flight of each pair;
 6. requests are polled again, a large delta is compacted into a new base, unreferenced files go,
    counts are recorded, the lookalike is made sure of and the audience status read.
 
@@ -19,11 +20,13 @@ payload added) never loses an identifier the two payloads share.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -181,6 +184,7 @@ class _Pair:
     audience: AudienceRef | None = None
     plan: PairPlan | None = None
     values: ValueSupport = field(default_factory=lambda: ValueSupport("none"))
+    path: Path | None = None  # its file to send, once the pointer names it (None: nothing to send)
 
 
 class Engine:
@@ -200,12 +204,13 @@ class Engine:
         self._batch_rows = batch_rows  # source rows planned (and reported) together
         self._pair_lock = pair_lock
         self.stop = stop or threading.Event()
+        self._abort = threading.Event()  # another pair's sending failed unexpectedly: stop sending too
         self.ledger = ledger or Journal(settings.ledger_sqlalchemy_url())
         self._own_ledger = ledger is None
         self._factory = destination_factory or (
             lambda name, cfg, state_dir, stats: build_destination(name, cfg, state_dir, stats)
         )
-        self._progress = progress
+        self._progress = _serialized(progress) if progress is not None else None
         self._destinations: dict[str, Destination] = {}
         self.stats: dict[str, RetryStats] = {}
         self.files_root = member_root(settings)
@@ -330,14 +335,16 @@ class Engine:
                 for pair in active:
                     self._fail(pair.result, f"segment {name}: {exc}", exc)
                 active = []
+        before = {p.name: (s.retries, s.throttle_wait_seconds) for p in active
+                  for s in [self.stats.setdefault(p.name, RetryStats())]}  # fmt: skip
+        ready = [p for p in active if self._step(name, p, lambda p=p: self._write_ahead(name, seg, p, opts))]  # type: ignore[misc]
+        if not opts.dry_run:
+            for pair in self._send_all(name, ready):
+                self._step(name, pair, lambda p=pair: self._finish_pair(con, name, seg, p))  # type: ignore[misc]
         for pair in active:
-            t0 = time.monotonic()
-            stats = self.stats.setdefault(pair.name, RetryStats())
-            retries_before, waited_before = stats.retries, stats.throttle_wait_seconds
-            with log_context(run_id=str(pair.run_id), segment=name, destination=pair.name):
-                self._guard(pair, lambda p=pair: self._run_pair(con, name, seg, p, opts))  # type: ignore[misc]
-            pair.result.retries = stats.retries - retries_before
-            pair.result.throttle_wait_seconds = stats.throttle_wait_seconds - waited_before
+            stats = self.stats[pair.name]
+            pair.result.retries = stats.retries - before[pair.name][0]
+            pair.result.throttle_wait_seconds = stats.throttle_wait_seconds - before[pair.name][1]
         results = []
         for pair in pairs:
             res = pair.result
@@ -347,6 +354,28 @@ class Engine:
             self.ledger.finish_run(pair.run_id, res.status, res.as_dict(), res.error)
             results.append(res)
         return results
+
+    def _step(self, segment: str, pair: _Pair, step: Callable[[], object]) -> bool:
+        with log_context(run_id=str(pair.run_id), segment=segment, destination=pair.name):
+            return self._guard(pair, step)
+
+    def _send_all(self, segment: str, pairs: list[_Pair]) -> list[_Pair]:
+        """Send each pair's file, the pairs at once (each to its own platform, each acknowledgement its own
+        journal row); returns the pairs whose sending went through."""
+        if len(pairs) <= 1:
+            return [p for p in pairs if self._step(segment, p, lambda p=p: self._send(segment, p))]  # type: ignore[misc]
+        with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="send") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, self._step, segment, p,
+                                   lambda p=p: self._send(segment, p)) for p in pairs]  # fmt: skip
+            try:
+                done = [f.result() for f in futures]
+            except BaseException:
+                self._abort.set()  # the other pairs stop at their next batch; what they sent is journaled
+                raise
+            finally:
+                pool.shutdown(wait=True)
+                self._abort.clear()
+        return [p for p, ok in zip(pairs, done, strict=True) if ok]
 
     def _guard(self, pair: _Pair, step: Callable[[], object]) -> bool:
         """Run one step of a pair; its errors end that pair's run with the matching status."""
@@ -465,8 +494,9 @@ class Engine:
 
     # ------------------------------------------------------------------ a pair's run
 
-    def _run_pair(self, con: duckdb.DuckDBPyConnection, segment: str, seg: SegmentConfig, pair: _Pair,
-                  opts: SyncOptions) -> None:  # fmt: skip
+    def _write_ahead(self, segment: str, seg: SegmentConfig, pair: _Pair, opts: SyncOptions) -> None:
+        """Guardrails and dry run, then the write-ahead point: the file is durable, the pointer moves (the
+        platform hears of it after)."""
         plan, res = pair.plan, pair.result
         assert plan is not None and pair.files is not None
         where = f"{segment} -> {pair.name}"
@@ -481,21 +511,33 @@ class Engine:
             return
         assert pair.audience is not None
         res.audience_id = pair.audience.audience_id
-        dest = self.destination(pair.name)
         if plan.file is not None:
-            # the write-ahead point: the file is durable, the pointer moves, then the platform hears of it
             base = plan.file if plan.as_base else pair.pointer.base
             delta = None if plan.as_base else plan.file
             pair.files.publish(plan.file)
             pair.pointer = self.ledger.move_pair(segment, pair.name, pair.pointer, base, delta, pair.run_id)
-            path = pair.files.path(plan.file)
-            t0 = time.monotonic()
-            if plan.input.full_refresh:
-                res.write_calls += self._replace(segment, pair, dest, path)
-                self.ledger.update_audience(segment, pair.name, last_replace_at=now())
-            else:
-                res.write_calls += self._push(segment, pair, dest, path)
-            res.phases["sending"] = time.monotonic() - t0
+            pair.path = pair.files.path(plan.file)
+
+    def _send(self, segment: str, pair: _Pair) -> None:
+        """Send the pair's file (on a thread of its own when the segment has several pairs)."""
+        plan, res = pair.plan, pair.result
+        assert plan is not None
+        if pair.path is None:
+            return
+        dest = self.destination(pair.name)
+        t0 = time.monotonic()
+        if plan.input.full_refresh:
+            res.write_calls += self._replace(segment, pair, dest, pair.path)
+            self.ledger.update_audience(segment, pair.name, last_replace_at=now())
+        else:
+            res.write_calls += self._push(segment, pair, dest, pair.path)
+        res.phases["sending"] = time.monotonic() - t0
+
+    def _finish_pair(self, con: duckdb.DuckDBPyConnection, segment: str, seg: SegmentConfig, pair: _Pair) -> None:
+        """After sending: requests polled, counts settled, the lookalike made sure of, the audience read."""
+        dest = self.destination(pair.name)
+        res = pair.result
+        assert pair.audience is not None
         t0 = time.monotonic()
         self._reconcile(segment, pair.name)
         self._settle(con, segment, pair)
@@ -536,7 +578,7 @@ class Engine:
         return aud
 
     def _check_stop(self) -> None:
-        if self.stop.is_set():
+        if self.stop.is_set() or self._abort.is_set():
             raise Interrupted("shutdown requested; committed batches are kept, the rest is sent on the next run")
 
     def _batches(self, pair: _Pair, path: Path, members_only: bool = False) -> Iterator[tuple[int, int, MemberBatch]]:
@@ -731,6 +773,17 @@ class Engine:
                          "state": st.state, **st.details},
             last_status_at=now(),
         )  # fmt: skip
+
+
+def _serialized(progress: Progress) -> Progress:
+    """`progress`, called by one thread at a time (pairs are sent at once)."""
+    lock = threading.Lock()
+
+    def report(ev: ProgressEvent) -> None:
+        with lock:
+            progress(ev)
+
+    return report
 
 
 def _schema(payload_keys: Sequence[str]) -> pa.Schema:

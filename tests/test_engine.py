@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from conftest import Harness, person, write_csv
@@ -557,3 +559,18 @@ def test_members_written_without_the_whole_fingerprint_are_found_by_key(harness:
             assert (c.adds, c.removes, c.changes, c.unchanged) == (0, 0, 0, 10), c
             assert res[dest].write_calls == 0
             assert harness.audience(dest) == before[dest]
+
+
+def test_a_segments_destinations_are_sent_to_at_once(harness: Harness) -> None:
+    both_in_a_call = threading.Barrier(2, timeout=10)  # sent one after the other, the first call waits in vain
+    for dest in harness.destinations.values():
+        add = dest.add_members
+
+        def waiting(audience: Any, members: Any, session: Any, add: Any = add) -> Any:
+            both_in_a_call.wait()
+            return add(audience, members, session)
+
+        dest.add_members = waiting  # type: ignore[method-assign]
+    res = harness.sync([person(i) for i in range(20)])
+    assert [(r.status, r.write_calls) for r in res.values()] == [("success", 1), ("success", 1)]
+    assert len(harness.audience("meta")) == 20 and len(harness.audience("google")) == 20
