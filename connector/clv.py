@@ -186,7 +186,7 @@ def _cached(cache: Path | None, key: str, rows: int) -> pa.Array | None:
     if cache is None or not (path := _cache_file(cache, key)).exists():
         return None
     try:
-        with pa.memory_map(str(path)) as f:
+        with pa.OSFile(str(path)) as f:  # read into memory: another process may replace or prune the file
             table = pa.ipc.open_file(f).read_all()
         if table.schema.metadata is None or table.schema.metadata.get(b"key") != key.encode():
             return None

@@ -364,17 +364,17 @@ class Engine:
         journal row); returns the pairs whose sending went through."""
         if len(pairs) <= 1:
             return [p for p in pairs if self._step(segment, p, lambda p=p: self._send(segment, p))]  # type: ignore[misc]
-        with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="send") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, self._step, segment, p,
-                                   lambda p=p: self._send(segment, p)) for p in pairs]  # fmt: skip
-            try:
-                done = [f.result() for f in futures]
-            except BaseException:
-                self._abort.set()  # the other pairs stop at their next batch; what they sent is journaled
-                raise
-            finally:
-                pool.shutdown(wait=True)
-                self._abort.clear()
+        try:
+            with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="send") as pool:
+                futures = [pool.submit(contextvars.copy_context().run, self._step, segment, p,
+                                       lambda p=p: self._send(segment, p)) for p in pairs]  # fmt: skip
+                try:
+                    done = [f.result() for f in futures]
+                except BaseException:
+                    self._abort.set()  # the other pairs stop at their next batch; what they sent is journaled
+                    raise
+        finally:
+            self._abort.clear()  # after the pool's threads have ended
         return [p for p, ok in zip(pairs, done, strict=True) if ok]
 
     def _guard(self, pair: _Pair, step: Callable[[], object]) -> bool:
