@@ -618,7 +618,8 @@ class Planner:
             new_keys.append(key_prefixes(whole(rb.column("k")).filter(pa.array(rows_new))))
         if not anytodo.any() and not any(p.input.current is not None for p in self.plans):
             return
-        digests = {p: self.ids.payloads(rb, p, anytodo) for p in self.platforms}
+        hashed = self.ids.digests(rb)
+        digests = {p: self.ids.payloads(rb, p, anytodo, hashed) for p in self.platforms}
         cons = rb.column("cons") if "cons" in rb.schema.names else None
         for i, plan in enumerate(self.plans):
             c = plan.counts

@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connector.identifiers import sql as idsql
+from connector.identifiers.hashing import sha256_columns, unhex_column
 from connector.identifiers.normalize import FIELD_REASONS, NO_IDENTIFIER, Normalizer
 
 SQL_FIELDS = frozenset({"email", "phone"})
@@ -43,7 +45,7 @@ class ColumnNormalizer:
 
     def select(self, relation: str, gate: str) -> str:
         """`relation` with the columns `payloads` reads added: for each row where `gate` holds, the cleaned
-        values and the platforms' digests (SQL fields), or the raw values (the Python rules')."""
+        values (SQL fields: hashed by `digests`, outside SQL), or the raw values (the Python rules')."""
         if not self.in_sql:
             raw = [f"CASE WHEN {gate} THEN {idsql.quote(c)} END AS raw_{f}" for f, c in self.identifiers.items()]
             return f"SELECT *, {', '.join(raw)} FROM ({relation})"
@@ -66,32 +68,56 @@ class ColumnNormalizer:
             ]
         inner = ", ".join(name for c in steps.values() for name in c.names())
         q = f"SELECT * EXCLUDE ({inner}), {', '.join(cleaned)} FROM ({q})"
-        # a Google email outside Gmail is Meta's: hashed once, in a second step that reuses Meta's digest
-        shared = "email" in self.identifiers and {"meta", "google"} <= set(self.platforms)
-        digests = [
-            f"{idsql.digest(f, p, f'c_{f}', f'g_{f}')} AS d_{p}_{f}"
-            for f in self.identifiers
-            for p in self.platforms
-            if not (shared and f == "email" and p == "google")
-        ]
-        q = f"SELECT *, {', '.join(digests)} FROM ({q})"
-        if shared:
-            google = idsql.digest("email", "google", "c_email", "g_email", shared="d_meta_email")
-            q = f"SELECT *, {google} AS d_google_email FROM ({q})"
+        if "email" in self.identifiers and "google" in self.platforms:
+            gmail, form = idsql.google_gmail("c_email")
+            q = f"SELECT *, {gmail} AS gm_email, {form} AS x_email FROM ({q})"
         return q
+
+    def digests(self, rb: pa.RecordBatch) -> dict[tuple[str, str], pa.Array]:
+        """A batch of `select`'s rows: per (platform, SQL field), the digests of the values SQL cleaned and
+        of those given already hashed. Google's email outside Gmail is Meta's form, hashed once; phones are
+        hashed as E.164, without `+` for Meta."""
+        if not self.in_sql:
+            return {}
+        forms: dict[str, tuple[pa.Array, str]] = {}
+        for f in self.identifiers:
+            clean = whole(rb.column(f"c_{f}"))
+            if f == "phone":
+                for p in self.platforms:
+                    forms[f"{p}_phone"] = (clean, "+1" if p == "google" else "1")
+            else:
+                forms["email"] = (clean, "")
+                if "google" in self.platforms:
+                    forms["gmail"] = (whole(rb.column("x_email")), "")
+        hashed = sha256_columns(forms)
+        out: dict[tuple[str, str], pa.Array] = {}
+        for f in self.identifiers:
+            given = whole(rb.column(f"g_{f}"))
+            for p in self.platforms:
+                d = hashed[f"{p}_phone"] if f == "phone" else hashed["email"]
+                if f == "email" and p == "google":
+                    d = pc.if_else(whole(rb.column("gm_email")), hashed["gmail"], d)
+                if given.null_count < len(given):
+                    d = pc.if_else(given.is_valid(), unhex_column(given), d)
+                out[(p, f)] = d
+        return out
 
     def fallback_count(self, rb: pa.RecordBatch) -> int:
         return sum(int(as_bool(rb.column(f"fb_{f}")).sum()) for f in self.identifiers) if self.in_sql else 0
 
-    def payloads(self, rb: pa.RecordBatch, platform: str, gate: Mask) -> Payload:
+    def payloads(self, rb: pa.RecordBatch, platform: str, gate: Mask,
+                 digests: Mapping[tuple[str, str], pa.Array] | None = None) -> Payload:  # fmt: skip
         """A batch of `select`'s rows for one platform: payload columns and, per reason, the gated rows
-        a value was dropped for (`no_identifier` not included: a row without any payload value)."""
+        a value was dropped for (`no_identifier` not included: a row without any payload value).
+        `digests`: the batch's `digests`, when several platforms share them."""
         if not self.in_sql:
             return self._rows(rb, platform, gate)
+        if digests is None:
+            digests = self.digests(rb)
         payload: dict[str, pa.Array] = {}
         reasons: dict[str, Mask] = {}
         for f in self.identifiers:
-            d = whole(rb.column(f"d_{platform}_{f}"))
+            d = digests[(platform, f)]
             fb = as_bool(rb.column(f"fb_{f}"))
             bad = as_bool(rb.column(f"pr_{f}")) & ~fb & is_null(d)
             if fb.any():

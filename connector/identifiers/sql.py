@@ -142,19 +142,10 @@ def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
     )  # fmt: skip
 
 
-def digest(field: str, platform: str, clean: str, given: str, shared: str | None = None) -> str:
-    """The payload digest (BLOB) of a cleaned column for a platform: the given hash, else the SHA-256 of
-    the platform's form. `shared`: a column holding the same field's digest for the other platform,
-    reused where both forms are equal."""
-    if field == "phone":
-        form = "'+1' || " if platform == "google" else "'1' || "
-        return f"CASE WHEN {given} IS NOT NULL THEN unhex({given}) ELSE unhex(sha256({form}{clean})) END"
-    base = shared or f"CASE WHEN {given} IS NOT NULL THEN unhex({given}) ELSE unhex(sha256({clean})) END"
-    if platform != "google":
-        return base
+def google_gmail(clean: str) -> tuple[str, str]:
+    """(whether a cleaned email is a Gmail address, Google's form of it: the local part without dots and
+    without what follows '+', NULL when that leaves nothing). Outside Gmail Google's form is Meta's."""
     dom = f"split_part({clean}, '@', 2)"
     local = f"replace(split_part(split_part({clean}, '@', 1), '+', 1), '.', '')"
-    return (
-        f"CASE WHEN {dom} IN {_GMAIL} "
-        f"THEN CASE WHEN {local} <> '' THEN unhex(sha256({local} || '@' || {dom})) END ELSE {base} END"
-    )
+    form = f"CASE WHEN {dom} IN {_GMAIL} AND {local} <> '' THEN {local} || '@' || {dom} END"
+    return f"coalesce({dom} IN {_GMAIL}, false)", form
