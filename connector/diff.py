@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from connector.errors import GuardrailError
 from connector.identifiers import sql as idsql
 from connector.identifiers.columns import CLEAR_KEYS, ColumnNormalizer, Mask, as_bool, is_null, whole
+from connector.identifiers.hashing import sha256_columns
 from connector.identifiers.normalize import NO_IDENTIFIER
 from connector.ledger.files import (
     GONE,
@@ -222,6 +223,7 @@ class Planner:
         self.source_rows = 0
         self._repeated = False  # the pass counted a row to plan more than once (a key there twice)
         self._by_fp = False  # the pass met rows and members by fingerprint (see `_pass_sql`)
+        self._keys_outside = False  # the pass hands over what member keys hash, not the keys (see `_pass_sql`)
         self._differences: dict[int, str] = {}  # pair -> its members where they differ from the first pair's
         self._on_rows = on_rows
         self._batch_rows = batch_rows
@@ -312,7 +314,9 @@ class Planner:
             key = idsql.member_key("kraw" if self.seg.key is not None else None, [alias[c] for c in ids])
             s = f"SELECT {row}true AS pres, {kraw}{fp} AS fp, {fq} AS fq, {raw}{cons} FROM {src}"
         else:
-            key = idsql.member_key(self.seg.key, ids)
+            # without member files, no join needs the key: the pass carries what it hashes (a string that tells
+            # members apart as well) and `_batch` hashes it, outside DuckDB
+            key = (idsql.key_preimage if self._keys_outside else idsql.member_key)(self.seg.key, ids)
             s = f"SELECT {row}true AS pres, {key} AS k, {fp} AS fp, {fq} AS fq, {raw}{cons} FROM {src}"
         if dedupe:
             # the first row of a key wins; the others are counted as duplicates
@@ -526,6 +530,7 @@ class Planner:
         # a required value the platform cannot take holds a member as it is, which takes knowing the member by
         # key in the pass itself
         self._by_fp = filtered and not any(p.input.value_mode == "required" for p in self.plans)
+        self._keys_outside = not ledgered
         self._compare_pairs(by_fp=self._by_fp)
         sql = self._pass_sql(src, dedupe, filtered, by_fp=self._by_fp)
         self.source_rows = 0
@@ -587,6 +592,9 @@ class Planner:
     def _batch(self, rb: pa.RecordBatch, new_keys: list[Prefixes]) -> None:
         """One batch of the pass: every source row, or (with member files) the rows to plan and the counts
         of the others."""
+        if self._keys_outside:
+            k = sha256_columns({"k": (whole(rb.column("k")), "")}, size=16)["k"]
+            rb = rb.set_column(rb.schema.get_field_index("k"), "k", k)
         w = np.asarray(rb.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)  # rows each row stands for
         nokey = as_bool(rb.column("nokey"))
         anytodo = as_bool(rb.column("anytodo"))

@@ -45,15 +45,20 @@ def _strip(col: str) -> str:
 
 
 def member_key(key_col: str | None, id_cols: list[str]) -> str:
-    """The 16-byte member key (BLOB), as `hashing.member_key` gives it. With a key column: of the key
-    stripped as Python strips (a blank key is NULL: the row has no member); without one: of the
-    identifiers' raw values joined by U+001F."""
+    """The 16-byte member key (BLOB), as `hashing.member_key` gives it: the first 16 bytes of the SHA-256
+    of `key_preimage`."""
+    return f"unhex(left(sha256({key_preimage(key_col, id_cols)}), 32))"
+
+
+def key_preimage(key_col: str | None, id_cols: list[str]) -> str:
+    """What a member key hashes: with a key column, the key stripped as Python strips (a blank key is NULL:
+    the row has no member); without one, the identifiers' raw values joined by U+001F; after the namespace."""
     ns = literal(KEY_NAMESPACE)
     if key_col is None:
         joined = ", ".join(f"coalesce({quote(c)}, '')" for c in id_cols)
-        return f"unhex(left(sha256({ns} || concat_ws(chr(31), {joined})), 32))"
+        return f"{ns} || concat_ws(chr(31), {joined})"
     k = _strip(quote(key_col))
-    return f"CASE WHEN {k} <> '' THEN unhex(left(sha256({ns} || {k}), 32)) END"
+    return f"CASE WHEN {k} <> '' THEN {ns} || {k} END"
 
 
 def fingerprint(cols: list[str]) -> tuple[str, str]:
