@@ -626,8 +626,8 @@ class Planner:
             new_keys.append(key_prefixes(whole(rb.column("k")).filter(pa.array(rows_new))))
         if not anytodo.any() and not any(p.input.current is not None for p in self.plans):
             return
-        hashed = self.ids.digests(rb)
-        digests = {p: self.ids.payloads(rb, p, anytodo, hashed) for p in self.platforms}
+        cleaned = self.ids.clean(rb)
+        digests = {p: self.ids.payloads(cleaned, p, anytodo) for p in self.platforms}
         cons = rb.column("cons") if "cons" in rb.schema.names else None
         for i, plan in enumerate(self.plans):
             c = plan.counts
@@ -659,7 +659,7 @@ class Planner:
                 self._write_base(plan, rb, member, payload, ccol, worth)
             else:
                 self._collect(plan, rb, i, member, todo & ~held, payload, ccol, worth)
-        fallback = self.ids.fallback_count(rb)
+        fallback = self.ids.fallback_count(cleaned)
         for plan in self.plans:
             plan.counts.fallback_values += fallback
 

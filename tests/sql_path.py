@@ -1,4 +1,5 @@
-"""The engine's SQL normalization path (`ColumnNormalizer`) run on a small table, for tests."""
+"""The engine's SQL normalization path (`ColumnNormalizer`: DuckDB selects, DataFusion cleans and hashes) run on
+a small table, for tests."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def through_sql(rows: list[dict[str, str | None]], fields: list[str], platforms:
         if batch is None:
             out[p] = got
             continue
-        payload, reasons = ids.payloads(batch, p, np.ones(batch.num_rows, dtype=bool))
+        payload, reasons = ids.payloads(ids.clean(batch), p, np.ones(batch.num_rows, dtype=bool))
         cols = {k: v.to_pylist() for k, v in payload.items()}
         for i in range(batch.num_rows):
             pay = {k: (v[i] if k in CLEAR_KEYS else v[i].hex()) for k, v in cols.items() if v[i] is not None}

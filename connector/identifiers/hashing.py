@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from datafusion import SessionConfig, SessionContext, col
-from datafusion import functions as F
+from datafusion import SessionConfig, SessionContext
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 KEY_NAMESPACE = "connector:key:"
@@ -49,33 +49,54 @@ def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32) 
     CPU time of DuckDB's `unhex(sha256(...))` (see `benchmarks/floor.py`)."""
     if not columns:
         return {}
-    arrays = {}
-    for name, (values, prefix) in columns.items():
-        arrays[name] = pc.binary_join_element_wise(prefix, values, "") if prefix else values
-    exprs = [F.sha256(col(name)).alias(name) for name in arrays]
-    out = _context().from_arrow(pa.table(arrays)).select(*exprs).to_arrow_table()
-    return {name: _first(out.column(name), size) for name in columns}
+    names = [f"c{i}" for i in range(len(columns))]
+    batch = pa.RecordBatch.from_arrays([v for v, _ in columns.values()], names=names)
+    exprs = [f"sha256({_literal(prefix)} || {c}) AS {c}" if prefix else f"sha256({c}) AS {c}"
+             for c, (_, prefix) in zip(names, columns.values(), strict=True)]  # fmt: skip
+    out = run_sql(f"SELECT {', '.join(exprs)} FROM batch", batch)  # noqa: S608 - names of ours, prefixes literal()
+    return {name: _first(out.column(c), size) for name, c in zip(columns, names, strict=True)}
 
 
-def unhex_column(hexes: pa.Array) -> pa.Array:
-    """A column of 64-digit hex strings (NULL allowed) as 32-byte binary values."""
-    out = _context().from_arrow(pa.table({"h": hexes})).select(F.decode(col("h"), "hex").alias("h")).to_arrow_table()
-    return _first(out.column("h"), 32)
+def run_sql(query: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """DataFusion's result of `query` (a projection) over one batch (the table `batch`), rows in their
+    order: the batch is cut in one slice per core, each its own partition, and the partitions' results
+    are put back in order."""
+    ctx = _context()
+    n = batch.num_rows
+    step = max(1, -(-n // _PARTITIONS))
+    ctx.register_record_batches("batch", [[batch.slice(i, step)] for i in range(0, n, step)] or [[batch]])
+    try:
+        df = ctx.sql(query)
+        parts = df.collect_partitioned()
+        schema = df.schema()
+    finally:
+        ctx.deregister_table("batch")
+    batches = [rb for part in parts for rb in part]
+    out = pa.Table.from_batches(batches, schema=batches[0].schema if batches else schema)
+    if out.num_rows != n:
+        raise RuntimeError(f"DataFusion returned {out.num_rows} rows for {n}")
+    return out.combine_chunks().to_batches()[0] if n else pa.RecordBatch.from_pylist([], schema=schema)
 
 
-def _first(digests: pa.ChunkedArray, size: int) -> pa.Array:
-    whole = digests.combine_chunks() if digests.num_chunks != 1 else digests.chunk(0)
-    whole = whole.cast(pa.binary())
-    return whole if size == 32 else pc.binary_slice(whole, 0, size)
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
+def _first(digests: pa.Array, size: int) -> pa.Array:
+    digests = digests.cast(pa.binary())
+    return digests if size == 32 else pc.binary_slice(digests, 0, size)
+
+
+_PARTITIONS = max(1, os.cpu_count() or 1)
 _local = threading.local()
 
 
 def _context() -> SessionContext:
-    """This thread's DataFusion session (one batch at a time: one partition, one thread)."""
+    """This thread's DataFusion session: as many partitions as the batch was cut in, none made by DataFusion
+    (a round-robin repartition would not keep the rows' order)."""
     ctx: SessionContext | None = getattr(_local, "ctx", None)
     if ctx is None:
-        # one partition: the rows come back in their order
-        ctx = _local.ctx = SessionContext(SessionConfig().with_target_partitions(1))
+        config = SessionConfig().with_target_partitions(_PARTITIONS)
+        config = config.set("datafusion.optimizer.enable_round_robin_repartition", "false")
+        ctx = _local.ctx = SessionContext(config)
     return ctx

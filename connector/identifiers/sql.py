@@ -74,37 +74,44 @@ def fingerprint(cols: list[str]) -> tuple[str, str]:
 @dataclass(frozen=True, slots=True)
 class Cleaned:
     """One identifier column cleaned once for every platform, as projections to stack (`levels`, innermost
-    first: each a list of (name, expression) over the level below; no expression is computed twice). The
-    last level names `clean`: the cleaned value, NULL when absent, invalid or given already hashed;
-    `given`: a value given already hashed (lowercase hex); `present`: a value was given; and `fallback`:
-    the Python rules must take the value instead. Only rows where `gate` holds are cleaned."""
+    first: each a list of (name, expression) over the level below; no expression is computed twice), in
+    DataFusion's SQL over the raw values of one batch (`value`: NULL for rows not to normalize). The last
+    level names `clean`: the cleaned value, NULL when absent, invalid or given already hashed; `given`: a
+    value given already hashed (lowercase hex); `present`: a value was given; and `fallback`: the Python
+    rules must take the value instead."""
 
     levels: list[list[tuple[str, str]]]
-    value: str  # the raw value (of gated rows)
+    value: str
     clean: str
     given: str
     present: str
     fallback: str
 
-    def names(self) -> list[str]:
-        return [name for level in self.levels for name, _ in level]
+
+def _full_match(col: str, pattern: str) -> str:
+    """DataFusion: the whole value matches `pattern` (Rust regex syntax)."""
+    return f"regexp_like({col}, {literal('^(?:' + pattern + ')$')})"
 
 
-_HEX64 = "'[0-9A-Fa-f]{64}'"
+def _printable(col: str) -> str:
+    """DataFusion's `printable`."""
+    return f"({col} IS NULL OR {_full_match(col, '[ -~]*')})"
 
 
-def clean_email(col: str, gate: str, tag: str) -> Cleaned:
+_HEX64 = "[0-9A-Fa-f]{64}"
+
+
+def clean_email(value: str, tag: str) -> Cleaned:
     n = f"_{tag}"
-    v, t, ok, e, h = f"{n}_v", f"{n}_t", f"{n}_ok", f"{n}_e", f"{n}_h"
+    t, ok, e, h = f"{n}_t", f"{n}_ok", f"{n}_e", f"{n}_h"
     valid = (
-        f"length({v}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64 "
-        f"AND regexp_full_match({e}, '[^@\\s]+@[^@\\s]+\\.[^@\\s.]+')"
-    )
+        f"length({value}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64 "
+        f"AND {_full_match(e, '[^@ ]+@[^@ ]+[.][^@ .]+')}"
+    )  # printable ASCII: the only white space is the space
     return Cleaned(
         levels=[
-            [(v, f"CASE WHEN {gate} THEN {quote(col)} END")],
-            [(t, f"trim({v})"), (ok, printable(v))],
-            [(e, f"lower({t})"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
+            [(t, f"btrim({value}, ' ')"), (ok, _printable(value))],
+            [(e, f"lower({t})"), (h, f"(length({t}) = 64 AND {_full_match(t, _HEX64)})")],
             [
                 (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {e} END"),
                 (f"{n}_given", f"CASE WHEN {ok} AND {h} THEN {e} END"),
@@ -112,29 +119,29 @@ def clean_email(col: str, gate: str, tag: str) -> Cleaned:
                 (f"{n}_fallback", f"coalesce(NOT {ok}, false)"),
             ],
         ],
-        value=v, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
+        value=value, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
     )  # fmt: skip
 
 
-def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
+def clean_phone(value: str, region: str, tag: str) -> Cleaned:
     """Phones SQL can vouch for: plain NANP shapes (`+1` and ten digits; in a US or CA segment also ten
     digits, or eleven from `1`) that phonenumbers' US metadata calls valid, as `normalize_phone` takes
     them without phonenumbers. Everything else is the Python rules'. `clean` is the ten digits after +1."""
     n = f"_{tag}"
-    v, t, ok, c, h, ten, valid = (f"{n}_{x}" for x in ("v", "t", "ok", "c", "h", "ten", "valid"))
+    t, ok, c, h, ten, valid = (f"{n}_{x}" for x in ("t", "ok", "c", "h", "ten", "valid"))
     national = "1?" if region.upper() in _NANP_REGIONS else "\\+1"
+    nanp = _full_match(c, "(\\+1|" + national + ")[2-9][0-9]{9}")
     if US_VALID_PARTS is None:
         is_valid = "false"
     else:
         general, types = US_VALID_PARTS
-        is_valid = f"coalesce(regexp_full_match({ten}, {literal(general)}) AND regexp_full_match({ten}, {literal(types)}), false)"
+        is_valid = f"coalesce({_full_match(ten, general)} AND {_full_match(ten, types)}, false)"
     return Cleaned(
         levels=[
-            [(v, f"CASE WHEN {gate} THEN {quote(col)} END")],
-            [(t, f"trim({v})"), (ok, printable(v))],
+            [(t, f"btrim({value}, ' ')"), (ok, _printable(value))],
             # printable ASCII (else the value is the Python rules'): white space is the space alone
-            [(c, f"translate({t}, ' -.()/', '')"), (h, f"(length({t}) = 64 AND regexp_full_match({t}, {_HEX64}))")],
-            [(ten, f"CASE WHEN regexp_full_match({c}, '(\\+1|{national})[2-9][0-9]{{9}}') THEN right({c}, 10) END")],
+            [(c, f"translate({t}, ' -.()/', '')"), (h, f"(length({t}) = 64 AND {_full_match(t, _HEX64)})")],
+            [(ten, f"CASE WHEN {nanp} THEN right({c}, 10) END")],
             [(valid, is_valid)],
             [
                 (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {ten} END"),
@@ -143,7 +150,7 @@ def clean_phone(col: str, region: str, gate: str, tag: str) -> Cleaned:
                 (f"{n}_fallback", f"coalesce(NOT {ok} OR ({t} <> '' AND NOT {h} AND NOT {valid}), false)"),
             ],
         ],
-        value=v, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
+        value=value, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Whole-column SHA-256 (`sha256_columns`, `unhex_column`) against `hashlib`, value by value."""
+"""Whole-column SHA-256 (`sha256_columns`, DataFusion) against `hashlib`, value by value."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connector.identifiers.hashing import sha256_columns, unhex_column
+from connector.identifiers.hashing import sha256_columns
 
 
 def _want(values: list[str | None], prefix: str, size: int = 32) -> list[bytes | None]:
@@ -39,9 +39,3 @@ def test_a_large_column_keeps_its_order() -> None:
 def test_no_columns_and_all_null() -> None:
     assert sha256_columns({}) == {}
     assert sha256_columns({"a": (pa.nulls(3, pa.string()), "1")})["a"].to_pylist() == [None] * 3
-
-
-def test_hex_digests_as_bytes() -> None:
-    hexes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5)]
-    arr = pa.array([None, *hexes, None, hexes[0].upper()]).slice(1)
-    assert unhex_column(arr).to_pylist() == [*(bytes.fromhex(h) for h in hexes), None, bytes.fromhex(hexes[0])]
