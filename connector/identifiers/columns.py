@@ -1,8 +1,9 @@
 """Identifier columns of a whole table, normalized and hashed for each platform.
 
-Email and phone columns (the usual Customer Match segment) take the SQL rules of `sql.py` inside the
-query that reads them; the values SQL does not vouch for come back flagged and go through the Python
-rules one by one. Segments with other fields (names, addresses...) go through the Python rules row by
+The query that reads the source hands over the raw values of the rows to normalize (`select`). Email and
+phone columns (the usual Customer Match segment) then take the SQL rules of `sql.py` in DataFusion, a batch
+at a time (`clean`); the values SQL does not vouch for come back flagged and go through the Python rules
+one by one. Segments with other fields (names, addresses...) go through the Python rules row by
 row. Either way the result is one payload column per platform key (SHA-256 digests as bytes, clear
 fields as text) and, per reason, the rows a value was dropped for.
 """

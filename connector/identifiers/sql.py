@@ -1,7 +1,12 @@
-"""The SQL forms of the identifier rules, for DuckDB over a whole table.
+"""The SQL forms of the identifier rules over a whole table.
+
+Member keys and row fingerprints are DuckDB SQL (the pass that reads the source computes them); the cleaning
+of emails and phones is DataFusion SQL, run on each batch of rows to normalize (`columns.py`): its string
+functions and regular expressions (Rust `regex`) take a fraction of DuckDB's time, and it returns SHA-256
+digests as bytes.
 
 The Python rules in `normalize.py` are the reference. SQL takes only the values whose shape it can
-vouch for: printable ASCII (so trimming, lower-casing and `\\s` mean the same in both), emails, and
+vouch for: printable ASCII (so trimming, lower-casing and white space mean the same in both), emails, and
 phones that are plain NANP numbers. Every other value is flagged for the Python rules, value by
 value (`fallback` columns); a differential test holds the two paths equal on arbitrary input.
 
