@@ -212,13 +212,15 @@ class Planner:
     """Plans every pair of one segment in one pass over its source (`src`, a DuckDB relation)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, seg: SegmentSpec, pairs: Sequence[PairInput],
-                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None, batch_rows: int = 100_000) -> None:  # fmt: skip
+                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None, batch_rows: int = 100_000,
+                 threads: int | None = None) -> None:  # fmt: skip
         self.con = con
         self.seg = seg
         self.plans = [PairPlan(p) for p in pairs]
         self.dry_run = dry_run
         self.platforms = sorted({p.platform for p in pairs})
-        self.ids = ColumnNormalizer(seg.identifiers, self.platforms, seg.default_region)
+        self.threads = threads  # for normalizing and hashing (default: one per core)
+        self.ids = ColumnNormalizer(seg.identifiers, self.platforms, seg.default_region, threads)
         self.duplicates = 0
         self.source_rows = 0
         self._repeated = False  # the pass counted a row to plan more than once (a key there twice)
@@ -603,7 +605,7 @@ class Planner:
         """One batch of the pass: every source row, or (with member files) the rows to plan and the counts
         of the others."""
         if self._keys_outside:
-            k = sha256_columns({"k": (whole(rb.column("k")), "")}, size=16)["k"]
+            k = sha256_columns({"k": (whole(rb.column("k")), "")}, size=16, threads=self.threads)["k"]
             rb = rb.set_column(rb.schema.get_field_index("k"), "k", k)
         w = np.asarray(rb.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)  # rows each row stands for
         nokey = as_bool(rb.column("nokey"))

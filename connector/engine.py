@@ -463,7 +463,8 @@ class Engine:
             if progress:
                 progress(ProgressEvent(segment, None, "reading", rows, None))
 
-        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows)
+        planner = Planner(con, spec, inputs, dry_run=opts.dry_run, on_rows=rows_read, batch_rows=self._batch_rows,
+                          threads=self.settings.threads)  # fmt: skip
         assert self._sources is not None
         # a tier's `_tier` is the ranking's, not a source column
         columns = [c for c in planner.source_columns() if not (seg.tiers and c == TIER_COLUMN)]

@@ -482,7 +482,7 @@ class ConnectorSettings(BaseSettings):
         default=1.0, ge=0.0, description="a queued sync waits this long so a burst of triggers makes one run"
     )
     timezone: str = "UTC"
-    threads: int | None = Field(default=None, ge=1, le=256, description="DuckDB threads; default one per core")
+    threads: int | None = Field(default=None, ge=1, le=256, description="DuckDB and DataFusion threads; default one per core")
     memory_limit: str = Field(
         default="1200MB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
         description="DuckDB's memory limit (it spills to state_dir/tmp beyond it), e.g. '2GB'",

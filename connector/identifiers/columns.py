@@ -38,8 +38,10 @@ def as_bool(col: pa.Array | pa.ChunkedArray) -> Mask:
 class ColumnNormalizer:
     """Normalizes a segment's identifier columns for some platforms, in SQL where it can."""
 
-    def __init__(self, identifiers: Mapping[str, str], platforms: Sequence[str], region: str) -> None:
+    def __init__(self, identifiers: Mapping[str, str], platforms: Sequence[str], region: str,
+                 threads: int | None = None) -> None:  # fmt: skip
         self.identifiers = dict(identifiers)
+        self.threads = threads  # DataFusion's, for `clean` (default: one per core)
         self.platforms = sorted(set(platforms))
         self.region = region
         self.in_sql = set(self.identifiers) <= SQL_FIELDS
@@ -94,7 +96,7 @@ class ColumnNormalizer:
                                          names=[f"raw_{f}" for f in self.identifiers])  # fmt: skip
         if not self.in_sql:
             return raw
-        return run_sql(self._clean_sql, raw)
+        return run_sql(self._clean_sql, raw, self.threads)
 
     def fallback_count(self, cleaned: pa.RecordBatch) -> int:
         return sum(int(as_bool(cleaned.column(f"fb_{f}")).sum()) for f in self.identifiers) if self.in_sql else 0

@@ -42,7 +42,8 @@ def member_key(value: str) -> str:
     return hashlib.sha256((KEY_NAMESPACE + value).encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32) -> dict[str, pa.Array]:
+def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32,
+                   threads: int | None = None) -> dict[str, pa.Array]:  # fmt: skip
     """SHA-256 digests (binary, their first `size` bytes; NULL where the value is NULL) of whole string
     columns: for each name, `(values, prefix)` hashes `prefix + value`. Hashed by DataFusion (Rust `sha2`,
     with the CPU's SHA instructions where it has them), which returns the digests as bytes: a fifth of the
@@ -53,17 +54,17 @@ def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32) 
     batch = pa.RecordBatch.from_arrays([v for v, _ in columns.values()], names=names)
     exprs = [f"sha256({_literal(prefix)} || {c}) AS {c}" if prefix else f"sha256({c}) AS {c}"
              for c, (_, prefix) in zip(names, columns.values(), strict=True)]  # fmt: skip
-    out = run_sql(f"SELECT {', '.join(exprs)} FROM batch", batch)  # noqa: S608 - names of ours, prefixes literal()
+    out = run_sql(f"SELECT {', '.join(exprs)} FROM batch", batch, threads)  # noqa: S608 - names of ours, prefixes literal()
     return {name: _first(out.column(c), size) for name, c in zip(columns, names, strict=True)}
 
 
-def run_sql(query: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+def run_sql(query: str, batch: pa.RecordBatch, threads: int | None = None) -> pa.RecordBatch:
     """DataFusion's result of `query` (a projection) over one batch (the table `batch`), rows in their
-    order: the batch is cut in one slice per core, each its own partition, and the partitions' results
-    are put back in order."""
+    order: the batch is cut in one slice per thread (`threads`, default one per core), each its own
+    partition, and the partitions' results are put back in order."""
     ctx = _context()
     n = batch.num_rows
-    step = max(1, -(-n // _PARTITIONS))
+    step = max(1, -(-n // (threads or _PARTITIONS)))
     ctx.register_record_batches("batch", [[batch.slice(i, step)] for i in range(0, n, step)] or [[batch]])
     try:
         df = ctx.sql(query)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,11 +28,12 @@ def test_digests_are_hashlibs_row_by_row(values: list[str | None], prefix: str) 
     assert sha256_columns({"k": (arr, prefix)}, size=16)["k"].to_pylist() == _want(values, prefix, 16)
 
 
-def test_a_large_column_keeps_its_order() -> None:
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_a_large_column_keeps_its_order(threads: int | None) -> None:
     """Rows come back in their order however the hashing is split (a batch of the engine's size)."""
     values = [None if i % 7 == 0 else f"user{i}@example.com" for i in range(150_000)]
     arr = pa.chunked_array([values[:70_000], values[70_000:]], pa.string())
-    got = sha256_columns({"e": (arr.combine_chunks(), "")})["e"]
+    got = sha256_columns({"e": (arr.combine_chunks(), "")}, threads=threads)["e"]
     assert len(got) == len(values)
     assert got.to_pylist() == _want(values, "")
 
