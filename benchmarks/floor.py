@@ -6,9 +6,9 @@ A cold sync into Meta and Google cannot do less than: read the source once; comp
 and, per platform, the SHA-256 of each identifier in that platform's form (email once, plus Google's
 form of Gmail addresses; the phone twice: `1...` for Meta, `+1...` for Google); write what was sent.
 This script measures those three steps alone, on values already cleaned (no trimming, no validation,
-no fallback), with every SHA-256 implementation at hand (DuckDB's `sha256` on all cores; DataFusion's,
-which the engine uses, on one thread per 100,000-row batch as the engine calls it; Python's `hashlib` on
-one: a thread pool does not help `hashlib` on short values, it holds the GIL), and, in
+no fallback), with every SHA-256 implementation at hand (DuckDB's `sha256` on all cores and on one;
+DataFusion's, which the engine uses, 100,000 rows at a time on every core as the engine calls it; Python's
+`hashlib` on one: a thread pool does not help `hashlib` on short values, it holds the GIL), and, in
 the same run, the SDK per-row baseline of `pipeline.py`. It prints one table and, from it, the fastest
 a cold sync of both platforms could possibly go here, against the SDK.
 """

@@ -473,23 +473,37 @@ class Planner:
             # the first pair's side carries only what is compared (a key there would go into the hash table)
             compared = list(dict.fromkeys([*jcols, *cols]))
             a = ", ".join(compared)
-            # most runs the pairs hold the same members in the same states: two sums of hashes tell, for a
-            # fraction of the join (a false "same" takes two 64-bit hash sums colliding at once)
-            same = self._checksum(plan, compared, by_fp) == self._checksum(self.plans[first], compared, by_fp)
+            # the pairs mostly hold the same members in the same states: sums of hashes per bucket of the join
+            # columns tell where they do not (a false "same" takes two 64-bit hash sums colliding at once), and
+            # only those buckets are joined
+            mine, theirs = (self._checksums(p, compared, jcols, by_fp) for p in (plan, self.plans[first]))
+            buckets = sorted(b for b in mine.keys() | theirs.keys() if mine.get(b) != theirs.get(b))
+            b_rows, a_rows = self._members_sql(plan, by_fp), self._members_sql(self.plans[first], by_fp)
+            if not buckets:
+                where = "false"
+            elif len(buckets) <= _BUCKETS // 4:
+                only = f"WHERE {_bucket(jcols)} IN ({', '.join(map(str, buckets))})"
+                b_rows, a_rows = f"SELECT * FROM ({b_rows}) {only}", f"SELECT * FROM ({a_rows}) {only}"
+                where = "true"
+            else:
+                where = "true"
             with self._joins_as_written():  # the first pair's side (no keys) is the hash table
                 self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
                     SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known,
                            b.k, {", ".join(f"b.{c}" for c in self._member_columns())}
-                    FROM ({self._members_sql(plan, by_fp)}) AS b
-                    FULL JOIN (SELECT {a} FROM ({self._members_sql(self.plans[first], by_fp)})) AS a ON {on}
-                    WHERE {"false AND " if same else ""}(a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ})""")
+                    FROM ({b_rows}) AS b
+                    FULL JOIN (SELECT {a} FROM ({a_rows})) AS a ON {on}
+                    WHERE {where} AND (a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ})""")
             self._differences[i] = name
 
-    def _checksum(self, plan: PairPlan, cols: list[str], by_fp: bool) -> tuple[object, ...]:
-        """A pair's members as a multiset of `cols` tuples: their count and two sums of their hashes."""
+    def _checksums(self, plan: PairPlan, cols: list[str], jcols: Sequence[str], by_fp: bool) -> dict[int, tuple[object, ...]]:
+        """A pair's members as multisets of `cols` tuples, one per bucket of `jcols`: their count and two
+        sums of their hashes."""
         fwd, rev = ", ".join(cols), ", ".join(reversed(cols))
-        return tuple(self.con.execute(f"""SELECT count(*), sum(hash({fwd})::HUGEINT), sum(hash({rev}, 'b')::HUGEINT)
-            FROM ({self._members_sql(plan, by_fp, key="k" in cols)})""").fetchall()[0])
+        rows = self.con.execute(f"""SELECT {_bucket(jcols)} AS bk, count(*), sum(hash({fwd})::HUGEINT),
+                sum(hash({rev}, 'b')::HUGEINT)
+            FROM ({self._members_sql(plan, by_fp, key="k" in cols)}) GROUP BY bk""").fetchall()
+        return {int(r[0]): tuple(r[1:]) for r in rows}
 
     @contextmanager
     def _joins_as_written(self) -> Iterator[None]:
@@ -948,6 +962,13 @@ class Planner:
 
 
 Prefixes = npt.NDArray[np.uint64]
+
+
+_BUCKETS = 4096  # of a pair's members, for comparing two pairs
+
+
+def _bucket(cols: Sequence[str]) -> str:
+    return f"(hash({', '.join(cols)}) % {_BUCKETS})::INTEGER"
 
 
 def prefetched(reader: pa.RecordBatchReader, depth: int = 2) -> Iterator[pa.RecordBatch]:
