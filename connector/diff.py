@@ -479,14 +479,10 @@ class Planner:
             mine, theirs = (self._checksums(p, compared, jcols, by_fp) for p in (plan, self.plans[first]))
             buckets = sorted(b for b in mine.keys() | theirs.keys() if mine.get(b) != theirs.get(b))
             b_rows, a_rows = self._members_sql(plan, by_fp), self._members_sql(self.plans[first], by_fp)
-            if not buckets:
-                where = "false"
-            elif len(buckets) <= _BUCKETS // 4:
+            if 0 < len(buckets) <= _BUCKETS // 4:
                 only = f"WHERE {_bucket(jcols)} IN ({', '.join(map(str, buckets))})"
                 b_rows, a_rows = f"SELECT * FROM ({b_rows}) {only}", f"SELECT * FROM ({a_rows}) {only}"
-                where = "true"
-            else:
-                where = "true"
+            where = "true" if buckets else "false"
             with self._joins_as_written():  # the first pair's side (no keys) is the hash table
                 self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
                     SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known,

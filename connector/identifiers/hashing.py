@@ -46,8 +46,8 @@ def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32,
                    threads: int | None = None) -> dict[str, pa.Array]:  # fmt: skip
     """SHA-256 digests (binary, their first `size` bytes; NULL where the value is NULL) of whole string
     columns: for each name, `(values, prefix)` hashes `prefix + value`. Hashed by DataFusion (Rust `sha2`,
-    with the CPU's SHA instructions where it has them), which returns the digests as bytes: a fifth of the
-    CPU time of DuckDB's `unhex(sha256(...))` (see `benchmarks/floor.py`)."""
+    with the CPU's SHA instructions where it has them), which returns the digests as bytes: about a quarter
+    of the CPU time of DuckDB's `unhex(sha256(...))` (see `benchmarks/floor.py`)."""
     if not columns:
         return {}
     names = [f"c{i}" for i in range(len(columns))]
