@@ -51,10 +51,9 @@ def sha256_columns(columns: Mapping[str, tuple[pa.Array, str]], size: int = 32,
     if not columns:
         return {}
     names = [f"c{i}" for i in range(len(columns))]
-    batch = pa.RecordBatch.from_arrays([v for v, _ in columns.values()], names=names)
-    exprs = [f"sha256({_literal(prefix)} || {c}) AS {c}" if prefix else f"sha256({c}) AS {c}"
-             for c, (_, prefix) in zip(names, columns.values(), strict=True)]  # fmt: skip
-    out = run_sql(f"SELECT {', '.join(exprs)} FROM batch", batch, threads)  # noqa: S608 - names of ours, prefixes literal()
+    values = [pc.binary_join_element_wise(prefix, v, "") if prefix else v for v, prefix in columns.values()]
+    batch = pa.RecordBatch.from_arrays(values, names=names)
+    out = run_sql(f"SELECT {', '.join(f'sha256({c}) AS {c}' for c in names)} FROM batch", batch, threads)  # noqa: S608 - names of ours
     return {name: _first(out.column(c), size) for name, c in zip(columns, names, strict=True)}
 
 
@@ -77,10 +76,6 @@ def run_sql(query: str, batch: pa.RecordBatch, threads: int | None = None) -> pa
     if out.num_rows != n:
         raise RuntimeError(f"DataFusion returned {out.num_rows} rows for {n}")
     return out.combine_chunks().to_batches()[0] if n else pa.RecordBatch.from_pylist([], schema=schema)
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _first(digests: pa.Array, size: int) -> pa.Array:
