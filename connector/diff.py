@@ -159,6 +159,12 @@ class PairInput:
         """SQL of its current rows, states settled."""
         return None if self.current is None else resolved_sql(self.current, *self.journal)
 
+    def resolved_where(self, condition: str) -> str:
+        """SQL of its current rows that meet `condition` (on columns other than the state's), states
+        settled: only those rows are joined with the journal."""
+        assert self.current is not None
+        return resolved_sql(f"SELECT * FROM ({self.current}) WHERE {condition}", *self.journal)
+
 
 @dataclass(slots=True)
 class PairPlan:
@@ -793,9 +799,9 @@ class Planner:
         con.execute(f"CREATE OR REPLACE TEMP TABLE gone_{tag} AS SELECT k FROM gone0_{tag} EXCEPT SELECT k FROM cand_{tag}")
         # the pair's rows this plan can touch: changed and departed members, and every owed removal
         con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.current}) WHERE kind = {OWED}")
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE old_{tag} AS SELECT * FROM ({inp.resolved}) WHERE k IN (
-            SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL SELECT k FROM owedk_{tag}
-            UNION ALL SELECT k FROM unmatched_{tag})""")
+        touched = (f"k IN (SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL "
+                   f"SELECT k FROM owedk_{tag} UNION ALL SELECT k FROM unmatched_{tag})")  # fmt: skip
+        con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {inp.resolved_where(touched)}")
         plan._read = True
         return tag
 
@@ -888,11 +894,12 @@ class Planner:
         if n_owed:
             # the pair's other members that may hold one: those with the first payload field of one
             first = f"{keys[0]} IN (SELECT {keys[0]} FROM owed_{tag})" + (f" OR {keys[0]} IS NULL" if n_null else "")
+            holders = inp.resolved_where(f"kind = {MEMBER} AND ({first})")
             con.execute(f"""DELETE FROM owed_{tag} WHERE ph IN (
               SELECT {ph_new} FROM members_{tag} WHERE st IN ({ON}, {MAYBE}, {SENT})
               UNION ALL
-              SELECT ph FROM (SELECT k, {ph_new} AS ph FROM ({inp.resolved})
-                              WHERE kind = {MEMBER} AND st IN ({ON}, {MAYBE}) AND ({first}))
+              SELECT ph FROM (SELECT k, {ph_new} AS ph FROM ({holders})
+                              WHERE st IN ({ON}, {MAYBE}))
                 WHERE ph IN (SELECT ph FROM owed_{tag}) AND k NOT IN (SELECT k FROM touched_{tag}))""")
         size = inp.batch_size
         n_rm = con.execute(f"SELECT count(*) FROM owed_{tag}").fetchall()[0]

@@ -57,30 +57,39 @@ def current_sql(files: PairFiles, pointer: PairPointer, schema: pa.Schema) -> st
 
 def register_journal(con: duckdb.DuckDBPyConnection, journal: Journal, segment: str, destination: str,
                      tag: str) -> tuple[str, str]:  # fmt: skip
-    """Register the pair's acknowledged batches and rejections as DuckDB views; returns their names."""
+    """Register the pair's acknowledged batches and rejections as DuckDB views; returns their names (the
+    rejections' is "" when the platform refused no member: resolving then reads no member key)."""
     acks, rej = f"acks_{tag}", f"rej_{tag}"
     con.register(acks, journal.acks(segment, destination))
-    con.register(rej, journal.rejections(segment, destination))
+    rejections = journal.rejections(segment, destination)
+    if not rejections.num_rows:
+        return acks, ""
+    con.register(rej, rejections)
     return acks, rej
 
 
 def resolved_sql(current: str, acks: str, rej: str) -> str:
     """`current` with each sent row's state settled: st becomes ON, REJECTED, MAYBE (members) or, for
     owed removals, ON (done) / TO_SEND (owed still); `acc` is when the platform accepted it; `pending`:
-    Google has not confirmed its request yet."""
+    Google has not confirmed its request yet. `rej` "": no rejections."""
+    if rej:
+        owed_done = "a.ok AND coalesce(NOT rj.deferred, true)"
+        refused = f"WHEN rj.k IS NOT NULL AND rj.deferred THEN {TO_SEND} WHEN rj.k IS NOT NULL THEN {REJECTED}"
+        join = f"LEFT JOIN {rej} AS rj ON cur.st = {SENT} AND rj.k = cur.k AND rj.run = cur.run"
+    else:
+        owed_done, refused, join = "a.ok", "", ""
     return f"""
     SELECT cur.* EXCLUDE (st, acc),
       CASE WHEN cur.st <> {SENT} THEN cur.st
-           WHEN cur.kind = {OWED} THEN CASE WHEN a.ok AND coalesce(NOT rj.deferred, true) THEN {ON} ELSE {TO_SEND} END
-           WHEN rj.k IS NOT NULL AND rj.deferred THEN {TO_SEND}
-           WHEN rj.k IS NOT NULL THEN {REJECTED}
+           WHEN cur.kind = {OWED} THEN CASE WHEN {owed_done} THEN {ON} ELSE {TO_SEND} END
+           {refused}
            WHEN a.ok THEN {ON}
            ELSE {MAYBE} END::UTINYINT AS st,
       CASE WHEN cur.st = {SENT} THEN a.acked_at ELSE cur.acc END AS acc,
       coalesce(cur.st = {SENT} AND a.pending, false) AS pending
     FROM ({current}) AS cur
     LEFT JOIN {acks} AS a ON cur.st = {SENT} AND a.run = cur.run AND a.b = cur.b
-    LEFT JOIN {rej} AS rj ON cur.st = {SENT} AND rj.k = cur.k AND rj.run = cur.run
+    {join}
     """
 
 
