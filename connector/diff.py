@@ -376,17 +376,20 @@ class Planner:
             todo.append(f"(pres AND (kk IS NOT NULL OR lk) AND NOT {same}) AS todo{i}")
         anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
-        outs = ["pres", "kk AS k", "fp", "fq", "pres AND kk IS NULL AND NOT lk AS nokey", "(" + anytodo + ") AS anytodo"]
-        if by_fp:  # the first pair's fingerprint of a row whose key is to be looked up
-            outs += [f"CASE WHEN kk IS NULL AND lk THEN {c}0 END AS {c}" for c in ("lfp", "lfq")]
+        outs = ["pres", "kk AS k", "pres AND kk IS NULL AND NOT lk AS nokey", "(" + anytodo + ") AS anytodo"]
+        if by_fp:  # a member who left has the fingerprint of the first pair's member; `lookup`: a key to look up by it
+            outs += ["coalesce(fp, lfp0) AS fp", "coalesce(fq, lfq0) AS fq", "kk IS NULL AND lk AS lookup"]
+        else:
+            outs += ["fp", "fq"]
         for i, p in enumerate(self.plans):
             if p.input.current is not None:
                 outs += [f"in{i}", f"same{i}", f"cls{i}", f"left{i}"]
         outs += [f"todo{i}" for i in range(len(self.plans))]
+        ident = ["k", "fp", "fq"]  # what tells the rows to plan apart
+        own = [*ident, *alias.values()]  # a row's own columns (the others are flags)
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
-        ident = ["k", "fp", "fq", *(["lfp", "lfq"] if by_fp else [])]  # what tells the rows to plan apart
-        own = [*ident, *alias.values()]  # a row's own columns (the others are flags)
+            own.append("cons")
         if valued:
             outs.append("tier")
             own.append("tier")
@@ -404,9 +407,13 @@ class Planner:
             masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
             masked += [f"any_value(CASE WHEN {keep} THEN {c} END) AS {c}" for c in own if c not in ident]
             flag_cols = [o.rsplit(" AS ", 1)[-1] for o in outs if o.rsplit(" AS ", 1)[-1] not in own]
+            packed, unpacked = _packed(flag_cols)
+            codes = [f"code{j}" for j in range(len(packed))]
             rows = (
-                f"SELECT {', '.join(flag_cols)}, {', '.join(masked)}, count(*) AS n FROM ({rows}) "
-                f"GROUP BY {', '.join(flag_cols)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)}"
+                f"SELECT {', '.join(unpacked)}, * EXCLUDE ({', '.join(codes)}) FROM ("
+                f"SELECT {', '.join(codes)}, {', '.join(masked)}, count(*) AS n FROM "
+                f"(SELECT *, {', '.join(f'{e} AS {c}' for e, c in zip(packed, codes, strict=True))} FROM ({rows})) "
+                f"GROUP BY {', '.join(codes)}, {', '.join(f'CASE WHEN {keep} THEN {c} END' for c in ident)})"
             )
             if by_fp:
                 assert first is not None
@@ -419,11 +426,11 @@ class Planner:
         return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
 
     def _with_keys(self, rows: str, plan: PairPlan) -> str:
-        """`rows` with the keys they lack taken from `plan`'s members with their fingerprint (`lfp`, `lfq`):
-        the few rows to plan are the hash table, the members stream past it."""
+        """`rows` with the keys they lack (`lookup`) taken from `plan`'s members with their fingerprint: the
+        few rows to plan are the hash table, the members stream past it."""
         members = f"SELECT k, {self._fingerprint_sql(by_fp=True)} FROM ({plan.input.current}) WHERE kind = {MEMBER}"
-        return (f"SELECT g.* EXCLUDE (k, lfp, lfq), coalesce(g.k, m.k) AS k FROM ({members}) AS m "
-                f"RIGHT JOIN ({rows}) AS g ON m.fp = g.lfp AND m.fq = g.lfq")  # fmt: skip
+        return (f"SELECT g.* EXCLUDE (k, lookup), coalesce(g.k, m.k) AS k FROM ({members}) AS m "
+                f"RIGHT JOIN ({rows}) AS g ON g.lookup AND m.fp = g.fp AND m.fq = g.fq")  # fmt: skip
 
     def _valued(self) -> bool:
         """Whether the pass compares members' values (the segment has them and a pair sends them)."""
@@ -968,6 +975,28 @@ Prefixes = npt.NDArray[np.uint64]
 
 
 _BUCKETS = 4096  # of a pair's members, for comparing two pairs
+
+
+def _packed(flags: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The pass's flag columns packed into as few UBIGINTs as hold them (booleans a bit each, NULL as false;
+    the state classes `cls*` three bits, NULL as 0), and the select list that unpacks them again: grouping by
+    one or two integers costs a fraction of grouping by a dozen columns."""
+    packed: list[list[str]] = [[]]
+    unpacked, shift = [], 0
+    for f in flags:
+        width = 3 if f.startswith("cls") else 1
+        if shift + width > 64:
+            packed.append([])
+            shift = 0
+        code = f"code{len(packed) - 1}"
+        if width == 3:
+            packed[-1].append(f"(coalesce({f} + 1, 0)::UBIGINT << {shift})")
+            unpacked.append(f"(nullif(({code} >> {shift}) & 7, 0) - 1)::UTINYINT AS {f}")
+        else:
+            packed[-1].append(f"((CASE WHEN {f} THEN 1 ELSE 0 END)::UBIGINT << {shift})")
+            unpacked.append(f"(({code} >> {shift}) & 1) = 1 AS {f}")
+        shift += width
+    return [" | ".join(p) for p in packed], unpacked
 
 
 def _bucket(cols: Sequence[str]) -> str:

@@ -8,11 +8,12 @@ For each (segment, destination) pair, in this order:
    its new member file (base, or cumulative delta) is written and fsynced before anything is sent;
 3. guardrails, dry run;
 4. one transaction moves the pair's pointer to that file: the write-ahead point;
-5. removals, then additions, 10,000 a call, straight from the file's columns, each pair on a thread of its
-   own (a segment's destinations are sent to at once); each acknowledged call is one journal row, so a
-   crash re-sends at most the batch in flight of each pair;
-6. requests are polled again, a large delta is compacted into a new base, unreferenced files go,
-   counts are recorded, the lookalike is made sure of and the audience status read.
+5. removals, then additions (`connector.sending`), each pair on a thread of its own (a segment's
+   destinations are sent to at once); each acknowledged call is one journal row, so a crash re-sends at
+   most the batch in flight of each pair;
+6. requests are polled again (`connector.audiences`), a large delta is compacted into a new base,
+   unreferenced files go, counts are recorded (`connector.ledger.recovery.settle`), the lookalike is made
+   sure of and the audience status read (`connector.audiences`).
 
 Removals go before additions so that a member whose identifiers changed (old payload removed, new
 payload added) never loses an identifier the two payloads share.
@@ -30,23 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from connector.audiences import ensure_lookalike, reconcile, record_status
 from connector.destinations import build_destination, value_support
 from connector.destinations.base import (
     AudienceRef,
-    BatchSession,
     Destination,
-    LookalikeRef,
-    MemberBatch,
     ValueSupport,
 )
 from connector.diff import PairInput, PairPlan, PlanCounts, Planner, SegmentSpec, check_guardrails
@@ -56,27 +50,18 @@ from connector.errors import (
     DestinationError,
     FatalError,
     GuardrailError,
-    LedgerError,
     QuotaExhaustedError,
     SourceError,
 )
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import MEMBER, OWED, SENT, PairFiles, member_root, member_schema, payload_column
-from connector.ledger.journal import ON_PLATFORM, BatchAck, Journal, PairPointer, now
-from connector.ledger.recovery import (
-    ACCEPTED,
-    compact,
-    current_sql,
-    register_journal,
-    resolved_sql,
-    state_counts,
-    state_histogram,
-    state_names,
-)
+from connector.ledger.files import PairFiles, member_root, member_schema
+from connector.ledger.journal import Journal, PairPointer, now
+from connector.ledger.recovery import ACCEPTED, current_sql, register_journal, settle
 from connector.logs import log_context
 from connector.progress import Progress, ProgressEvent
 from connector.retry import RetryStats
 from connector.segments import SegmentSources, source_header
+from connector.sending import Sender
 from connector.settings import (
     TIER_COLUMN,
     ConnectorSettings,
@@ -91,9 +76,6 @@ log = logging.getLogger("connector.engine")
 DestinationFactory = Callable[[str, DestinationConfig, Path, RetryStats], Destination]
 # (segment, destination) -> a context manager held while the pair is planned and pushed
 PairLock = Callable[[str, str], AbstractContextManager[object]]
-
-COMPACT_SHARE = 0.2  # a delta past this share of its base is folded into a new base
-
 
 class Interrupted(ConnectorError):
     """Shutdown was requested: the batch in flight was committed, the rest waits for the next run."""
@@ -414,7 +396,7 @@ class Engine:
                 log.info("%s -> %s: %s", segment, pair.name, note)
                 pair.result.notes.append(note)
         if not opts.dry_run:
-            self._reconcile(segment, pair.name)
+            reconcile(self.ledger, segment, pair.name, self.destination(pair.name))
             dest = self.destination(pair.name)
             pair.audience = self._ensure_audience(segment, pair, dest)
         else:
@@ -429,7 +411,7 @@ class Engine:
         inputs = []
         for i, pair in enumerate(pairs):
             assert pair.files is not None
-            current = current_sql(pair.files, pair.pointer, _schema(pair.payload_keys))
+            current = current_sql(pair.files, pair.pointer, member_schema(pair.payload_keys))
             journal = register_journal(con, self.ledger, segment, pair.name, f"{i}") if current is not None else ("", "")
             expire_before = None
             if isinstance(pair.config, GoogleDestinationConfig):
@@ -525,13 +507,16 @@ class Engine:
         assert plan is not None
         if pair.path is None:
             return
-        dest = self.destination(pair.name)
+        assert pair.audience is not None
+        sender = Sender(self.ledger, segment, pair.name, self.destination(pair.name), pair.audience, plan,
+                        pair.payload_keys, pair.values.mode != "none", self._check_stop, self._progress)  # fmt: skip
         t0 = time.monotonic()
         if plan.input.full_refresh:
-            res.write_calls += self._replace(segment, pair, dest, pair.path)
+            res.write_calls += sender.replace(pair.path)
             self.ledger.update_audience(segment, pair.name, last_replace_at=now())
         else:
-            res.write_calls += self._push(segment, pair, dest, pair.path)
+            res.write_calls += sender.push(pair.path)
+            res.deferred += sender.deferred
         res.phases["sending"] = time.monotonic() - t0
 
     def _finish_pair(self, con: duckdb.DuckDBPyConnection, segment: str, seg: SegmentConfig, pair: _Pair) -> None:
@@ -540,11 +525,16 @@ class Engine:
         res = pair.result
         assert pair.audience is not None
         t0 = time.monotonic()
-        self._reconcile(segment, pair.name)
+        reconcile(self.ledger, segment, pair.name, dest)
         self._settle(con, segment, pair)
         res.phases["settling"] = time.monotonic() - t0
-        self._lookalike(segment, seg, pair, dest)
-        self._read_status(segment, pair.name, dest, pair.audience)
+        spec = seg.lookalike.meta if pair.platform == "meta" else seg.lookalike.google
+        if spec is not None:
+            res.lookalike_id, res.lookalike_state, warning = ensure_lookalike(self.ledger, segment, pair.name, dest,
+                                                                              pair.audience, spec)  # fmt: skip
+            if warning:
+                res.status, res.warning = "warning", warning
+        record_status(self.ledger, segment, pair.name, dest, pair.audience)
         res.rejected_reasons = self.ledger.rejected_reasons(segment, pair.name)
         res.rejected = sum(res.rejected_reasons.values())
 
@@ -582,201 +572,16 @@ class Engine:
         if self.stop.is_set() or self._abort.is_set():
             raise Interrupted("shutdown requested; committed batches are kept, the rest is sent on the next run")
 
-    def _batches(self, pair: _Pair, path: Path, members_only: bool = False) -> Iterator[tuple[int, int, MemberBatch]]:
-        """(b, kind, members) of each batch this run sends, read from its file in the file's order (batch
-        numbers ascending: the file was written so)."""
-        assert pair.plan is not None
-        keys = [payload_column(k) for k in pair.payload_keys]
-        pending: list[pa.RecordBatch] = []
-        cur = last = -1
-
-        def flush() -> tuple[int, int, MemberBatch]:
-            t = pa.Table.from_batches(pending).combine_chunks()
-            payload = {k: t.column(payload_column(k)).chunk(0) for k in pair.payload_keys}
-            consent = t.column("c").chunk(0)
-            values = t.column("v").chunk(0) if pair.values.mode != "none" else None
-            batch = MemberBatch(t.column("k").chunk(0), payload, consent if consent.null_count < len(consent) else None,
-                                values)  # fmt: skip
-            return cur, int(t.column("kind")[0].as_py()), batch
-
-        # pre_buffer=False: pyarrow's pre-buffering keeps every row group read so far until the reader ends
-        # (1.2 GB for a 10M-member file); without it one row group at a time is held
-        reader = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=pair.plan.input.batch_size,
-                                                   columns=["k", "kind", "st", "run", "b", *keys, "c", "v"])  # fmt: skip
-        for rb in reader:
-            sending = pc.and_(pc.equal(rb.column("run"), pair.run_id), pc.equal(rb.column("st"), SENT))
-            if members_only:
-                sending = pc.and_(sending, pc.equal(rb.column("kind"), MEMBER))
-            rb = rb.filter(pc.fill_null(sending, False))
-            if not rb.num_rows:
-                continue
-            b = rb.column("b").to_numpy(zero_copy_only=False)
-            starts = [0, *(np.flatnonzero(np.diff(b)) + 1).tolist(), len(b)]
-            for s, e in pairwise(starts):
-                value = int(b[s])
-                if value != cur:
-                    if value < last:
-                        raise LedgerError("a member file is out of batch order; run again with --full-refresh")
-                    if pending:
-                        yield flush()
-                    pending, cur, last = [], value, value
-                pending.append(rb.slice(s, e - s))
-        if pending:
-            yield flush()
-
-    def _push(self, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
-        plan, res = pair.plan, pair.result
-        assert plan is not None and pair.audience is not None
-        sid = int(time.time() * 1000) % (1 << 62)
-        calls = sent = 0
-        seq = {OWED: 0, MEMBER: 0}
-        totals = {OWED: plan.remove_batches, MEMBER: plan.add_batches}
-        estimated = {OWED: plan.counts.removes + plan.counts.changes, MEMBER: plan.sends}
-        for b, kind, batch in self._batches(pair, path):
-            self._check_stop()
-            seq[kind] += 1
-            n = max(totals[kind], seq[kind])
-            session = BatchSession(session_id=sid + kind, seq=seq[kind], last=seq[kind] >= n, estimated_total=estimated[kind])
-            if kind == OWED:
-                out = dest.remove_members(pair.audience, batch, session)
-                res.deferred += len(out.deferred)
-                ack = BatchAck(pair.run_id, b, "remove", len(batch), out.request_id, deferred=dict(out.deferred))
-            else:
-                out = dest.add_members(pair.audience, batch, session)
-                ack = BatchAck(pair.run_id, b, "add", len(batch), out.request_id, "pending" if out.pending else "ok",
-                               rejected=dict(out.rejected))  # fmt: skip
-            calls, sent = calls + 1, sent + len(batch)
-            self.ledger.ack_batch(segment, pair.name, ack)
-            if self._progress:
-                self._progress(ProgressEvent(segment, pair.name, "sending", sent, plan.sends))
-        if calls:
-            dest.finish(pair.audience)
-            if self._progress:
-                self._progress(ProgressEvent(segment, pair.name, "done", sent, plan.sends))
-        return calls
-
-    def _replace(self, segment: str, pair: _Pair, dest: Destination, path: Path) -> int:
-        plan = pair.plan
-        assert plan is not None and pair.audience is not None
-        sent = 0
-
-        def batches() -> Iterator[MemberBatch]:
-            nonlocal sent
-            for _, _, batch in self._batches(pair, path, members_only=True):
-                self._check_stop()
-                sent += 1
-                yield batch
-
-        out = dest.replace_members(pair.audience, batches(), plan.sends)
-        self.ledger.ack_batch(segment, pair.name, BatchAck(pair.run_id, 0, "replace", plan.sends, out.request_id,
-                                                           "pending" if out.pending else "ok",
-                                                           rejected=dict(out.rejected)))  # fmt: skip
-        return max(1, sent)
-
-    def _reconcile(self, segment: str, dest_name: str) -> None:
-        ids = self.ledger.pending_requests(segment, dest_name)
-        if not ids:
-            return
-        rec = self.ledger.get_audience(segment, dest_name)
-        if rec is None:
-            return
-        dest = self.destination(dest_name)
-        outcomes = dest.reconcile(AudienceRef(rec.audience_id, rec.name, dict(rec.extra)), ids)
-        for rid, outcome in outcomes.items():
-            if outcome.state == "succeeded":
-                self.ledger.resolve_request(segment, dest_name, rid, True, None, outcome.rejected)
-            elif outcome.state == "failed":
-                log.warning("%s/%s: request failed on the platform (%s); its members will be sent again",
-                            segment, dest_name, outcome.reason)  # fmt: skip
-                self.ledger.resolve_request(segment, dest_name, rid, False, outcome.reason, outcome.rejected)
-
     def _settle(self, con: duckdb.DuckDBPyConnection, segment: str, pair: _Pair) -> None:
-        """After the pushes: fold a large delta into a new base, drop unreferenced files, record counts."""
+        """After the pushes: a large delta folded into a new base, unreferenced files dropped, counts recorded."""
         assert pair.files is not None
-        schema = _schema(pair.payload_keys)
-        pointer = pair.pointer
-        tag = f"s{pair.run_id}"
-        current = current_sql(pair.files, pointer, schema)
-        if current is None:
-            self.ledger.set_counts(segment, pair.name, {})
-            return
-        acks, rej = register_journal(con, self.ledger, segment, pair.name, tag)
-        resolved = resolved_sql(current, acks, rej)
-        states = self._states_after(con, pair, tag, acks, rej)
-        if pointer.delta and pointer.base:
-            base_rows = pq.ParquetFile(pair.files.path(pointer.base)).metadata.num_rows
-            delta_rows = pq.ParquetFile(pair.files.path(pointer.delta)).metadata.num_rows
-            if delta_rows > COMPACT_SHARE * base_rows:
-                name = pair.files.new_name("base", pair.run_id)
-                compact(con, pair.files, pointer, pair.payload_keys, resolved, name)
-                pair.files.publish(name)
-                pair.pointer = pointer = self.ledger.move_pair(segment, pair.name, pointer, name, None, pair.run_id)
-                self.ledger.forget_batches(segment, pair.name, pair.run_id)
-                current = current_sql(pair.files, pointer, schema)
-                assert current is not None
-                acks, rej = register_journal(con, self.ledger, segment, pair.name, tag)
-                resolved = resolved_sql(current, acks, rej)
-        pair.files.collect([pointer.base, pointer.delta])
-        counts = state_names(states) if states is not None else state_counts(con, resolved)
-        self.ledger.set_counts(segment, pair.name, counts)
-
-    @staticmethod
-    def _states_after(con: duckdb.DuckDBPyConnection, pair: _Pair, tag: str, acks: str, rej: str) -> list[int] | None:
-        """The pair's members by state now, from its plan: the members its file left as they were (their
-        states cannot have changed since planning, none awaiting a Google confirmation) and the member rows
-        it wrote, settled by this run's acknowledgements. None when only reading the pair again tells."""
         plan = pair.plan
-        if plan is None or plan.kept_states is None or plan.rewritten is None or plan.kept_states[ACCEPTED]:
-            return None
-        con.register(f"rewritten_{tag}", plan.rewritten)
-        rewritten = state_histogram(con, resolved_sql(f"SELECT * FROM rewritten_{tag}", acks, rej))
-        return [a + b for a, b in zip(plan.kept_states, rewritten, strict=True)]
-
-    def _lookalike(self, segment: str, seg: SegmentConfig, pair: _Pair, dest: Destination) -> None:
-        spec_model = seg.lookalike.meta if pair.platform == "meta" else seg.lookalike.google
-        if spec_model is None or pair.audience is None:
-            return
-        res = pair.result
-        rec = self.ledger.get_audience(segment, pair.name)
-        known = (
-            LookalikeRef(rec.lookalike_id, rec.lookalike_state or "created", dict(rec.lookalike_details))
-            if rec and rec.lookalike_id
-            else None
-        )
-        counts = self.ledger.counts(segment, pair.name)
-        seed = sum(counts.get(s, 0) for s in ON_PLATFORM)
-        try:
-            ref = dest.ensure_lookalike(pair.audience, spec_model.model_dump(exclude_none=True), known, seed)
-        except DestinationError as exc:
-            res.status = "warning"
-            res.warning = f"lookalike not created: {exc}"
-            log.warning("%s -> %s: %s", segment, pair.name, res.warning)
-            return
-        if ref is None:
-            res.lookalike_state = f"waiting for seed (>= {spec_model.min_seed_size} matched members)"
-            return
-        if not ref.lookalike_id:
-            res.lookalike_state = ref.state  # not available for this destination; the reason is in the state
-            return
-        res.lookalike_id, res.lookalike_state = ref.lookalike_id, ref.state
-        self.ledger.update_audience(segment, pair.name, lookalike_id=ref.lookalike_id, lookalike_state=ref.state,
-                                    lookalike_details=ref.details)  # fmt: skip
-
-    def _read_status(self, segment: str, dest_name: str, dest: Destination, audience: AudienceRef | None) -> None:
-        if audience is None:
-            return
-        try:
-            st = dest.audience_status(audience)
-        except DestinationError as exc:
-            log.warning("%s -> %s: could not read audience status: %s", segment, dest_name, exc)
-            return
-        self.ledger.update_audience(
-            segment, dest_name,
-            last_status={"size_lower": st.size_lower, "size_upper": st.size_upper, "match_rate": st.match_rate,
-                         "state": st.state, **st.details},
-            last_status_at=now(),
-        )  # fmt: skip
-
+        planned = None
+        # the plan's counts hold unless a member awaits a Google confirmation (then only reading the pair tells)
+        if plan is not None and plan.kept_states is not None and plan.rewritten is not None:
+            planned = None if plan.kept_states[ACCEPTED] else (plan.kept_states, plan.rewritten)
+        pair.pointer = settle(con, self.ledger, segment, pair.name, pair.files, pair.pointer, pair.payload_keys,
+                              pair.run_id, planned)  # fmt: skip
 
 def _serialized(progress: Progress) -> Progress:
     """`progress`, called by one thread at a time (pairs are sent at once)."""
@@ -787,10 +592,6 @@ def _serialized(progress: Progress) -> Progress:
             progress(ev)
 
     return report
-
-
-def _schema(payload_keys: Sequence[str]) -> pa.Schema:
-    return member_schema(payload_keys)
 
 
 __all__ = ["Engine", "RunResult", "SourceError", "SyncOptions"]

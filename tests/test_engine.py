@@ -457,7 +457,7 @@ def _states_read_back(h: Harness, dest: str) -> dict[str, int]:
     from connector.identifiers.normalize import Normalizer
     from connector.ledger.files import PairFiles, member_root, member_schema
     from connector.ledger.journal import Journal
-    from connector.ledger.recovery import current_sql, register_journal, resolved_sql, state_counts
+    from connector.ledger.recovery import current_sql, register_journal, resolved_sql, state_histogram, state_names
 
     seg = h.settings.segments["vip"]
     keys = Normalizer(dest, list(seg.identifiers), seg.default_region).schema()
@@ -466,7 +466,8 @@ def _states_read_back(h: Harness, dest: str) -> dict[str, int]:
         current = current_sql(PairFiles(member_root(h.settings), "vip", dest), journal.pointer("vip", dest),
                               member_schema(keys))  # fmt: skip
         assert current is not None
-        return state_counts(con, resolved_sql(current, *register_journal(con, journal, "vip", dest, "t")))
+        # the histogram itself: the test below counts calls of `state_counts`, the settling's full read
+        return state_names(state_histogram(con, resolved_sql(current, *register_journal(con, journal, "vip", dest, "t"))))
     finally:
         con.close()
         journal.close()
@@ -476,7 +477,7 @@ def test_the_counts_a_run_records_are_its_members_states(harness: Harness, monke
     """After a warm run the pair's counts come from its plan and the acknowledgements, not from reading
     every member again; they equal such a read, run after run (the destinations' members differ in
     state: Meta refuses one of them)."""
-    import connector.engine as engine_module
+    import connector.ledger.recovery as recovery_module
     from connector.identifiers.hashing import sha256_hex
     from connector.ledger.journal import Journal
 
@@ -487,7 +488,7 @@ def test_the_counts_a_run_records_are_its_members_states(harness: Harness, monke
     rows = [person(i) for i in range(12)]
     harness.sync(rows)
     full_reads = []
-    monkeypatch.setattr(engine_module, "state_counts", lambda *a: full_reads.append(a) or {})
+    monkeypatch.setattr(recovery_module, "state_counts", lambda *a: full_reads.append(a) or {})
     steps = [
         rows,
         [*rows[1:], person(30)],  # one leaves, one joins

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from connector.identifiers.columns import CLEAR_KEYS
 from connector.ledger.files import (
@@ -137,6 +138,46 @@ def compact(con: duckdb.DuckDBPyConnection, files: PairFiles, pointer: PairPoint
     path = files.path(name)
     return path
 
+
+
+COMPACT_SHARE = 0.2  # a delta past this share of its base is folded into a new base
+
+
+def settle(con: duckdb.DuckDBPyConnection, journal: Journal, segment: str, destination: str, files: PairFiles,
+           pointer: PairPointer, payload_keys: Sequence[str], run_id: int,
+           planned: tuple[Sequence[int], pa.Table] | None) -> PairPointer:  # fmt: skip
+    """After a run sent its file: fold a large delta into a new base, drop files nothing references, record
+    the members by state. `planned`: the members the run's file left as they were, by state, and the member
+    rows it wrote (k, kind, st, run, b, acc), which this run's acknowledgements settle: the counts without
+    reading the pair again. Returns the pair's pointer."""
+    schema = member_schema(payload_keys)
+    current = current_sql(files, pointer, schema)
+    if current is None:
+        journal.set_counts(segment, destination, {})
+        return pointer
+    tag = f"s{run_id}"
+    acks, rej = register_journal(con, journal, segment, destination, tag)
+    states = None
+    if planned is not None:
+        con.register(f"rewritten_{tag}", planned[1])
+        rewritten = state_histogram(con, resolved_sql(f"SELECT * FROM rewritten_{tag}", acks, rej))
+        states = [a + b for a, b in zip(planned[0], rewritten, strict=True)]
+    if pointer.delta and pointer.base:
+        base_rows = pq.ParquetFile(files.path(pointer.base)).metadata.num_rows
+        delta_rows = pq.ParquetFile(files.path(pointer.delta)).metadata.num_rows
+        if delta_rows > COMPACT_SHARE * base_rows:
+            name = files.new_name("base", run_id)
+            compact(con, files, pointer, payload_keys, resolved_sql(current, acks, rej), name)
+            files.publish(name)
+            pointer = journal.move_pair(segment, destination, pointer, name, None, run_id)
+            journal.forget_batches(segment, destination, run_id)
+            current = current_sql(files, pointer, schema)
+            assert current is not None
+            acks, rej = register_journal(con, journal, segment, destination, tag)
+    files.collect([pointer.base, pointer.delta])
+    counts = state_names(states) if states is not None else state_counts(con, resolved_sql(current, acks, rej))
+    journal.set_counts(segment, destination, counts)
+    return pointer
 
 
 def read_pair(journal: Journal, root: Path, segment: str, destination: str, payload_keys: Sequence[str]) -> pa.Table:
