@@ -52,23 +52,26 @@ class Sender:
         cur = last = -1
 
         def flush() -> tuple[int, int, MemberBatch]:
-            t = pa.Table.from_batches(pending).combine_chunks()
-            payload = {k: t.column(payload_column(k)).chunk(0) for k in self.payload_keys}
-            consent = t.column("c").chunk(0)
-            values = t.column("v").chunk(0) if self.values else None
-            batch = MemberBatch(t.column("k").chunk(0), payload, consent if consent.null_count < len(consent) else None,
-                                values)  # fmt: skip
+            # one slice (the usual case) is used as it is; several are put together once
+            t = pending[0] if len(pending) == 1 else pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+            payload = {k: t.column(payload_column(k)) for k in self.payload_keys}
+            consent = t.column("c")
+            values = t.column("v") if self.values else None
+            batch = MemberBatch(t.column("k"), payload, consent if consent.null_count < len(consent) else None, values)
             return cur, int(t.column("kind")[0].as_py()), batch
 
         # pre_buffer=False: pyarrow's pre-buffering keeps every row group read so far until the reader ends
-        # (1.2 GB for a 10M-member file); without it one row group at a time is held
-        reader = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=self.plan.input.batch_size,
+        # (1.2 GB for a 10M-member file); without it one row group at a time is held. Read several batches'
+        # rows at a time: fewer, larger steps
+        reader = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=max(self.plan.input.batch_size, 100_000),
                                                    columns=["k", "kind", "st", "run", "b", *keys, "c", "v"])  # fmt: skip
         for rb in reader:
             sending = pc.and_(pc.equal(rb.column("run"), run_id), pc.equal(rb.column("st"), SENT))
             if members_only:
                 sending = pc.and_(sending, pc.equal(rb.column("kind"), MEMBER))
-            rb = rb.filter(pc.fill_null(sending, False))
+            sending = pc.fill_null(sending, False)
+            if not pc.all(sending).as_py():  # a first run sends every row: nothing to filter out
+                rb = rb.filter(sending)
             if not rb.num_rows:
                 continue
             b = rb.column("b").to_numpy(zero_copy_only=False)

@@ -119,6 +119,8 @@ batches = Table(
     Column("acked_at", DateTime(timezone=True), nullable=False),
 )
 
+_INSERT_BATCH = insert(batches)  # one statement for every acknowledgement (its parameters bound per call)
+
 rejected = Table(
     "rejected",
     metadata,
@@ -377,10 +379,10 @@ class Journal:
         """One acknowledged call, in one transaction with what the platform refused in it."""
         ts = now()
         with self.engine.begin() as conn:
-            conn.execute(insert(batches).values(
-                segment=segment, destination=destination, run_id=ack.run_id, seq=ack.seq, kind=ack.kind,
-                rows=ack.rows, request_id=ack.request_id, status=ack.status, acked_at=ts,
-            ))  # fmt: skip
+            conn.execute(_INSERT_BATCH, {
+                "segment": segment, "destination": destination, "run_id": ack.run_id, "seq": ack.seq, "kind": ack.kind,
+                "rows": ack.rows, "request_id": ack.request_id, "status": ack.status, "acked_at": ts,
+            })  # fmt: skip
             self._reject(conn, segment, destination, ack.run_id, ack.rejected, deferred=False)
             self._reject(conn, segment, destination, ack.run_id, ack.deferred, deferred=True)
 
