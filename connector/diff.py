@@ -50,6 +50,7 @@ from connector.ledger.files import (
     ON,
     OWED,
     REJECTED,
+    REPLACED,
     SENT,
     TO_SEND,
     MemberWriter,
@@ -57,6 +58,8 @@ from connector.ledger.files import (
     copy_to,
     member_schema,
     payload_column,
+    read_columns,
+    sql_path,
 )
 from connector.ledger.journal import PairPointer
 from connector.ledger.recovery import ACCEPTED, CONFIRMED, PLANNED, STATES, resolved_sql, state_class
@@ -942,15 +945,21 @@ class Planner:
         plan.rewritten = con.sql(f"SELECT k, kind, st, run, b, acc FROM rewritten_{tag}").to_arrow_table()
         carried = ""
         if inp.pointer.delta:
-            from connector.ledger.files import read_columns, sql_path
-
             dpath = inp.files.path(inp.pointer.delta)
             carried = (f"UNION ALL SELECT {read_columns(dpath, schema)} FROM read_parquet({sql_path(dpath)}) "
-                       f"WHERE k NOT IN (SELECT k FROM touched_{tag})")  # fmt: skip
+                       f"WHERE kind IN ({MEMBER}, {OWED}, {GONE}) AND k NOT IN (SELECT k FROM touched_{tag})")  # fmt: skip
+        con.execute(f"CREATE OR REPLACE TEMP TABLE delta_{tag} AS SELECT {cols} FROM ({new_rows} {carried})")
+        # the base rows the delta's keys replace, by row number (and -1: the positions are listed)
+        replaced = "SELECT -1 AS pos"
+        if inp.pointer.base:
+            bpath = inp.files.path(inp.pointer.base)
+            replaced += (f" UNION ALL SELECT file_row_number FROM read_parquet({sql_path(bpath)}, file_row_number = true) "
+                         f"WHERE k IN (SELECT k FROM delta_{tag})")  # fmt: skip
         name = inp.files.new_name("delta", R)
         plan.file, plan.as_base = name, False
-        copy_to(con, inp.files, name,
-              f"SELECT {cols} FROM ({new_rows} {carried}) ORDER BY (run = {R} AND st = {SENT}) DESC, b, k")  # fmt: skip
+        copy_to(con, inp.files, name, f"""SELECT {cols} FROM (SELECT * FROM delta_{tag} UNION ALL BY NAME
+                SELECT {REPLACED}::UTINYINT AS kind, pos::INTEGER AS b FROM ({replaced}))
+            ORDER BY (run = {R} AND st = {SENT}) DESC, b, k""")  # fmt: skip
 
     def _write_replace_base(self, plan: PairPlan, tag: str, new_rows: str, cols: str) -> None:
         """A full refresh: one base holding the pair's whole new state, every member and owed removal in

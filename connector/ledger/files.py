@@ -2,12 +2,15 @@
 
 One row per member (`kind` 0) and one per payload still owed a removal (`kind` 1: a member who
 left, or the old payload of one whose identifiers changed); a delta marks a member that is gone
-entirely with a `kind` 2 row. For a key the delta names, the delta's rows replace all of the base's.
+entirely with a `kind` 2 row. For a key the delta names, the delta's rows replace all of the base's:
+the delta lists those base rows by position (`kind` 3, the base's row number in `b`, and always one with
+`b` = -1), so reading the pair drops them by row number, not by a join on 16-byte keys. A delta
+without `kind` 3 rows (written before they existed) replaces by key.
 
 Columns (narrow and binary; never a raw identifier)::
 
     k      BLOB(16)  member key: the first 16 bytes of sha256("connector:key:" + key)
-    kind   UTINYINT  0 member, 1 owed removal, 2 gone (delta only)
+    kind   UTINYINT  0 member, 1 owed removal, 2 gone, 3 a base row replaced (both delta only)
     fp, fq UBIGINT   the 128-bit fingerprint of the member's raw source row, key included: a warm run finds
                      unchanged rows by it alone (no member key computed, no normalization)
     p_*    payload exactly as sent: BLOB(32) SHA-256 digests, VARCHAR for the fields a platform wants clear
@@ -19,7 +22,7 @@ Columns (narrow and binary; never a raw identifier)::
     st     UTINYINT  0 to send, 1 on the platform, 2 rejected, 3 sent in batch (run, b): on the platform
                      once that batch is acknowledged (the control plane's `batches`), 4 maybe on the platform
     run    UINTEGER  the run that sent the row (add for members, removal for owed rows)
-    b      INTEGER   the batch of that run
+    b      INTEGER   the batch of that run (`kind` 3: the base's row number)
     acc    TIMESTAMP when the platform accepted the member (Google memberships expire from there)
 
 Files are written to a temporary name, fsynced and renamed: a reader sees a whole file or none.
@@ -55,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connector.ledger.files")
 
-MEMBER, OWED, GONE = 0, 1, 2
+MEMBER, OWED, GONE, REPLACED = 0, 1, 2, 3
 TO_SEND, ON, REJECTED, SENT, MAYBE = 0, 1, 2, 3, 4
 
 
@@ -338,6 +341,17 @@ def _duck_type(t: pa.DataType) -> str:
         return "TIMESTAMPTZ"
     return {pa.uint8(): "UTINYINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT", pa.int32(): "INTEGER",
             pa.float64(): "DOUBLE"}[t]  # fmt: skip
+
+
+def replaces_by_position(delta: Path) -> bool:
+    """Whether a delta lists the base rows it replaces by position (`kind` 3; its statistics tell)."""
+    md = pq.ParquetFile(delta).metadata
+    col = md.schema.to_arrow_schema().get_field_index("kind")
+    for i in range(md.num_row_groups):
+        stats = md.row_group(i).column(col).statistics
+        if stats is not None and stats.has_min_max and int(stats.max) >= REPLACED:
+            return True
+    return False
 
 
 def sql_path(path: Path) -> str:

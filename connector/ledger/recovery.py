@@ -22,18 +22,19 @@ import pyarrow.parquet as pq
 
 from connector.identifiers.columns import CLEAR_KEYS
 from connector.ledger.files import (
-    GONE,
     MAYBE,
     MEMBER,
     ON,
     OWED,
     REJECTED,
+    REPLACED,
     SENT,
     TO_SEND,
     PairFiles,
     copy_to,
     member_schema,
     read_columns,
+    replaces_by_position,
     sql_path,
 )
 from connector.ledger.journal import Journal, PairPointer
@@ -48,11 +49,17 @@ def current_sql(files: PairFiles, pointer: PairPointer, schema: pa.Schema) -> st
     parts = []
     if base is not None:
         b = f"SELECT {read_columns(base, schema)} FROM read_parquet({sql_path(base)})"
-        if delta is not None:
+        if delta is not None and replaces_by_position(delta):
+            # the base rows the delta replaces, by row number: an anti join on integers, the keys not read
+            b = (f"SELECT {read_columns(base, schema)} FROM read_parquet({sql_path(base)}, file_row_number = true) "
+                 f"AS base_rows ANTI JOIN (SELECT b AS pos FROM read_parquet({sql_path(delta)}) WHERE kind = {REPLACED}) "
+                 f"AS replaced ON base_rows.file_row_number = replaced.pos")  # fmt: skip
+        elif delta is not None:
             b = f"SELECT * FROM ({b}) AS base_rows WHERE k NOT IN (SELECT k FROM read_parquet({sql_path(delta)}))"
         parts.append(b)
     if delta is not None:
-        parts.append(f"SELECT {read_columns(delta, schema)} FROM read_parquet({sql_path(delta)}) WHERE kind <> {GONE}")
+        parts.append(f"SELECT {read_columns(delta, schema)} FROM read_parquet({sql_path(delta)}) "
+                     f"WHERE kind IN ({MEMBER}, {OWED})")  # fmt: skip
     return " UNION ALL ".join(parts)
 
 

@@ -10,7 +10,20 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from connector.ledger.files import GONE, MAYBE, MEMBER, ON, OWED, REJECTED, SENT, TO_SEND, PairFiles, member_schema
+from connector.ledger.files import (
+    GONE,
+    MAYBE,
+    MEMBER,
+    ON,
+    OWED,
+    REJECTED,
+    REPLACED,
+    SENT,
+    TO_SEND,
+    PairFiles,
+    member_schema,
+    replaces_by_position,
+)
 from connector.ledger.journal import BatchAck, Journal, PairPointer
 from connector.ledger.recovery import (
     STATES,
@@ -82,6 +95,27 @@ def test_a_delta_replaces_all_of_a_keys_rows_and_gone_keys_vanish(setup: tuple[J
     p = journal.move_pair("seg", "dest", PairPointer(), "base.parquet", "delta.parquet", 1)
     got = states(journal, files, p)
     assert got == {(1, MEMBER): ON, (2, MEMBER): ON}  # key 2's owed row went with the delta; key 3 is gone
+
+
+def test_a_delta_that_lists_the_base_rows_it_replaces_drops_those_rows(setup: tuple[Journal, PairFiles]) -> None:
+    """A delta names the base rows it replaces by row number (and -1: the list is there); an older delta
+    without the list replaces by key (the test above). Key 2's rows are base rows 1 and 2, key 3's row 3."""
+    journal, files = setup
+    write(files, "base.parquet", [row(1, MEMBER, ON), row(2, MEMBER, ON), row(2, OWED, TO_SEND), row(3, MEMBER, ON)])
+    replaced = [{"k": None, "kind": REPLACED, "b": pos} for pos in (-1, 1, 2, 3)]
+    write(files, "delta.parquet", [row(2, MEMBER, ON, email=b"\x09" * 32), {**row(3, GONE, ON), "p_EMAIL": None}, *replaced])
+    assert replaces_by_position(files.path("delta.parquet"))
+    p = journal.move_pair("seg", "dest", PairPointer(), "base.parquet", "delta.parquet", 1)
+    assert states(journal, files, p) == {(1, MEMBER): ON, (2, MEMBER): ON}
+    # by row number, not by key: a list that names only row 3 keeps key 2's base rows beside its delta row
+    write(files, "delta2.parquet", [row(2, MEMBER, ON, email=b"\x09" * 32), {**row(3, GONE, ON), "p_EMAIL": None},
+                                    *replaced[:1], {"k": None, "kind": REPLACED, "b": 3}])  # fmt: skip
+    p = journal.move_pair("seg", "dest", p, "base.parquet", "delta2.parquet", 1)
+    con = duckdb.connect()
+    cur = current_sql(files, p, member_schema(KEYS))
+    assert cur is not None
+    rows = sorted(con.sql(f"SELECT k, kind FROM ({cur})").fetchall())
+    assert rows == sorted([(k.to_bytes(16, "big"), kind) for k, kind in ((1, MEMBER), (2, MEMBER), (2, OWED), (2, MEMBER))])
 
 
 def test_compaction_writes_settled_states_and_keeps_what_google_has_not_confirmed(setup: tuple[Journal, PairFiles]) -> None:
