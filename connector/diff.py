@@ -59,6 +59,7 @@ from connector.ledger.files import (
     member_schema,
     payload_column,
     read_columns,
+    replaces_by_position,
     sql_path,
 )
 from connector.ledger.journal import PairPointer
@@ -147,6 +148,7 @@ class PairInput:
     current: str | None  # SQL of its rows as its files hold them (None: no member files yet)
     journal: tuple[str, str]  # its acknowledged batches and rejections (`register_journal`'s relations)
     run_id: int
+    positioned: str | None = None  # `current` with each base row's row number (`pos`), for its delta's list
     batch_size: int = 10_000
     expire_before: datetime | None = None  # Google: members accepted before this are sent again
     full_refresh: bool = False
@@ -811,7 +813,9 @@ class Planner:
         con.execute(f"CREATE OR REPLACE TEMP TABLE owedk_{tag} AS SELECT DISTINCT k FROM ({inp.current}) WHERE kind = {OWED}")
         touched = (f"k IN (SELECT k FROM cand_{tag} UNION ALL SELECT k FROM gone_{tag} UNION ALL "
                    f"SELECT k FROM owedk_{tag} UNION ALL SELECT k FROM unmatched_{tag})")  # fmt: skip
-        con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {inp.resolved_where(touched)}")
+        # with their base row numbers (`pos`), which the new delta lists as the base rows it replaces
+        rows = f"SELECT * FROM ({inp.positioned or inp.current}) WHERE {touched}"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE old_{tag} AS {resolved_sql(rows, *inp.journal)}")
         plan._read = True
         return tag
 
@@ -949,9 +953,15 @@ class Planner:
             carried = (f"UNION ALL SELECT {read_columns(dpath, schema)} FROM read_parquet({sql_path(dpath)}) "
                        f"WHERE kind IN ({MEMBER}, {OWED}, {GONE}) AND k NOT IN (SELECT k FROM touched_{tag})")  # fmt: skip
         con.execute(f"CREATE OR REPLACE TEMP TABLE delta_{tag} AS SELECT {cols} FROM ({new_rows} {carried})")
-        # the base rows the delta's keys replace, by row number (and -1: the positions are listed)
+        # the base rows the delta's keys replace, by row number (and -1: the positions are listed): the rows
+        # of the keys this run touched were read with theirs, the earlier delta lists those of its keys
         replaced = "SELECT -1 AS pos"
-        if inp.pointer.base:
+        prev = inp.files.path(inp.pointer.delta) if inp.pointer.delta else None
+        if inp.pointer.base and inp.positioned is not None and (prev is None or replaces_by_position(prev)):
+            replaced += f" UNION ALL SELECT pos FROM old_{tag} WHERE pos IS NOT NULL AND k IN (SELECT k FROM delta_{tag})"
+            if prev is not None:
+                replaced += f" UNION ALL SELECT b FROM read_parquet({sql_path(prev)}) WHERE kind = {REPLACED} AND b >= 0"
+        elif inp.pointer.base:  # an earlier delta that replaces by key: the base's rows of the delta's keys
             bpath = inp.files.path(inp.pointer.base)
             replaced += (f" UNION ALL SELECT file_row_number FROM read_parquet({sql_path(bpath)}, file_row_number = true) "
                          f"WHERE k IN (SELECT k FROM delta_{tag})")  # fmt: skip

@@ -412,6 +412,7 @@ class Engine:
         for i, pair in enumerate(pairs):
             assert pair.files is not None
             current = current_sql(pair.files, pair.pointer, member_schema(pair.payload_keys))
+            positioned = current_sql(pair.files, pair.pointer, member_schema(pair.payload_keys), positions=True)
             journal = register_journal(con, self.ledger, segment, pair.name, f"{i}") if current is not None else ("", "")
             expire_before = None
             if isinstance(pair.config, GoogleDestinationConfig):
@@ -421,7 +422,8 @@ class Engine:
             size = self.destination(pair.name).capabilities.max_batch_size if not opts.dry_run else 10_000
             inputs.append(PairInput(
                 name=pair.name, platform=pair.platform, payload_keys=pair.payload_keys, files=pair.files,
-                pointer=pair.pointer, current=current, journal=journal, run_id=pair.run_id, batch_size=size,
+                pointer=pair.pointer, current=current, journal=journal, run_id=pair.run_id, positioned=positioned,
+                batch_size=size,
                 expire_before=expire_before, full_refresh=full, value_mode=pair.values.mode,
                 value_max=pair.values.max_value,
             ))  # fmt: skip

@@ -40,25 +40,29 @@ from connector.ledger.files import (
 from connector.ledger.journal import Journal, PairPointer
 
 
-def current_sql(files: PairFiles, pointer: PairPointer, schema: pa.Schema) -> str | None:
-    """The pair's rows (members and owed removals) from base and delta, or None when it has none."""
+def current_sql(files: PairFiles, pointer: PairPointer, schema: pa.Schema, positions: bool = False) -> str | None:
+    """The pair's rows (members and owed removals) from base and delta, or None when it has none.
+    `positions`: each row also has `pos`, a base row's row number (NULL for the delta's rows)."""
     base = files.path(pointer.base) if pointer.base else None
     delta = files.path(pointer.delta) if pointer.delta else None
     if base is None and delta is None:
         return None
     parts = []
     if base is not None:
-        b = f"SELECT {read_columns(base, schema)} FROM read_parquet({sql_path(base)})"
+        cols = read_columns(base, schema) + (", file_row_number AS pos" if positions else "")
+        rows = f"read_parquet({sql_path(base)}{', file_row_number = true' if positions else ''})"
+        b = f"SELECT {cols} FROM {rows}"
         if delta is not None and replaces_by_position(delta):
             # the base rows the delta replaces, by row number: an anti join on integers, the keys not read
-            b = (f"SELECT {read_columns(base, schema)} FROM read_parquet({sql_path(base)}, file_row_number = true) "
-                 f"AS base_rows ANTI JOIN (SELECT b AS pos FROM read_parquet({sql_path(delta)}) WHERE kind = {REPLACED}) "
-                 f"AS replaced ON base_rows.file_row_number = replaced.pos")  # fmt: skip
+            b = (f"SELECT {cols} FROM read_parquet({sql_path(base)}, file_row_number = true) AS base_rows ANTI JOIN "
+                 f"(SELECT b AS pos FROM read_parquet({sql_path(delta)}) WHERE kind = {REPLACED}) AS replaced "
+                 f"ON base_rows.file_row_number = replaced.pos")  # fmt: skip
         elif delta is not None:
             b = f"SELECT * FROM ({b}) AS base_rows WHERE k NOT IN (SELECT k FROM read_parquet({sql_path(delta)}))"
         parts.append(b)
     if delta is not None:
-        parts.append(f"SELECT {read_columns(delta, schema)} FROM read_parquet({sql_path(delta)}) "
+        pos = ", NULL::BIGINT AS pos" if positions else ""
+        parts.append(f"SELECT {read_columns(delta, schema)}{pos} FROM read_parquet({sql_path(delta)}) "
                      f"WHERE kind IN ({MEMBER}, {OWED})")  # fmt: skip
     return " UNION ALL ".join(parts)
 
