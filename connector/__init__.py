@@ -11,6 +11,16 @@ Public API::
 
 from __future__ import annotations
 
+import os
+
+# Before Arrow and DataFusion load: no transparent huge pages for this process. Their allocator (mimalloc)
+# hands freed memory back to the kernel within milliseconds; with huge pages the kernel then zeroes a whole
+# 2 MB page each time a batch touches a little of it again: a quarter of a cold sync's CPU time on a 2-core
+# virtual machine (docs/configuration.md, "Memory"). With this set, mimalloc turns them off for the process
+# (prctl PR_SET_THP_DISABLE, which what it starts inherits). MIMALLOC_ALLOW_THP=1 keeps them; a program that
+# loaded pyarrow before importing connector keeps what it had.
+os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
+
 from collections.abc import Sequence
 from typing import Any
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import duckdb
 
-from connector import hugepages
 from connector.audiences import ensure_lookalike, reconcile, record_status
 from connector.destinations import build_destination, value_support
 from connector.destinations.base import (
@@ -184,7 +183,6 @@ class Engine:
         batch_rows: int = 100_000,
     ) -> None:
         self.settings = settings
-        hugepages.disable()  # see `connector.hugepages`: the kernel would zero 2 MB pages the sync barely uses
         self._batch_rows = batch_rows  # source rows planned (and reported) together
         self._pair_lock = pair_lock
         self.stop = stop or threading.Event()
