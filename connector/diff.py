@@ -311,8 +311,8 @@ class Planner:
         cols = self._fingerprinted()
         fp, fq = idsql.fingerprint(cols)
         # source columns under names of ours (a source column may be called `k` or `fp`)
-        alias = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
-        raw = ", ".join(f"{idsql.quote(c)} AS {a}" for c, a in alias.items())
+        raw_names = {c: f"v{j}" for j, c in enumerate(dict.fromkeys(self.seg.identifiers.values()))}
+        raw = ", ".join(f"{idsql.quote(c)} AS {a}" for c, a in raw_names.items())
         cons = f", {self._consent_sql()} AS cons0" if "google" in self.platforms else ""
         # no row number in the plain pass: numbering rows in a scan serializes it
         row = "__row AS r, " if dedupe else ""
@@ -324,7 +324,7 @@ class Planner:
         if by_fp:
             # the key's own column travels with the row; its key is computed after the join, where needed
             kraw = f"{idsql.quote(self.seg.key)} AS kraw, " if self.seg.key is not None else ""
-            key = idsql.member_key("kraw" if self.seg.key is not None else None, [alias[c] for c in ids])
+            key = idsql.member_key("kraw" if self.seg.key is not None else None, [raw_names[c] for c in ids])
             s = f"SELECT {row}true AS pres, {kraw}{fp} AS fp, {fq} AS fq, {raw}{cons} FROM {src}"
         else:
             # without member files, no join needs the key: the pass carries what it hashes (a string that tells
@@ -346,12 +346,14 @@ class Planner:
             joins.append(f"FULL JOIN ({self._members_sql(self.plans[first], by_fp, key=not by_fp)}) AS l ON {on}")
             prev = [f"coalesce(s.{c}, l.{c})" for c in jcols]
             keys += [] if by_fp else ["l.k"]
+        first_same = ""
+        alias: dict[int, int] = {}  # pair -> the pair whose flags are its own (the same members, compared alike)
         for i, plan in enumerate(self.plans):
             if plan.input.current is None:
                 continue
             # the first ledgered pair's members, and each other pair's where they differ from those
             m = {c: f"l.{c}" for c in self._member_columns()} | {"known": "l.cls IS NOT NULL"}
-            if i != first:
+            if i != first and i in self._differences:
                 on = " AND ".join(f"{p} = d{i}.j_{c}" for p, c in zip(prev, jcols, strict=True))
                 joins.append(f"FULL JOIN {self._differences[i]} AS d{i} ON {on}")
                 prev = [f"coalesce({p}, d{i}.j_{c})" for p, c in zip(prev, jcols, strict=True)]
@@ -361,6 +363,11 @@ class Planner:
             if valued and plan.input.values:
                 pv, pb = self._pair_value(plan, "s.")
                 same += " AND " + self._value_same(plan, m["v"], m["t"], pv, pb, "s.tier")
+            if i == first:
+                first_same = same
+            elif first is not None and i not in self._differences and same == first_same:
+                alias[i] = first  # its flags would be the first pair's, row for row: computed once
+                continue
             flags.append(
                 f"{m['known']} AS in{i}, coalesce({same}, false) AS same{i}, "
                 f"{m['cls']} AS cls{i}, {m['known']} AND s.pres IS NULL AS left{i}"
@@ -375,23 +382,24 @@ class Planner:
             f"{', l.fp AS lfp0, l.fq AS lfq0' if by_fp else ''}{''.join(', ' + f for f in flags)} "
             f"FROM ({s}) AS s {' '.join(joins)}"
         )
+        own_flags = [i for i in range(len(self.plans)) if i not in alias]  # the pairs whose flags the pass computes
         todo = []
-        for i, plan in enumerate(self.plans):
-            same = f"same{i}" if plan.input.current is not None else "false"
+        for i in own_flags:
+            same = f"same{i}" if self.plans[i].input.current is not None else "false"
             todo.append(f"(pres AND (kk IS NOT NULL OR lk) AND NOT {same}) AS todo{i}")
-        anytodo = " OR ".join(f"todo{i}" for i in range(len(self.plans)))
+        anytodo = " OR ".join(f"todo{i}" for i in own_flags)
         t = f"SELECT *, {', '.join(todo)} FROM ({j})"
         outs = ["pres", "kk AS k", "pres AND kk IS NULL AND NOT lk AS nokey", "(" + anytodo + ") AS anytodo"]
         if by_fp:  # a member who left has the fingerprint of the first pair's member; `lookup`: a key to look up by it
             outs += ["coalesce(fp, lfp0) AS fp", "coalesce(fq, lfq0) AS fq", "kk IS NULL AND lk AS lookup"]
         else:
             outs += ["fp", "fq"]
-        for i, p in enumerate(self.plans):
-            if p.input.current is not None:
+        for i in own_flags:
+            if self.plans[i].input.current is not None:
                 outs += [f"in{i}", f"same{i}", f"cls{i}", f"left{i}"]
-        outs += [f"todo{i}" for i in range(len(self.plans))]
+        outs += [f"todo{i}" for i in own_flags]
         ident = ["k", "fp", "fq"]  # what tells the rows to plan apart
-        own = [*ident, *alias.values()]  # a row's own columns (the others are flags)
+        own = [*ident, *raw_names.values()]  # a row's own columns (the others are flags)
         if "google" in self.platforms:
             outs.append(f"CASE WHEN {anytodo} THEN cons0 END AS cons")
             own.append("cons")
@@ -403,10 +411,10 @@ class Planner:
                     pv, pb = self._pair_value(p)
                     outs += [f"{pv} AS worth{i}", f"{pb} AS worthless{i}"]
                     own += [f"worth{i}", f"worthless{i}"]
-        rows = f"SELECT {', '.join(outs)}, {', '.join(alias.values())} FROM ({t})"
+        rows = f"SELECT {', '.join(outs)}, {', '.join(raw_names.values())} FROM ({t})"
         if filtered:
             # only the rows to plan go on one by one (to normalization, and out of DuckDB): changed, new, departed
-            keep = " OR ".join(["anytodo", *(f"left{i}" for i, p in enumerate(self.plans) if p.input.current is not None)])
+            keep = " OR ".join(["anytodo", *(f"left{i}" for i in own_flags if self.plans[i].input.current is not None)])
             # grouped by the flags and, for a row to plan, its key and fingerprint (a narrow key: grouping by
             # every column a row carries costs several times the join); its other columns go along
             masked = [f"CASE WHEN {keep} THEN {c} END AS {c}" for c in ident]
@@ -425,10 +433,11 @@ class Planner:
                 rows = self._with_keys(rows, self.plans[first])
         else:
             rows = f"SELECT *, 1 AS n FROM ({rows})"
-        ids_n = ColumnNormalizer({f: alias[c] for f, c in self.seg.identifiers.items()}, self.platforms,
+        ids_n = ColumnNormalizer({f: raw_names[c] for f, c in self.seg.identifiers.items()}, self.platforms,
                                  self.seg.default_region)  # fmt: skip
         normalized = ids_n.select(rows, "anytodo")
-        return f"SELECT * EXCLUDE ({', '.join(alias.values())}) FROM ({normalized})"
+        copies = "".join(f", {f}{j} AS {f}{i}" for i, j in alias.items() for f in ("in", "same", "cls", "left", "todo"))
+        return f"SELECT * EXCLUDE ({', '.join(raw_names.values())}){copies} FROM ({normalized})"
 
     def _with_keys(self, rows: str, plan: PairPlan) -> str:
         """`rows` with the keys they lack (`lookup`) taken from `plan`'s members with their fingerprint: the
@@ -500,14 +509,15 @@ class Planner:
             if 0 < len(buckets) <= _BUCKETS // 4:
                 only = f"WHERE {_bucket(jcols)} IN ({', '.join(map(str, buckets))})"
                 b_rows, a_rows = f"SELECT * FROM ({b_rows}) {only}", f"SELECT * FROM ({a_rows}) {only}"
-            where = "true" if buckets else "false"
+            if not buckets:  # the same members in the same states: the pass takes this pair's from the first's
+                continue
             with self._joins_as_written():  # the first pair's side (no keys) is the hash table
                 self.con.execute(f"""CREATE OR REPLACE TEMP TABLE {name} AS
                     SELECT {", ".join(f"coalesce(a.{c}, b.{c}) AS j_{c}" for c in jcols)}, b.k IS NOT NULL AS known,
                            b.k, {", ".join(f"b.{c}" for c in self._member_columns())}
                     FROM ({b_rows}) AS b
                     FULL JOIN (SELECT {a} FROM ({a_rows})) AS a ON {on}
-                    WHERE {where} AND (a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ})""")
+                    WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
             self._differences[i] = name
 
     def _checksums(self, plan: PairPlan, cols: list[str], jcols: Sequence[str], by_fp: bool) -> dict[int, tuple[object, ...]]:
