@@ -484,7 +484,8 @@ class Planner:
         of them lacks, another fingerprint, state or value), by what the pass joins on (`j_` columns: the
         fingerprint or the key): the pairs of a segment mostly hold the same members in the same states, so
         the pass joins the source with one pair's members and these few rows, one large hash table where a
-        join with each pair would hold one per pair (and spill beyond memory_limit). A pair that sends no
+        join with each pair would hold one per pair (and spill beyond memory_limit). A pair that holds the
+        same members as the first has no table (`_pass_sql` joins nothing for it). A pair that sends no
         values is compared without them (it never reads them)."""
         self._drop_differences()
         first = self._first_pair()
