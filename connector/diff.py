@@ -154,6 +154,7 @@ class PairInput:
     full_refresh: bool = False
     value_mode: str = "none"  # none | optional | required (`connector.destinations.base.ValueSupport`)
     value_max: float | None = None  # the largest value the platform takes (None: any finite number)
+    fingerprinted: bool = False  # every member in its files has a whole fingerprint (`members_fingerprinted`)
 
     @property
     def values(self) -> bool:
@@ -213,6 +214,8 @@ class SegmentSpec:
     tier: str | None = None  # column of each member's tier (`_tier`), when the source has one
     value_threshold: float = 0.10  # a value is sent again when it moved by more than this share
 
+
+Summary = dict[tuple[object, object], tuple[object, ...]]  # see `Planner._summary`
 
 # why a value cannot be sent, by the code the pass computes (0: a usable value)
 VALUE_REASONS = {1: "value_missing", 2: "value_not_a_number", 3: "value_not_finite", 4: "value_negative",
@@ -442,7 +445,7 @@ class Planner:
     def _with_keys(self, rows: str, plan: PairPlan) -> str:
         """`rows` with the keys they lack (`lookup`) taken from `plan`'s members with their fingerprint: the
         few rows to plan are the hash table, the members stream past it."""
-        members = f"SELECT k, {self._fingerprint_sql(by_fp=True)} FROM ({plan.input.current}) WHERE kind = {MEMBER}"
+        members = f"SELECT k, {self._fingerprint_sql(plan, by_fp=True)} FROM ({plan.input.current}) WHERE kind = {MEMBER}"
         return (f"SELECT g.* EXCLUDE (k, lookup), coalesce(g.k, m.k) AS k FROM ({members}) AS m "
                 f"RIGHT JOIN ({rows}) AS g ON g.lookup AND m.fp = g.fp AND m.fq = g.fq")  # fmt: skip
 
@@ -467,14 +470,14 @@ class Planner:
             exp = f"(st = {ON} AND acc < TIMESTAMPTZ '{plan.input.expire_before.isoformat()}')"
         vt = ", v, t" if self._valued() else ""
         k = "k, " if key else ""
-        return (f"SELECT {k}{self._fingerprint_sql(by_fp)}, {state_class()} AS cls, {exp} AS exp{vt} "
+        return (f"SELECT {k}{self._fingerprint_sql(plan, by_fp)}, {state_class()} AS cls, {exp} AS exp{vt} "
                 f"FROM ({plan.input.resolved}) WHERE kind = {MEMBER}")  # fmt: skip
 
     @staticmethod
-    def _fingerprint_sql(by_fp: bool) -> str:
+    def _fingerprint_sql(plan: PairPlan, by_fp: bool) -> str:
         """A member's fingerprint; `by_fp`: one without a whole fingerprint (converted from an older ledger)
-        gets one from its key, which no row has."""
-        if not by_fp:
+        gets one from its key, which no row has (reading the keys only where a file may hold such a member)."""
+        if not by_fp or plan.input.fingerprinted:
             return "fp, fq"
         return ("CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k) ELSE fp END AS fp, "
                 "CASE WHEN fp IS NULL OR fq IS NULL THEN hash(k, 'no fingerprint') ELSE fq END AS fq")  # fmt: skip
@@ -490,11 +493,18 @@ class Planner:
         self._drop_differences()
         first = self._first_pair()
         jcols = ("fp", "fq") if by_fp else ("k",)
+        summaries: dict[tuple[int, bool], Summary] = {}  # (pair, with values) -> its `_summary`
         for i, plan in enumerate(self.plans):
             if plan.input.current is None or i == first:
                 continue
             assert first is not None
             cols = self._member_columns() if plan.input.values else ("fp", "fq", "cls", "exp")
+            # the common case first: the same members in the same states, told by one cheap aggregate each
+            for p in (i, first):
+                if (p, "v" in cols) not in summaries:
+                    summaries[p, "v" in cols] = self._summary(self.plans[p], "v" in cols, by_fp)
+            if summaries[i, "v" in cols] == summaries[first, "v" in cols]:
+                continue
             differ = " OR ".join(f"a.{c} IS DISTINCT FROM b.{c}" for c in cols if c not in jcols)
             on = " AND ".join(f"a.{c} = b.{c}" for c in jcols)
             name = f"differences{i}_{id(self)}"
@@ -520,6 +530,19 @@ class Planner:
                     FULL JOIN (SELECT {a} FROM ({a_rows})) AS a ON {on}
                     WHERE a.{jcols[0]} IS NULL OR b.k IS NULL OR {differ}""")
             self._differences[i] = name
+
+    def _summary(self, plan: PairPlan, values: bool, by_fp: bool) -> Summary:
+        """A pair's members as a multiset of (fingerprint, key, state, expiring, value, tier), summed up per
+        (state, expiring): counts and sums of the fingerprint halves (themselves hashes: no hashing per member)
+        and, where the pass joins by key or compares values, of hashes of those with the fingerprint. Two
+        pairs with the same summary hold the same members in the same states (a false "same" takes two
+        64-bit sums colliding at once in every group)."""
+        sums = "count(*), sum(fp), sum(fq)" + ("" if by_fp else ", sum(hash(k, fp, fq)::HUGEINT)")
+        if values:
+            sums += ", sum(hash(fp, fq, v, t)::HUGEINT)"
+        rows = self.con.execute(f"""SELECT cls, exp, {sums}
+            FROM ({self._members_sql(plan, by_fp, key=not by_fp)}) GROUP BY cls, exp""").fetchall()
+        return {(r[0], r[1]): tuple(r[2:]) for r in rows}
 
     def _checksums(self, plan: PairPlan, cols: list[str], jcols: Sequence[str], by_fp: bool) -> dict[int, tuple[object, ...]]:
         """A pair's members as multisets of `cols` tuples, one per bucket of `jcols`: their count and two

@@ -54,7 +54,7 @@ from connector.errors import (
     SourceError,
 )
 from connector.identifiers.normalize import Normalizer
-from connector.ledger.files import PairFiles, member_root, member_schema
+from connector.ledger.files import PairFiles, member_root, member_schema, members_fingerprinted
 from connector.ledger.journal import Journal, PairPointer, now
 from connector.ledger.recovery import ACCEPTED, current_sql, register_journal, settle
 from connector.logs import log_context
@@ -414,6 +414,7 @@ class Engine:
             current = current_sql(pair.files, pair.pointer, member_schema(pair.payload_keys))
             positioned = current_sql(pair.files, pair.pointer, member_schema(pair.payload_keys), positions=True)
             journal = register_journal(con, self.ledger, segment, pair.name, f"{i}") if current is not None else ("", "")
+            paths = [pair.files.path(n) for n in (pair.pointer.base, pair.pointer.delta) if n]
             expire_before = None
             if isinstance(pair.config, GoogleDestinationConfig):
                 expire_before = now() - timedelta(days=pair.config.membership_days - pair.config.resend_before_expiry_days)
@@ -425,7 +426,7 @@ class Engine:
                 pointer=pair.pointer, current=current, journal=journal, run_id=pair.run_id, positioned=positioned,
                 batch_size=size,
                 expire_before=expire_before, full_refresh=full, value_mode=pair.values.mode,
-                value_max=pair.values.max_value,
+                value_max=pair.values.max_value, fingerprinted=members_fingerprinted(con, paths),
             ))  # fmt: skip
         tier = None
         if seg.value is not None and any(p.values.mode != "none" for p in pairs):

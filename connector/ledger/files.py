@@ -244,7 +244,7 @@ class MemberWriter:
         self.tmp = path.with_name(path.name + ".tmp")
         self.rows = 0
         self._w = pq.ParquetWriter(self.tmp, schema, compression="none", use_dictionary=False,
-                                   write_statistics=["run", "b", "kind", "st"])  # fmt: skip
+                                   write_statistics=["run", "b", "kind", "st", "fp", "fq"])  # fmt: skip
         self._queue: queue.Queue[pa.RecordBatch | pa.Table | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="member-writer", daemon=True)
@@ -341,6 +341,26 @@ def _duck_type(t: pa.DataType) -> str:
         return "TIMESTAMPTZ"
     return {pa.uint8(): "UTINYINT", pa.uint32(): "UINTEGER", pa.uint64(): "UBIGINT", pa.int32(): "INTEGER",
             pa.float64(): "DOUBLE"}[t]  # fmt: skip
+
+
+def members_fingerprinted(con: duckdb.DuckDBPyConnection, paths: Iterable[Path]) -> bool:
+    """Whether every member row of these files has a whole fingerprint (only a ledger converted from the
+    row-per-member one has members without). A file whose statistics show no NULL fingerprint at all is
+    not read; another is read for its members' fingerprints."""
+    for path in paths:
+        md = pq.ParquetFile(path).metadata
+        names = md.schema.to_arrow_schema().names
+        if "fp" not in names or "fq" not in names:
+            return False
+        cols = [names.index("fp"), names.index("fq")]
+        stats = [md.row_group(i).column(c).statistics for i in range(md.num_row_groups) for c in cols]
+        if all(s is not None and s.has_null_count and s.null_count == 0 for s in stats):
+            continue
+        lacking = con.execute(f"""SELECT count(*) FROM read_parquet({sql_path(path)})
+            WHERE kind = {MEMBER} AND (fp IS NULL OR fq IS NULL)""").fetchall()[0][0]
+        if lacking:
+            return False
+    return True
 
 
 def replaces_by_position(delta: Path) -> bool:
