@@ -188,7 +188,8 @@ def _us_valid_parts() -> tuple[str, str] | None:
         ]
         if not types:
             return None
-        return str(general.national_number_pattern), "|".join(f"(?:{t})" for t in types)
+        # fixed-line and mobile share one pattern in the US metadata: each pattern once
+        return str(general.national_number_pattern), "|".join(f"(?:{t})" for t in dict.fromkeys(types))
     except Exception:  # noqa: BLE001 - metadata of another shape: no fast path
         return None
 

@@ -140,7 +140,10 @@ def clean_phone(value: str, region: str, tag: str) -> Cleaned:
         is_valid = "false"
     else:
         general, types = US_VALID_PARTS
-        is_valid = f"coalesce({_full_match(ten, general)} AND {_full_match(ten, types)}, false)"
+        # `ten` has the plain shape, [2-9] and nine digits: where that is a whole branch of the general
+        # pattern, the general pattern holds for every `ten` and is not matched again
+        checks = [] if "[2-9]\\d{9}" in general.split("|") else [_full_match(ten, general)]
+        is_valid = f"coalesce({' AND '.join([*checks, _full_match(ten, types)])}, false)"
     return Cleaned(
         levels=[
             [(t, f"btrim({value}, ' ')"), (ok, _printable(value))],

@@ -93,6 +93,15 @@ def test_messy_emails_and_phones_as_the_python_rules(region: str) -> None:
     assert_same(rows, ["email"], region.upper())
 
 
+def test_nanp_phones_of_every_area_code_as_the_python_rules() -> None:
+    """The SQL validity check of plain NANP numbers (the US number types' pattern alone where the shape
+    already satisfies the general pattern) gives the Python rules' answer, which the normalize tests hold
+    to phonenumbers', for every area code: valid, invalid and unassigned exchanges alike."""
+    rows = [{"phone": f"{npa}{rest}"} for npa in range(200, 1000)
+            for rest in ("2530000", "5550134", "2345678", "9876543", "1234567", "9119999")]  # fmt: skip
+    assert_same(rows, ["phone"], "US")
+
+
 def test_golden_members_as_the_python_rules() -> None:
     with GOLDEN.open(encoding="utf-8") as f:
         rows = [{"email": r.get("email") or None, "phone": r.get("phone") or None}
