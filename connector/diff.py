@@ -630,6 +630,8 @@ class Planner:
             for plan in self.plans:
                 plan.counts.unchanged += plan._same_seen
                 plan.counts.audience_before = int(plan.states[CONFIRMED] + plan.states[ACCEPTED])
+                if plan._writer is not None:
+                    plan._writer.seal()  # finished and fsynced while the keys are checked
             dups = not dedupe and self._duplicates(ledgered, new_keys)
         except BaseException:
             self._close_writers(abort=True)

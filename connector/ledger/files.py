@@ -237,7 +237,8 @@ class PairFiles:
 class MemberWriter:
     """Streams record batches into one Parquet file; the file appears (fsynced) only on `close`.
     Hash columns are random bytes: no dictionary, no compression (both cost time and win nothing).
-    Batches are encoded on a thread of their own (pyarrow releases the GIL), beside whatever makes them."""
+    Batches are encoded on a thread of their own (pyarrow releases the GIL), beside whatever makes them;
+    the same thread finishes the file and fsyncs it once the last batch is in (`seal`)."""
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
@@ -247,6 +248,7 @@ class MemberWriter:
                                    write_statistics=["run", "b", "kind", "st", "fp", "fq"])  # fmt: skip
         self._queue: queue.Queue[pa.RecordBatch | pa.Table | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
+        self._sealed = False
         self._thread = threading.Thread(target=self._run, name="member-writer", daemon=True)
         self._thread.start()
 
@@ -261,6 +263,12 @@ class MemberWriter:
                     self._w.write_table(data)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller on close
                 self._error = exc
+        try:
+            self._w.close()
+            if self._error is None:
+                fsync_file(self.tmp)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller on close
+            self._error = self._error or exc
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:
         if data.num_rows:
@@ -269,17 +277,23 @@ class MemberWriter:
             self._queue.put(data)
             self.rows += data.num_rows
 
+    def seal(self) -> None:
+        """No more batches: the file is finished and fsynced in the background, while the caller decides
+        whether to `close` (keep) or `abort` it."""
+        if not self._sealed:
+            self._sealed = True
+            self._queue.put(None)
+
     def _finish(self) -> None:
-        self._queue.put(None)
+        self.seal()
         self._thread.join()
-        self._w.close()
 
     def close(self) -> None:
         self._finish()
         if self._error is not None:
             self.tmp.unlink(missing_ok=True)
             raise self._error
-        fsync_replace(self.tmp, self.path)
+        replace_durably(self.tmp, self.path)
 
     def abort(self) -> None:
         self._finish()
@@ -295,19 +309,24 @@ class MemberWriter:
             self.abort()
 
 
-def fsync_replace(tmp: Path, path: Path) -> None:
-    """Make a written file durable, then give it its name (and make the name durable)."""
-    fd = os.open(tmp, os.O_RDONLY)
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Give a durable file its name, and make the name durable."""
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_file(path.parent)
+
+
+def fsync_replace(tmp: Path, path: Path) -> None:
+    """Make a written file durable, then give it its name (and make the name durable)."""
+    fsync_file(tmp)
+    replace_durably(tmp, path)
 
 
 def copy_to(con: duckdb.DuckDBPyConnection, files: PairFiles, name: str, query: str) -> None:

@@ -162,8 +162,16 @@ def test_a_file_is_whole_or_absent(tmp_path: Path) -> None:
     w = files.writer("x.parquet", member_schema(KEYS))
     w.write(pa.Table.from_pylist([row(1, MEMBER, ON)], schema=member_schema(KEYS)))
     assert not files.path("x.parquet").exists()  # nothing under its name until it is complete and synced
+    w.seal()  # finished and synced in the background: still not under its name, and it may yet be dropped
+    assert not files.path("x.parquet").exists()
     w.abort()
     assert not files.path("x.parquet").exists() and not any(files.dir.iterdir())
+    sealed = files.writer("s.parquet", member_schema(KEYS))
+    sealed.write(pa.Table.from_pylist([row(2, MEMBER, ON)], schema=member_schema(KEYS)))
+    sealed.seal()
+    sealed.close()
+    assert pa.parquet.read_table(files.path("s.parquet")).column("k").to_pylist() == [(2).to_bytes(16, "big")]
+    files.path("s.parquet").unlink()
     with files.writer("y.parquet", member_schema(KEYS)) as w2:
         w2.write(pa.Table.from_pylist([row(1, MEMBER, ON)], schema=member_schema(KEYS)))
     assert pa.parquet.read_table(files.path("y.parquet")).num_rows == 1
