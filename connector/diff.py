@@ -763,20 +763,21 @@ class Planner:
         c.unchanged += int(held.sum())
         return member & ~bad, held
 
-    def _payload_arrays(self, plan: PairPlan, payload: dict[str, pa.Array], mask: pa.Array) -> list[pa.Array]:
+    def _payload_arrays(self, plan: PairPlan, payload: dict[str, pa.Array], mask: pa.Array | None,
+                        n: int) -> list[pa.Array]:  # fmt: skip
         out = []
         for k in plan.input.payload_keys:
             arr = payload.get(k)
             typ = pa.string() if k in CLEAR_KEYS else pa.binary()
-            out.append(arr.filter(mask) if arr is not None else pa.nulls(int(pc.sum(mask).as_py() or 0), typ))
+            out.append(_picked(arr, mask) if arr is not None else pa.nulls(n, typ))
         return out
 
     @staticmethod
-    def _value_arrays(worth: tuple[pa.Array, pa.Array] | None, mask: pa.Array, n: int) -> list[pa.Array]:
+    def _value_arrays(worth: tuple[pa.Array, pa.Array] | None, mask: pa.Array | None, n: int) -> list[pa.Array]:
         """The `v` and `t` columns of the members in `mask` (nulls for a pair without values)."""
         if worth is None:
             return [pa.nulls(n, pa.float64()), pa.nulls(n, pa.string())]
-        return [worth[0].filter(mask).cast(pa.float64()), worth[1].filter(mask).cast(pa.string())]
+        return [_picked(worth[0], mask).cast(pa.float64()), _picked(worth[1], mask).cast(pa.string())]
 
     def _write_base(self, plan: PairPlan, rb: pa.RecordBatch, member: Mask, payload: dict[str, pa.Array],
                     ccol: pa.Array | None, worth: tuple[pa.Array, pa.Array] | None = None) -> None:  # fmt: skip
@@ -787,16 +788,16 @@ class Planner:
         if plan._writer is None:  # dry run
             plan._written += n
             return
-        mask = pa.array(member)
+        mask = None if n == rb.num_rows else pa.array(member)
         size = plan.input.batch_size
         pos = np.arange(plan._written, plan._written + n)
         b = np.zeros(n, dtype=np.int32) if plan.input.full_refresh else (pos // size).astype(np.int32)
         plan._written += n
         cols = [
-            whole(rb.column("k")).filter(mask), pa.array(np.zeros(n, np.uint8)), whole(rb.column("fp")).filter(mask),
-            whole(rb.column("fq")).filter(mask),
-            *self._payload_arrays(plan, payload, mask),
-            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
+            _picked(rb.column("k"), mask), pa.array(np.zeros(n, np.uint8)), _picked(rb.column("fp"), mask),
+            _picked(rb.column("fq"), mask),
+            *self._payload_arrays(plan, payload, mask, n),
+            _picked(ccol, mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
             pa.array(np.full(n, SENT, np.uint8)), pa.array(np.full(n, plan.input.run_id, np.uint32)),
             pa.array(b), pa.nulls(n, pa.timestamp("us", tz="UTC")),
         ]  # fmt: skip
@@ -811,13 +812,13 @@ class Planner:
             plan._gone.append(whole(rb.column("k")).filter(pa.array(gone)))
         if not member.any():
             return
-        mask = pa.array(member)
         n = int(member.sum())
+        mask = None if n == rb.num_rows else pa.array(member)
         names = ["k", "fp", "fq", *(payload_column(k) for k in plan.input.payload_keys), "c", "v", "t"]
         cols = [
-            whole(rb.column("k")).filter(mask), whole(rb.column("fp")).filter(mask), whole(rb.column("fq")).filter(mask),
-            *self._payload_arrays(plan, payload, mask),
-            ccol.filter(mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
+            _picked(rb.column("k"), mask), _picked(rb.column("fp"), mask), _picked(rb.column("fq"), mask),
+            *self._payload_arrays(plan, payload, mask, n),
+            _picked(ccol, mask) if ccol is not None else pa.nulls(n, pa.uint8()), *self._value_arrays(worth, mask, n),
         ]  # fmt: skip
         plan._cand.append(pa.RecordBatch.from_arrays(cols, names=names))
 
@@ -1027,6 +1028,12 @@ class Planner:
 
 
 Prefixes = npt.NDArray[np.uint64]
+
+
+def _picked(col: pa.Array | pa.ChunkedArray, mask: pa.Array | None) -> pa.Array:
+    """The rows of `col` that `mask` selects (None: every row, not copied)."""
+    arr = whole(col)
+    return arr if mask is None else arr.filter(mask)
 
 
 _BUCKETS = 4096  # of a pair's members, for comparing two pairs
