@@ -226,7 +226,7 @@ class Planner:
     """Plans every pair of one segment in one pass over its source (`src`, a DuckDB relation)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, seg: SegmentSpec, pairs: Sequence[PairInput],
-                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None, batch_rows: int = 100_000,
+                 *, dry_run: bool, on_rows: Callable[[int], None] | None = None, batch_rows: int = 250_000,
                  threads: int | None = None) -> None:  # fmt: skip
         self.con = con
         self.seg = seg

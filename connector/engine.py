@@ -180,7 +180,7 @@ class Engine:
         progress: Progress | None = None,
         pair_lock: PairLock | None = None,
         stop: threading.Event | None = None,
-        batch_rows: int = 100_000,
+        batch_rows: int = 250_000,
     ) -> None:
         self.settings = settings
         self._batch_rows = batch_rows  # source rows planned (and reported) together
