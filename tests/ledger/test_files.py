@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pytest
 
+from connector.ledger import files
 from connector.ledger.files import MEMBER, ON, OWED, TO_SEND, PairFiles, member_schema, members_fingerprinted
 
 KEYS = ("EMAIL",)
@@ -45,3 +49,21 @@ def test_members_without_a_whole_fingerprint_are_told_apart_from_owed_rows(tmp_p
     assert len(statements) == 1
     assert not members_fingerprinted(con, [whole, converted])
     assert not members_fingerprinted(con, [owed, converted])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_a_member_file_being_written_has_its_disk_writes_started(tmp_path: Path) -> None:
+    """The writer starts the disk writes of what it wrote so far (so the closing fsync has little left):
+    the call is bound and the kernel takes it."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1_000_000)
+    assert files._sync_file_range is not None
+    flushing = files._Writeback(path)
+    flushing.start()
+    flushing.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert files._sync_file_range(fd, 0, 0, files._SYNC_FILE_RANGE_WRITE) == 0
+        assert files._sync_file_range(-1, 0, 0, files._SYNC_FILE_RANGE_WRITE) == -1  # an error is reported, not lost
+    finally:
+        os.close(fd)
