@@ -139,9 +139,13 @@ def clean_email(value: str, tag: str) -> Cleaned:
 def clean_phone(value: str, region: str, tag: str) -> Cleaned:
     """Phones SQL can vouch for: plain NANP shapes (`+1` and ten digits; in a US or CA segment also ten
     digits, or eleven from `1`) that phonenumbers' US metadata calls valid, as `normalize_phone` takes
-    them without phonenumbers. Everything else is the Python rules'. `clean` is the ten digits after +1."""
+    them without phonenumbers. Everything else is the Python rules'. `clean` is the ten digits after +1.
+
+    No printable-ASCII check: a value SQL takes matched a pattern of ASCII characters (the NANP shape once
+    ` -.()/` are dropped, or 64 hex digits), and every other value with something in it is the Python
+    rules' anyway (a character outside printable ASCII included)."""
     n = f"_{tag}"
-    t, ok, c, h, ten, valid = (f"{n}_{x}" for x in ("t", "ok", "c", "h", "ten", "valid"))
+    t, c, h, ten, valid = (f"{n}_{x}" for x in ("t", "c", "h", "ten", "valid"))
     national = "1?" if region.upper() in _NANP_REGIONS else "\\+1"
     nanp = _full_match(c, "(\\+1|" + national + ")[2-9][0-9]{9}")
     if US_VALID_PARTS is None:
@@ -154,16 +158,15 @@ def clean_phone(value: str, region: str, tag: str) -> Cleaned:
         is_valid = f"coalesce({' AND '.join([*checks, _digits_match(ten, types)])}, false)"
     return Cleaned(
         levels=[
-            [(t, f"btrim({value}, ' ')"), (ok, _printable(value))],
-            # printable ASCII (else the value is the Python rules'): white space is the space alone
+            [(t, f"btrim({value}, ' ')")],
             [(c, f"translate({t}, ' -.()/', '')"), (h, f"(length({t}) = 64 AND {_full_match(t, _HEX64)})")],
             [(ten, f"CASE WHEN {nanp} THEN right({c}, 10) END")],
             [(valid, is_valid)],
             [
-                (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {ten} END"),
-                (f"{n}_given", f"CASE WHEN {ok} AND {h} THEN lower({t}) END"),
+                (f"{n}_clean", f"CASE WHEN NOT {h} AND {valid} THEN {ten} END"),
+                (f"{n}_given", f"CASE WHEN {h} THEN lower({t}) END"),
                 (f"{n}_present", f"coalesce({t} <> '', false)"),
-                (f"{n}_fallback", f"coalesce(NOT {ok} OR ({t} <> '' AND NOT {h} AND NOT {valid}), false)"),
+                (f"{n}_fallback", f"coalesce({t} <> '' AND NOT {h} AND NOT {valid}, false)"),
             ],
         ],
         value=value, clean=f"{n}_clean", given=f"{n}_given", present=f"{n}_present", fallback=f"{n}_fallback",

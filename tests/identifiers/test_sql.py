@@ -62,6 +62,12 @@ MESSY_PHONES = [
     "9B436BCA284EE447E77D2B7A5CD2F7E36B18127E498AEC4AFD7539B7638FDF40",
     "+",
     "٤١٥٥٥٥٠١٣٤",
+    # characters outside printable ASCII around or inside an otherwise plain number: the Python rules' to judge
+    "\t+1 415 555 0134\n",
+    "\u00a0(415) 555-0134\u3000",
+    "+1 415 555\u00a00134",
+    "４１５５５５０１３４",
+    "4155550134\x00",
 ]
 
 
