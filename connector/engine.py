@@ -321,8 +321,7 @@ class Engine:
                   for s in [self.stats.setdefault(p.name, RetryStats())]}  # fmt: skip
         ready = [p for p in active if self._step(name, p, lambda p=p: self._write_ahead(name, seg, p, opts))]  # type: ignore[misc]
         if not opts.dry_run:
-            for pair in self._send_all(name, ready):
-                self._step(name, pair, lambda p=pair: self._finish_pair(con, name, seg, p))  # type: ignore[misc]
+            self._send_all(con, name, seg, ready)
         for pair in active:
             stats = self.stats[pair.name]
             pair.result.retries = stats.retries - before[pair.name][0]
@@ -341,23 +340,33 @@ class Engine:
         with log_context(run_id=str(pair.run_id), segment=segment, destination=pair.name):
             return self._guard(pair, step)
 
-    def _send_all(self, segment: str, pairs: list[_Pair]) -> list[_Pair]:
-        """Send each pair's file, the pairs at once (each to its own platform, each acknowledgement its own
-        journal row); returns the pairs whose sending went through."""
+    def _send_all(self, con: duckdb.DuckDBPyConnection, segment: str, seg: SegmentConfig, pairs: list[_Pair]) -> None:
+        """Send each pair's file and, once it went through, finish the pair: the pairs at once (each to its own
+        platform, each acknowledgement its own journal row, each pair's DuckDB work on a cursor of its own)."""
+
+        def send_and_finish(pair: _Pair, cur: duckdb.DuckDBPyConnection) -> None:
+            if self._step(segment, pair, lambda: self._send(segment, pair)):
+                self._step(segment, pair, lambda: self._finish_pair(cur, segment, seg, pair))
+
         if len(pairs) <= 1:
-            return [p for p in pairs if self._step(segment, p, lambda p=p: self._send(segment, p))]  # type: ignore[misc]
+            for pair in pairs:
+                send_and_finish(pair, con)
+            return
+        cursors = [con.cursor() for _ in pairs]
         try:
             with ThreadPoolExecutor(max_workers=len(pairs), thread_name_prefix="send") as pool:
-                futures = [pool.submit(contextvars.copy_context().run, self._step, segment, p,
-                                       lambda p=p: self._send(segment, p)) for p in pairs]  # fmt: skip
+                futures = [pool.submit(contextvars.copy_context().run, send_and_finish, p, c)
+                           for p, c in zip(pairs, cursors, strict=True)]  # fmt: skip
                 try:
-                    done = [f.result() for f in futures]
+                    for f in futures:
+                        f.result()
                 except BaseException:
                     self._abort.set()  # the other pairs stop at their next batch; what they sent is journaled
                     raise
         finally:
             self._abort.clear()  # after the pool's threads have ended
-        return [p for p, ok in zip(pairs, done, strict=True) if ok]
+            for c in cursors:
+                c.close()
 
     def _guard(self, pair: _Pair, step: Callable[[], object]) -> bool:
         """Run one step of a pair; its errors end that pair's run with the matching status."""
