@@ -74,8 +74,8 @@ class ColumnNormalizer:
             if f == "email":
                 base.append(f"CASE WHEN {c.given} IS NOT NULL THEN {given} ELSE sha256({c.clean}) END AS d_email")
                 if "google" in self.platforms:
-                    gmail, form = idsql.google_gmail(c.clean)
-                    base += [f"{gmail} AS gm_email", f"sha256({form}) AS x_email"]
+                    gmail, digest = idsql.google_gmail(c.clean)
+                    base += [f"{gmail} AS gm_email", f"{digest} AS x_email"]
             else:
                 for p in self.platforms:
                     plus = "'+1'" if p == "google" else "'1'"

@@ -23,7 +23,7 @@ from connector.identifiers.hashing import KEY_NAMESPACE
 from connector.identifiers.normalize import US_VALID_PARTS
 
 _ASCII = "'[ -~]*'"
-_GMAIL = "('gmail.com', 'googlemail.com')"
+_GMAIL_DOMAINS = ("gmail.com", "googlemail.com")
 _NANP_REGIONS = ("US", "CA")
 
 
@@ -174,9 +174,11 @@ def clean_phone(value: str, region: str, tag: str) -> Cleaned:
 
 
 def google_gmail(clean: str) -> tuple[str, str]:
-    """(whether a cleaned email is a Gmail address, Google's form of it: the local part without dots and
-    without what follows '+', NULL when that leaves nothing). Outside Gmail Google's form is Meta's."""
-    dom = f"split_part({clean}, '@', 2)"
+    """(whether a cleaned email is a Gmail address, the SHA-256 of Google's form of it: the local part
+    without dots and without what follows '+', NULL when that leaves nothing). Outside Gmail Google's form is
+    Meta's. A cleaned email has one '@', so its domain is Gmail's where it ends so; the local part is worked
+    on only for those rows."""
+    gmail = " OR ".join(f"ends_with({clean}, {literal('@' + d)})" for d in _GMAIL_DOMAINS)
     local = f"replace(split_part(split_part({clean}, '@', 1), '+', 1), '.', '')"
-    form = f"CASE WHEN {dom} IN {_GMAIL} AND {local} <> '' THEN {local} || '@' || {dom} END"
-    return f"coalesce({dom} IN {_GMAIL}, false)", form
+    form = f"CASE WHEN {local} <> '' THEN {local} || '@' || split_part({clean}, '@', 2) END"
+    return f"coalesce({gmail}, false)", f"CASE WHEN {gmail} THEN sha256({form}) END"
