@@ -114,19 +114,28 @@ def _digits_match(col: str, pattern: str) -> str:
 _HEX64 = "[0-9A-Fa-f]{64}"
 
 
+# a printable-ASCII email with its spaces around, matched as the whole raw value: printable ASCII without the
+# space and '@' (so without '.' too for the last part of the domain); `(?-u)`: classes of bytes, a smaller automaton
+_EMAIL_RAW = "(?-u) *[!-?A-~]+@[!-?A-~]+[.][!-\\-/-?A-~]+ *"
+
+
 def clean_email(value: str, tag: str) -> Cleaned:
+    """Emails SQL can vouch for: printable ASCII (trimming and lower-casing then mean what they mean to
+    Python), `local@domain.tld` without spaces, within the lengths the Python rules allow. The usual value is
+    told by one match of its raw text (`_EMAIL_RAW`); only the others are checked for being printable (which
+    decides between the Python rules and an invalid value)."""
     n = f"_{tag}"
-    t, ok, e, h = f"{n}_t", f"{n}_ok", f"{n}_e", f"{n}_h"
-    valid = (
-        f"length({value}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64 "
-        f"AND {_full_match(e, '[^@ ]+@[^@ ]+[.][^@ .]+')}"
-    )  # printable ASCII: the only white space is the space
+    t, m, ok, e, h = f"{n}_t", f"{n}_m", f"{n}_ok", f"{n}_e", f"{n}_h"
+    valid = f"{m} AND length({value}) <= 320 AND length({e}) <= 254 AND length(split_part({e}, '@', 1)) <= 64"
     return Cleaned(
         levels=[
-            [(t, f"btrim({value}, ' ')"), (ok, _printable(value))],
-            [(e, f"lower({t})"), (h, f"(length({t}) = 64 AND {_full_match(t, _HEX64)})")],
+            [(t, f"btrim({value}, ' ')"), (m, _full_match(value, _EMAIL_RAW))],
             [
-                (f"{n}_clean", f"CASE WHEN {ok} AND NOT {h} AND {valid} THEN {e} END"),
+                (ok, f"CASE WHEN {m} THEN true ELSE {_printable(value)} END"),
+                (e, f"lower({t})"), (h, f"(length({t}) = 64 AND {_full_match(t, _HEX64)})"),
+            ],
+            [
+                (f"{n}_clean", f"CASE WHEN {valid} THEN {e} END"),  # a match is printable and no digest (an '@')
                 (f"{n}_given", f"CASE WHEN {ok} AND {h} THEN {e} END"),
                 (f"{n}_present", f"coalesce({ok} AND {t} <> '', false)"),
                 (f"{n}_fallback", f"coalesce(NOT {ok}, false)"),
