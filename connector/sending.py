@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from connector.destinations.base import AudienceRef, BatchSession, Destination, MemberBatch
 from connector.diff import PairPlan
 from connector.errors import LedgerError
-from connector.ledger.files import MEMBER, OWED, SENT, payload_column
+from connector.ledger.files import MEMBER, OWED, SENT, as_read, payload_column
 from connector.ledger.journal import BatchAck, Journal
 from connector.progress import Phase, Progress, ProgressEvent
 
@@ -65,7 +65,7 @@ class Sender:
         # rows at a time: fewer, larger steps
         reader = pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=max(self.plan.input.batch_size, 100_000),
                                                    columns=["k", "kind", "st", "run", "b", *keys, "c", "v"])  # fmt: skip
-        for rb in reader:
+        for rb in map(as_read, reader):
             sending = pc.and_(pc.equal(rb.column("run"), run_id), pc.equal(rb.column("st"), SENT))
             if members_only:
                 sending = pc.and_(sending, pc.equal(rb.column("kind"), MEMBER))
