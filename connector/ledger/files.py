@@ -393,7 +393,12 @@ class _Writeback:
     gigabyte-sized file dirty in memory until the fsync, then writes it all while the run waits."""
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDONLY) if _sync_file_range is not None else -1
+        self._fd = -1
+        if _sync_file_range is not None:
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+            except OSError:  # only a speed-up: the closing fsync makes the file durable either way
+                pass
 
     def start(self) -> None:
         if self._fd >= 0 and _sync_file_range is not None:
