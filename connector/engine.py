@@ -43,7 +43,7 @@ from connector.destinations.base import (
     Destination,
     ValueSupport,
 )
-from connector.diff import PairInput, PairPlan, PlanCounts, Planner, SegmentSpec, check_guardrails
+from connector.diff import BATCH_ROWS, PairInput, PairPlan, PlanCounts, Planner, SegmentSpec, check_guardrails
 from connector.errors import (
     ConfigError,
     ConnectorError,
@@ -180,7 +180,7 @@ class Engine:
         progress: Progress | None = None,
         pair_lock: PairLock | None = None,
         stop: threading.Event | None = None,
-        batch_rows: int = 250_000,
+        batch_rows: int = BATCH_ROWS,
     ) -> None:
         self.settings = settings
         self._batch_rows = batch_rows  # source rows planned (and reported) together
